@@ -1,0 +1,18 @@
+"""Test setup. TRITON_INTERPRET must be set before triton (or kernels/) is imported, so that the
+Triton kernels run on CPU tensors through the interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("minicycle", deadline=None, print_blob=True)
+settings.load_profile("minicycle")
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run kernels.* through the plain PyTorch path (fast model tests on CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

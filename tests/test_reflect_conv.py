@@ -1,0 +1,284 @@
+"""kernels.reflect_conv2d against F.conv2d(F.pad(x, (p,) * 4, mode="reflect"), w, b) in fp64.
+
+On this CPU-only CI the Triton kernels run under TRITON_INTERPRET=1 (set by conftest), so the
+shapes are small. With a GPU and TRITON_INTERPRET=0 the same tests run on CUDA tensors.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels import reflect_conv as rc
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+TRITON_RUNS = DEVICE == "cuda" or INTERPRET
+
+# Max abs error allowed, relative to max(1, max |reference|). fp32 runs with TF32 off (see the
+# autouse fixture); fp16/bf16 round the output (and bf16's interpreter cast is not RNE: 1 ulp).
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+KERNELS = ("_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel", "_dbias_kernel", "_sum_splits_kernel")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32(monkeypatch):
+    """Tight fp32 checks: no TF32 in the kernels (nor in the reference, should it run on GPU)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _inputs(N, C, OC, H, W, k, bias, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g).to(DEVICE, dtype)
+    w = torch.randn(OC, C, k, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(OC, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, b
+
+
+def _reference(x, w, b, p, dy):
+    """Output and grads of the PyTorch composition, in fp64 on the CPU."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    xr, wr = leaves[:2]
+    y = F.conv2d(F.pad(xr, (p,) * 4, mode="reflect"), wr, leaves[2] if b is not None else None)
+    return (y.detach(), *torch.autograd.grad(y, leaves, dy.detach().cpu().double()))
+
+
+def _run(x, w, b, p, dy=None):
+    """Output and grads of kernels.reflect_conv2d (dy defaults to a fixed random tensor)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    y = kernels.reflect_conv2d(leaves[0], leaves[1], leaves[2] if b is not None else None, padding=p)
+    if dy is None:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    return (y.detach(), *torch.autograd.grad(y, leaves, dy)), dy
+
+
+def _assert_close(got, ref, dtype, what):
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    err = (got.detach().cpu().double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert got.dtype == dtype, what
+    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3g} > {TOL[dtype]} x {scale:.3g}"
+
+
+def _check(N, C, OC, H, W, k, p, bias, dtype):
+    x, w, b = _inputs(N, C, OC, H, W, k, bias, dtype)
+    got, dy = _run(x, w, b, p)
+    ref = _reference(x, w, b, p, dy)
+    for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+        _assert_close(g, r, dtype, f"{name} for {(N, C, OC, H, W)} k={k} p={p} {dtype}")
+
+
+@st.composite
+def conv_cases(draw):
+    k = draw(st.sampled_from([1, 3, 5, 7]))
+    H = draw(st.integers(2, 9))
+    W = draw(st.integers(2, 9))
+    p = draw(st.integers(0, min(H, W) - 1))
+    # the kernel must fit the padded input
+    H, W = max(H, k - 2 * p), max(W, k - 2 * p)
+    N = draw(st.integers(1, 2))
+    C = draw(st.integers(1, 6))
+    OC = draw(st.integers(1, 6))
+    return N, C, OC, H, W, k, p, draw(st.booleans())
+
+
+@needs_triton
+@settings(max_examples=20)
+@given(conv_cases())
+@example((1, 2, 3, 3, 3, 3, 2, True))  # P = H - 1: a border pixel has three preimages per axis
+@example((2, 3, 4, 6, 7, 1, 2, False))  # 1x1 with padding: the output is the mirrored border only
+def test_matches_pytorch_fp32(case):
+    N, C, OC, H, W, k, p, bias = case
+    _check(N, C, OC, H, W, k, p, bias, torch.float32)
+
+
+@needs_triton
+@settings(max_examples=12)
+@given(conv_cases(), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_matches_pytorch_half(case, dtype):
+    # The interpreter's fp16 dot is exact; its bf16 dot is not, which the kernels work around
+    # by upcasting bf16 operands under the interpreter, so both are checked here too.
+    N, C, OC, H, W, k, p, bias = case
+    _check(N, C, OC, H, W, k, p, bias, dtype)
+
+
+@needs_triton
+def test_crosses_block_boundaries():
+    # C and OC above the 16-wide blocks (masked tails), and a wgrad reduction over 2.8.10
+    # pixels that is split across programs.
+    assert rc._pixels_per_split(2 * 8 * 10, 9, torch.device(DEVICE))[1] > 1
+    _check(2, 20, 18, 8, 10, 3, 1, True, torch.float32)
+
+
+@needs_triton
+def test_head_and_tail_7x7():
+    # CycleGAN's first (3 -> ngf) and last (ngf -> 3) convs; dgrad of the first one has only
+    # 3 output channels, padded up to a 16-wide dot tile.
+    _check(1, 3, 8, 10, 12, 7, 3, True, torch.float32)
+    _check(1, 8, 3, 10, 12, 7, 3, True, torch.float32)
+
+
+@needs_triton
+def test_channels_last_and_strided_grad():
+    x, w, b = _inputs(2, 5, 6, 7, 8, 3, True, torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    # y.sum() backpropagates an expanded (stride 0) dy through the stride-generic kernels.
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = kernels.reflect_conv2d(*leaves, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    got = (y.detach(), *torch.autograd.grad(y.sum(), leaves))
+    ref = _reference(x, w, b, 1, torch.ones(y.shape))
+    for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+        _assert_close(g, r, torch.float32, name)
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_triton
+def test_nchw_output_is_contiguous():
+    x, w, b = _inputs(1, 2, 3, 5, 5, 3, False, torch.float32)
+    assert kernels.reflect_conv2d(x, w, b, padding=1).is_contiguous()
+
+
+@needs_triton
+def test_backward_is_deterministic():
+    x, w, b = _inputs(2, 5, 6, 8, 9, 3, True, torch.float32)
+    dy = torch.randn(2, 6, 8, 9).to(DEVICE)
+    first, _ = _run(x, w, b, 1, dy)
+    second, _ = _run(x, w, b, 1, dy)
+    for name, a, c in zip(("y", "dx", "dw", "db"), first, second):
+        assert torch.equal(a, c), name
+
+
+class _Spy:
+    """Wraps a kernel (kernel[grid](...)) and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _spy_all(monkeypatch) -> dict[str, _Spy]:
+    spies = {name: _Spy(getattr(rc, name)) for name in KERNELS}
+    for name, spy in spies.items():
+        monkeypatch.setattr(rc, name, spy)
+    return spies
+
+
+@needs_triton
+def test_only_needed_grads(monkeypatch):
+    spies = _spy_all(monkeypatch)
+    x, w, b = _inputs(1, 3, 4, 5, 6, 3, True, torch.float32)
+    w.requires_grad_()
+    kernels.reflect_conv2d(x, w, b, padding=1).sum().backward()
+    assert spies["_wgrad_kernel"].launches == 1
+    assert spies["_dgrad_kernel"].launches == spies["_dbias_kernel"].launches == 0
+
+
+@needs_triton
+def test_triton_path_actually_runs(monkeypatch):
+    x, w, b = _inputs(1, 3, 4, 5, 6, 3, True, torch.float32)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    spies = _spy_all(monkeypatch)
+
+    def no_torch_conv(*args, **kwargs):
+        raise AssertionError("the PyTorch conv ran on the Triton path")
+
+    monkeypatch.setattr(F, "conv2d", no_torch_conv)
+    monkeypatch.setattr(F, "pad", no_torch_conv)
+    kernels.reflect_conv2d(x, w, b, padding=1).sum().backward()
+    assert {name: spy.launches > 0 for name, spy in spies.items()} == dict.fromkeys(KERNELS, True)
+
+
+def test_torch_path_on_cpu_without_interpreter(torch_path, monkeypatch):
+    spies = _spy_all(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(1, 3, 6, 5, generator=g), torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    y = kernels.reflect_conv2d(x, w, b, padding=2)
+    assert torch.equal(y, F.conv2d(F.pad(x, (2,) * 4, mode="reflect"), w, b))
+    assert all(spy.launches == 0 for spy in spies.values())
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "padding", "error", "match"),
+    [
+        ((1, 3, 4, 8), (2, 3, 3, 3), 4, ValueError, "padding"),  # padding == H
+        ((1, 3, 8, 4), (2, 3, 3, 3), 5, ValueError, "padding"),  # padding > W
+        ((1, 3, 8, 8), (2, 3, 3, 3), -1, ValueError, "padding"),
+        ((1, 3, 8, 8), (2, 4, 3, 3), 1, ValueError, r"\(1, 3, 8, 8\).*\(2, 4, 3, 3\)"),
+        ((1, 3, 2, 2), (2, 3, 7, 7), 1, ValueError, "larger than the padded input"),
+        ((3, 8, 8), (2, 3, 3, 3), 1, ValueError, "N, C, H, W"),
+    ],
+)
+def test_errors(x_shape, w_shape, padding, error, match):
+    with pytest.raises(error, match=match):
+        kernels.reflect_conv2d(torch.randn(x_shape), torch.randn(w_shape), padding=padding)
+
+
+def test_dtype_and_device_errors():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3)
+    with pytest.raises(TypeError, match="floating"):
+        kernels.reflect_conv2d(x.long(), w.long(), padding=1)
+    with pytest.raises(ValueError, match="dtype and device"):
+        kernels.reflect_conv2d(x, w.double(), padding=1)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.reflect_conv2d(x, w, torch.randn(3), padding=1)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.reflect_conv2d(x, w, torch.randn(2).half(), padding=1)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="dtype and device"):
+            kernels.reflect_conv2d(x.cuda(), w, padding=1)
+
+
+@needs_triton
+def test_float64_refused_on_triton_path():
+    x, w = torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="Triton path"):
+        kernels.reflect_conv2d(x.to(DEVICE), w.to(DEVICE), padding=1)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists only on a GPU")
+def test_tf32_follows_cudnn_flag(monkeypatch):
+    x, w, b = _inputs(2, 32, 32, 16, 16, 3, True, torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    got, dy = _run(x, w, b, 1)
+    ref = _reference(x, w, b, 1, dy)
+    for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+        err = (g.cpu().double() - r).abs().max().item()
+        assert err <= 1e-2 * max(1.0, r.abs().max().item()), name
+
+
+@needs_triton
+def test_resnet_generator_end_to_end(monkeypatch):
+    """A tiny ResNet generator: Triton ops vs the PyTorch path, same weights and input."""
+    from minicycle.networks import ResnetGenerator
+
+    torch.manual_seed(0)
+    net = ResnetGenerator(3, 3, ngf=4, n_blocks=2).to(DEVICE)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def forward_backward():
+        net.zero_grad(set_to_none=True)
+        y = net(x)
+        # a non-uniform upstream gradient, so that every bias and border term is exercised
+        (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
+        return y.detach(), {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+
+    y_triton, grads_triton = forward_backward()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if DEVICE == "cuda":  # a CUDA tensor always takes the Triton path; compare with CPU eager
+        net.cpu()
+        x = x.cpu()
+    y_torch, grads_torch = forward_backward()
+
+    torch.testing.assert_close(y_triton.cpu(), y_torch, atol=1e-4, rtol=1e-4)
+    assert grads_triton.keys() == grads_torch.keys()
+    for name, g in grads_triton.items():
+        torch.testing.assert_close(g.cpu(), grads_torch[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")

@@ -538,8 +538,13 @@ def reflect_conv2d(
     """F.conv2d(F.pad(x, (padding,) * 4, mode="reflect"), weight, bias); stride 1, groups 1.
 
     Runs the Triton kernels when kernels.runtime.use_triton(x) (CUDA, or CPU under
-    TRITON_INTERPRET=1; float16 / bfloat16 / float32), else plain PyTorch.
+    TRITON_INTERPRET=1; float16 / bfloat16 / float32), else plain PyTorch. Under autocast the
+    operands are cast to the autocast dtype first, as F.conv2d does.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     _check(x, weight, bias, padding)
     if not use_triton(x):
         if padding:

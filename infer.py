@@ -1,0 +1,202 @@
+"""Translate images with a trained generator (ours or an official pretrained .pth).
+
+    python infer.py --dataroot ./datasets/horse2zebra --name horse2zebra --direction AtoB
+    python infer.py --checkpoint horse2zebra.pth --input photos/ --output zebras/ --preprocess none
+    python infer.py                     # the built-in dataset's run: prints the error against the truth
+
+Like the official test.py, results go to results/NAME/test_<epoch>/ with an index.html. The generator's
+architecture is read from the checkpoint's keys unless --netG/--ngf/--norm are given.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from minicycle import datasets, networks
+from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
+from minicycle.data import DataError, ImageFolder, image_to_tensor, tensor_to_image
+from minicycle.report import results_page, save_image_atomic
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--dataroot", help="folder with testA/ (AtoB) or testB/ (BtoA); default: the built-in dataset")
+    a("--name", default=None, help="run name (default: experiment_name, or synthetic for the built-in dataset)")
+    a("--checkpoints_dir", default="./checkpoints")
+    a("--results_dir", default="./results/")
+    a("--direction", default="AtoB", choices=("AtoB", "BtoA"), help="AtoB uses G_A, BtoA uses G_B")
+    a("--epoch", default="latest", help="which <epoch>_net_G_*.pth to load")
+    a("--phase", default="test", help="read <phase>A or <phase>B under --dataroot")
+    a("--checkpoint", help="any generator state_dict file, e.g. an official pretrained .pth")
+    a("--input", help="one image or a folder of images, instead of --dataroot")
+    a("--output", help="write each input's translation alone to OUTPUT/<stem>.png")
+    a("--netG", choices=networks.GENERATORS, help="default: read from the checkpoint")
+    a("--ngf", type=int, help="default: read from the checkpoint")
+    a("--norm", choices=networks.NORMS, help="default: read from the checkpoint")
+    a("--input_nc", type=int, help="default: read from the checkpoint")
+    a("--output_nc", type=int, help="default: read from the checkpoint")
+    a("--no_dropout", action="store_true", help="accepted for compatibility; dropout is read from the checkpoint")
+    a("--eval", action="store_true", help="eval mode (BatchNorm running stats, no dropout), as the official --eval")
+    a("--preprocess", default="resize", choices=("resize", "none"),
+      help="resize: to load_size x load_size (official test.py); none: keep each image's own size")
+    a("--load_size", type=int, default=None, help="with --preprocess resize (default 256; 32 for the built-in set)")
+    a("--num_test", type=int, default=None, help="translate at most this many images (default 50 with --dataroot)")
+    a("--batch_size", type=int, default=1)
+    a("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return p
+
+
+def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -> torch.nn.Module:
+    """Read the architecture from the file's keys (explicit flags win), build it, load it strictly."""
+    state = load_file(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    info = describe_generator(state) if isinstance(state, dict) else {}
+    netG = opt.netG or info.get("netG")
+    if netG not in networks.GENERATORS:
+        raise CheckpointError(f"{path}: cannot tell the generator type from its keys; pass --netG")
+    spec = dict(netG=netG, ngf=opt.ngf or info.get("ngf", 64), norm=opt.norm or info.get("norm", "instance"),
+                input_nc=opt.input_nc or info.get("input_nc") or 3,
+                output_nc=opt.output_nc or info.get("output_nc") or 3,
+                use_dropout=bool(info.get("dropout", False)))
+    net = networks.define_G(spec["input_nc"], spec["output_nc"], spec["ngf"], netG, spec["norm"], spec["use_dropout"])
+    flags = f"--netG {netG} --ngf {spec['ngf']} --norm {spec['norm']}"
+    load_into(net, path, expected_flags=flags)
+    net.input_nc = spec["input_nc"]
+    net.multiple = networks.input_multiple(netG)
+    return net.to(device).train(not opt.eval)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+    """Pad H and W up to a multiple of `multiple` (reflect where possible) so any size can be translated."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, h, w
+
+
+def resolve(opt: argparse.Namespace) -> tuple[Path, Path, Path | None, str]:
+    """Which checkpoint, which inputs (a folder or file), the truth folder if any, and the run name."""
+    builtin = opt.dataroot is None and opt.input is None
+    if builtin:
+        opt.dataroot = str(datasets.SYNTHETIC_ROOT)
+        opt.load_size = opt.load_size or 32
+        if not Path(opt.dataroot).is_dir():
+            raise DataError(f"{opt.dataroot} not found: run `python train.py` first (it creates the built-in "
+                            f"dataset and trains on it), or pass --dataroot/--input")
+    name = opt.name or ("synthetic" if builtin else "experiment_name")
+    opt.load_size = opt.load_size or 256
+    suffix = "A" if opt.direction == "AtoB" else "B"
+    if opt.checkpoint:
+        ckpt = Path(opt.checkpoint)
+    else:
+        run_dir = Path(opt.checkpoints_dir) / name
+        ckpt = run_dir / f"{opt.epoch}_net_G_{suffix}.pth"
+        if not ckpt.exists() and (run_dir / f"{opt.epoch}_net_G.pth").exists():  # official pretrained layout
+            ckpt = run_dir / f"{opt.epoch}_net_G.pth"
+        if not ckpt.exists():
+            raise CheckpointError(f"{ckpt}: checkpoint not found (train with --name {name}, or pass --checkpoint FILE)")
+    truth = None
+    if opt.input:
+        source = Path(opt.input)
+        if not source.exists():
+            raise DataError(f"--input {source}: no such file or folder")
+    else:
+        if not Path(opt.dataroot).is_dir():
+            raise DataError(datasets.missing_dataroot_message(opt.dataroot))
+        source = Path(opt.dataroot) / f"{opt.phase}{suffix}"
+        truth = datasets.truth_folder(opt.dataroot, opt.direction)
+        if opt.num_test is None:
+            opt.num_test = float("inf") if builtin else 50  # official default 50; the built-in test set whole
+    return ckpt, source, truth, name
+
+
+def translate(opt: argparse.Namespace) -> int:
+    if opt.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
+    device = torch.device("cuda" if opt.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if opt.device == "auto" else opt.device))
+    if opt.batch_size < 1 or (opt.load_size is not None and opt.load_size < 1):
+        raise DataError("--batch_size and --load_size must be positive")
+    ckpt, source, truth, name = resolve(opt)
+    net = build_generator(opt, ckpt, device)
+    images = ImageFolder(source, channels=net.input_nc, max_images=opt.num_test or float("inf"))
+
+    if opt.output:
+        out_dir, img_dir = Path(opt.output), Path(opt.output)
+    else:
+        out_dir = Path(opt.results_dir) / name / f"{opt.phase}_{opt.epoch}"
+        img_dir = out_dir / "images"
+    try:
+        img_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write to {img_dir} ({e.strerror or e})") from None
+
+    rows, errors, baselines = [], [], []
+    pending: list[tuple[torch.Tensor, Image.Image, str]] = []
+
+    def flush() -> None:
+        x = torch.stack([t for t, _, _ in pending]).to(device)
+        x, h, w = pad_to_multiple(x, net.multiple)
+        with torch.no_grad():
+            y = net(x)[..., :h, :w].float().cpu()
+        for (_, img, path), out in zip(pending, y):
+            fake = tensor_to_image(out)
+            stem = Path(path).stem
+            if opt.output:
+                save_image_atomic(fake, img_dir / f"{stem}.png")
+            else:
+                save_image_atomic(img, img_dir / f"{stem}_real.png")
+                save_image_atomic(fake, img_dir / f"{stem}_fake.png")
+                rows.append((stem, [("real", f"images/{stem}_real.png"), ("fake", f"images/{stem}_fake.png")]))
+            if truth is not None and (truth / Path(path).name).exists():
+                target = Image.open(truth / Path(path).name).convert(fake.mode).resize(fake.size, Image.BICUBIC)
+                t = np.asarray(target, dtype=np.float64)
+                errors.append(np.abs(np.asarray(fake, dtype=np.float64) - t).mean())
+                baselines.append(np.abs(np.asarray(img.resize(fake.size, Image.BICUBIC), dtype=np.float64) - t).mean())
+        pending.clear()
+
+    for i in range(len(images)):
+        img, path = images[i]
+        if opt.preprocess == "resize":
+            img = img.resize((opt.load_size, opt.load_size), Image.BICUBIC)
+        x = image_to_tensor(img)
+        if pending and (len(pending) == opt.batch_size or pending[0][0].shape != x.shape):
+            flush()
+        pending.append((x, img, str(path)))
+    if pending:
+        flush()
+
+    if not opt.output:
+        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows)
+    print(f"translated {len(images)} images {opt.direction} with {ckpt} -> {out_dir}")
+    if errors:
+        print(f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  "
+              f"(identity baseline: {np.mean(baselines):.2f}) over {len(errors)} images")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = build_parser().parse_args(argv)
+    try:
+        return translate(opt)
+    except (DataError, CheckpointError) as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

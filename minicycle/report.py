@@ -1,0 +1,88 @@
+"""Browsable HTML pages: training samples with loss curves, and inference results."""
+
+import html
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+STYLE = ("body{font-family:sans-serif;margin:1em}img{image-rendering:pixelated;border:1px solid #ccc}"
+         "td{text-align:center;font-size:12px;padding:4px}svg{background:#fafafa;border:1px solid #ddd}")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_image_atomic(img: Image.Image, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def loss_curves_svg(history: list[tuple[float, dict[str, float]]], width: int = 720, height: int = 240) -> str:
+    """One polyline per loss over (fractional epoch, value); a plain inline SVG, no plotting library."""
+    if len(history) < 2:
+        return "<p>(loss curves appear after a few logged iterations)</p>"
+    names = list(history[0][1])
+    xs = [x for x, _ in history]
+    top = max(max(v.values()) for _, v in history) or 1.0
+    x0, x1 = min(xs), max(xs)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    pad = 30
+
+    def px(x: float, y: float) -> str:
+        fx = pad + (x - x0) / ((x1 - x0) or 1.0) * (width - 2 * pad)
+        fy = height - pad - min(y, top) / top * (height - 2 * pad)
+        return f"{fx:.1f},{fy:.1f}"
+
+    parts = [f'<svg width="{width}" height="{height + 20 * ((len(names) + 3) // 4)}">']
+    for i, name in enumerate(names):
+        pts = " ".join(px(x, v[name]) for x, v in history)
+        parts.append(f'<polyline fill="none" stroke="{colors[i % 8]}" stroke-width="1.2" points="{pts}"/>')
+        lx, ly = pad + (i % 4) * 170, height + 12 + 20 * (i // 4)
+        parts.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{colors[i % 8]}"/>'
+                     f'<text x="{lx + 14}" y="{ly}" font-size="12">{html.escape(name)}</text>')
+    parts.append(f'<text x="{pad}" y="14" font-size="12">max {top:.3f}</text>'
+                 f'<text x="{pad}" y="{height - 8}" font-size="12">epoch {x0:.2f}</text>'
+                 f'<text x="{width - pad - 80}" y="{height - 8}" font-size="12">epoch {x1:.2f}</text></svg>')
+    return "\n".join(parts)
+
+
+def training_page(web_dir: Path, name: str, rows: list[tuple[int, list[str]]],
+                  history: list[tuple[float, dict[str, float]]]) -> None:
+    """checkpoints/NAME/web/index.html: loss curves, then one row of sample images per epoch (newest first).
+    `rows` holds (epoch, [image file names under web/images])."""
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='60'>"
+           f"<title>{html.escape(name)}</title><style>{STYLE}</style></head><body>",
+           f"<h2>{html.escape(name)}: training</h2>", "<h3>Losses</h3>", loss_curves_svg(history)]
+    for epoch, files in sorted(rows, reverse=True):
+        out.append(f"<h3>epoch {epoch}</h3><table><tr>")
+        for f in files:
+            label = f.split("_", 1)[1].rsplit(".", 1)[0]
+            out.append(f"<td><img src='images/{html.escape(f)}' width='128'><br>{html.escape(label)}</td>")
+        out.append("</tr></table>")
+    out.append("</body></html>")
+    write_text_atomic(web_dir / "index.html", "\n".join(out))
+
+
+def results_page(out_dir: Path, title: str, rows: list[tuple[str, list[tuple[str, str]]]]) -> None:
+    """results/NAME/test_latest/index.html: one row per input, `rows` = (name, [(label, image path)])."""
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{STYLE}</style></head><body><h2>{html.escape(title)}</h2><table>"]
+    for name, images in rows:
+        out.append(f"<tr><td>{html.escape(name)}</td>")
+        for label, path in images:
+            out.append(f"<td><img src='{html.escape(path)}' width='256'><br>{html.escape(label)}</td>")
+        out.append("</tr>")
+    out.append("</table></body></html>")
+    write_text_atomic(out_dir / "index.html", "\n".join(out))

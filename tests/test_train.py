@@ -1,0 +1,128 @@
+"""train.py and infer.py through their real entry points, on tiny images."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import infer
+import train
+from minicycle import datasets, networks
+from minicycle.checkpoint import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--load_size", "32", "--crop_size", "32",
+        "--num_threads", "0", "--pool_size", "2", "--print_freq", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def dataroot(tmp_path_factory) -> Path:
+    return datasets.ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+def run_train(args: list[str], ckpt: Path, name: str = "t") -> int:
+    return train.main(TINY + ["--checkpoints_dir", str(ckpt), "--name", name] + args)
+
+
+def all_state(ckpt: Path, name: str = "t") -> dict:
+    return load_file(ckpt / name / "latest_state.pth")
+
+
+def assert_same_tensors(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_end_to_end_scripts(dataroot, tmp_path):
+    """python train.py ... then python infer.py ..., as a user runs them."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    ckpt, results = tmp_path / "ckpt", tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataroot", str(dataroot), *TINY, "--max_steps", "4",
+           "--checkpoints_dir", str(ckpt), "--name", "e2e"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    run = ckpt / "e2e"
+    for k in ("G_A", "G_B", "D_A", "D_B"):
+        assert (run / f"latest_net_{k}.pth").is_file()
+    log = (run / "loss_log.txt").read_text()
+    assert log.startswith("================ Training Loss (") and "D_A: " in log and "idt_B: " in log
+    assert "netG: resnet_6blocks" in (run / "train_opt.txt").read_text()
+    page = (run / "web" / "index.html").read_text()
+    assert "<svg" in page and "fake_B.png" in page
+
+    cmd = [sys.executable, str(ROOT / "infer.py"), "--dataroot", str(dataroot), "--name", "e2e",
+           "--checkpoints_dir", str(ckpt), "--results_dir", str(results), "--load_size", "32", "--num_test", "4"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "error vs truth" in out.stdout and "identity baseline" in out.stdout
+    res = results / "e2e" / "test_latest"
+    assert (res / "index.html").is_file() and len(list((res / "images").glob("*_fake.png"))) == 4
+
+
+def test_saved_generators_use_official_keys_and_round_trip(dataroot, tmp_path, torch_path):
+    assert run_train(["--dataroot", str(dataroot), "--max_steps", "2"], tmp_path) == 0
+    state = torch.load(tmp_path / "t" / "latest_net_G_A.pth", weights_only=True)
+    g = networks.define_G(3, 3, 4, "resnet_6blocks")
+    assert list(state) == list(g.state_dict())
+    g.load_state_dict(state, strict=True)
+    full = all_state(tmp_path)
+    assert_same_tensors(state, full["model"]["nets"]["G_A"])
+    assert full["run"]["steps"] == 2
+
+
+def test_resume_is_exact(dataroot, tmp_path, torch_path):
+    """N steps, stop, --continue_train to N+M == N+M uninterrupted steps, bitwise (weights, Adam state,
+    pools, counters). Crosses an epoch boundary (6 images per epoch) and fills the pools."""
+    common = ["--dataroot", str(dataroot), "--max_dataset_size", "6", "--n_epochs", "1", "--n_epochs_decay", "2"]
+    assert run_train(common + ["--max_steps", "10"], tmp_path / "straight") == 0
+    assert run_train(common + ["--max_steps", "4"], tmp_path / "resumed") == 0
+    assert run_train(common + ["--max_steps", "10", "--continue_train"], tmp_path / "resumed") == 0
+    a, b = all_state(tmp_path / "straight"), all_state(tmp_path / "resumed")
+    assert a["run"]["steps"] == b["run"]["steps"] == 10
+    assert_same_tensors(a["model"], b["model"])
+    assert a["run"]["history"] == b["run"]["history"]
+
+
+def test_finished_run_resumes_to_nothing(dataroot, tmp_path, torch_path):
+    common = ["--dataroot", str(dataroot), "--max_dataset_size", "2", "--n_epochs", "1", "--n_epochs_decay", "0"]
+    assert run_train(common, tmp_path) == 0
+    assert all_state(tmp_path)["run"]["epoch"] == 2
+    assert (tmp_path / "t" / "1_net_G_A.pth").exists() is False  # save_epoch_freq 5
+    assert run_train(common + ["--continue_train"], tmp_path) == 0
+    assert all_state(tmp_path)["run"]["steps"] == 2
+
+
+def test_builtin_preset_only_fills_unset_flags():
+    opt = train.parse_options(["--ngf", "8"])
+    assert opt.builtin and opt.ngf == 8 and opt.ndf == train.BUILTIN_PRESET["ndf"]
+    assert opt.crop_size == 32 and opt.name == "synthetic"
+    opt = train.parse_options(["--dataroot", "x"])
+    assert not opt.builtin and opt.ngf == 64 and opt.crop_size == 256 and opt.name == "experiment_name"
+
+
+def test_infer_native_size_any_shape(tmp_path, torch_path):
+    """--preprocess none keeps each image's exact size, even when not divisible by 4."""
+    from PIL import Image
+    g = networks.define_G(3, 3, 4, "resnet_6blocks")
+    torch.save(g.state_dict(), tmp_path / "g.pth")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (37, 23), (200, 30, 10)).save(tmp_path / "in" / "odd.png")
+    Image.new("L", (16, 16), 128).save(tmp_path / "in" / "gray.jpg")
+    code = infer.main(["--checkpoint", str(tmp_path / "g.pth"), "--input", str(tmp_path / "in"),
+                       "--output", str(tmp_path / "out"), "--preprocess", "none", "--batch_size", "2"])
+    assert code == 0
+    assert Image.open(tmp_path / "out" / "odd.png").size == (37, 23)
+    assert Image.open(tmp_path / "out" / "gray.png").size == (16, 16)

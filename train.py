@@ -1,0 +1,412 @@
+"""Train a CycleGAN on unpaired folders DIR/trainA and DIR/trainB.
+
+    python train.py --dataroot ./datasets/horse2zebra --name horse2zebra   # the paper's setup
+    python train.py                                                        # built-in synthetic dataset
+
+Flags, defaults and outputs follow the official pytorch-CycleGAN-and-pix2pix train.py. Unlike it,
+checkpoints hold the full training state, so `--continue_train` resumes exactly where a run stopped.
+"""
+
+import argparse
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minicycle import datasets, networks
+from minicycle.checkpoint import CheckpointError, atomic_save, load_file
+from minicycle.data import DataError, UnalignedDataset, check_preprocess, epoch_plan, tensor_to_image
+from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
+from minicycle.report import save_image_atomic, training_page, write_text_atomic
+
+# Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
+# Any flag given explicitly wins over these.
+BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=32, ndf=32,
+                      n_epochs=4, n_epochs_decay=4, batch_size=1, num_threads=0, print_freq=100,
+                      save_epoch_freq=4)
+ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    a = p.add_argument
+    a("--dataroot", help="folder with trainA/ and trainB/ (default: the built-in synthetic dataset)")
+    a("--name", default="experiment_name", help="run name: files go to checkpoints_dir/name")
+    a("--checkpoints_dir", default="./checkpoints")
+    a("--input_nc", type=int, default=3, help="channels of domain A images (1 = grayscale)")
+    a("--output_nc", type=int, default=3, help="channels of domain B images")
+    a("--ngf", type=int, default=64, help="generator filters in the first conv layer")
+    a("--ndf", type=int, default=64, help="discriminator filters in the first conv layer")
+    a("--netG", default="resnet_9blocks", choices=networks.GENERATORS)
+    a("--netD", default="basic", choices=networks.DISCRIMINATORS, help="basic = 70x70 PatchGAN")
+    a("--n_layers_D", type=int, default=3, help="discriminator depth with --netD n_layers")
+    a("--norm", default="instance", choices=networks.NORMS)
+    a("--init_type", default="normal", choices=networks.INIT_TYPES)
+    a("--init_gain", type=float, default=0.02)
+    a("--no_dropout", action="store_true", default=True, help="no dropout in the generator (CycleGAN default)")
+    a("--dropout", dest="no_dropout", action="store_false", help="dropout 0.5 in the ResNet blocks")
+    a("--gan_mode", default="lsgan", choices=("lsgan", "vanilla"))
+    a("--pool_size", type=int, default=50, help="size of the buffer of past fakes; 0 disables it")
+    a("--lambda_A", type=float, default=10.0, help="weight of the cycle loss A->B->A")
+    a("--lambda_B", type=float, default=10.0, help="weight of the cycle loss B->A->B")
+    a("--lambda_identity", type=float, default=0.5, help="identity loss weight, relative to lambda_A/B")
+    a("--lr", type=float, default=0.0002)
+    a("--beta1", type=float, default=0.5)
+    a("--n_epochs", type=int, default=100, help="epochs at the initial learning rate")
+    a("--n_epochs_decay", type=int, default=100, help="epochs of linear decay to zero")
+    a("--lr_policy", default="linear", choices=LR_POLICIES)
+    a("--lr_decay_iters", type=int, default=50, help="StepLR period (epochs) with --lr_policy step")
+    a("--batch_size", type=int, default=1)
+    a("--load_size", type=int, default=286, help="scale images to this size")
+    a("--crop_size", type=int, default=256, help="then crop to this size")
+    a("--preprocess", default="resize_and_crop",
+      choices=("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"))
+    a("--no_flip", action="store_true", default=False, help="no random horizontal flips")
+    a("--serial_batches", action="store_true", default=False, help="take images in order, pair A[i] with B[i]")
+    a("--num_threads", type=int, default=4, help="data loading worker processes")
+    a("--max_dataset_size", type=float, default=float("inf"), help="use at most this many images per domain")
+    a("--phase", default="train", help="subfolder prefix: <phase>A, <phase>B")
+    a("--continue_train", action="store_true", default=False, help="resume the run in checkpoints_dir/name")
+    a("--epoch", default="latest", help="with --continue_train: 'latest' (exact resume) or an epoch's weights")
+    a("--epoch_count", type=int, default=1, help="first epoch number (only for a run that starts fresh)")
+    a("--save_epoch_freq", type=int, default=5, help="save <epoch>_net_*.pth every this many epochs")
+    a("--save_latest_freq", type=int, default=5000, help="save latest_* every this many images")
+    a("--print_freq", type=int, default=100, help="log losses every this many images")
+    a("--no_html", action="store_true", default=False, help="do not write checkpoints_dir/name/web/index.html")
+    a("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    a("--seed", type=int, default=None, help="seed for init, data order and the pools (default: random)")
+    a("--max_steps", type=int, default=None, help="stop when the run reaches this many iterations in all")
+    a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision for G and D")
+    return p
+
+
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    opt = parser.parse_args(argv)
+    given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    explicit = {x.dest for x in parser._actions if given & set(x.option_strings)}
+    opt.builtin = opt.dataroot is None
+    if opt.builtin:
+        for k, v in BUILTIN_PRESET.items():
+            if k not in explicit:
+                setattr(opt, k, v)
+    for flag in ("batch_size", "load_size", "crop_size", "ngf", "ndf", "n_epochs_decay", "print_freq",
+                 "save_epoch_freq", "save_latest_freq", "input_nc", "output_nc", "n_layers_D"):
+        if getattr(opt, flag) < (0 if flag == "n_epochs_decay" else 1):
+            raise SystemExit(f"train.py: error: --{flag} must be positive, got {getattr(opt, flag)}")
+    if opt.n_epochs < 0 or opt.num_threads < 0 or opt.pool_size < 0:
+        raise SystemExit("train.py: error: --n_epochs, --num_threads and --pool_size must be >= 0")
+    if opt.max_steps is not None and opt.max_steps < 1:
+        raise SystemExit(f"train.py: error: --max_steps must be >= 1, got {opt.max_steps}")
+    return opt
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train.py: error: --device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def write_options(opt: argparse.Namespace, path: Path) -> None:
+    """train_opt.txt in the official format: every option, and its default where it differs."""
+    defaults = vars(build_parser().parse_args([]))
+    lines = ["----------------- Options ---------------"]
+    for k, v in sorted(vars(opt).items()):
+        note = f"\t[default: {defaults[k]}]" if k in defaults and defaults[k] != v else ""
+        lines.append(f"{k:>25}: {str(v):<30}{note}")
+    lines.append("----------------- End -------------------")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+class Run:
+    """Counters, RNG and history that, with the model's state, make a resume exact."""
+
+    def __init__(self, epoch: int, seed: int):
+        self.epoch = epoch  # current epoch (1-based)
+        self.epoch_keys = 0  # samples of this epoch's plan already consumed
+        self.steps = 0  # optimizer iterations in the whole run
+        self.images = 0  # images seen in the whole run (official counters use images)
+        self.seed = seed
+        self.history: list[tuple[float, dict[str, float]]] = []
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "epoch_keys": self.epoch_keys, "steps": self.steps, "images": self.images,
+                "seed": self.seed, "history": self.history}
+
+
+class Trainer:
+    def __init__(self, opt: argparse.Namespace):
+        self.opt = opt
+        self.dir = Path(opt.checkpoints_dir) / opt.name
+        self.state_path = self.dir / "latest_state.pth"
+        self.stop_signal: str | None = None
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, model: CycleGAN, run: Run, epoch_label: str | None = None) -> None:
+        """latest_state.pth (full state; the previous one kept as .prev) then latest_net_*.pth."""
+        state = {"format": "minicycle-train-state/1", "options": vars(self.opt), "run": run.state(),
+                 "model": model.training_state(), "rng": {"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        tmp_target = self.state_path.with_name("latest_state.next.pth")
+        atomic_save(state, tmp_target)
+        if self.state_path.exists():
+            os.replace(self.state_path, self.state_path.with_name("latest_state.prev.pth"))
+        os.replace(tmp_target, self.state_path)
+        for label in ["latest"] + ([epoch_label] if epoch_label else []):
+            for k, net in model.nets().items():
+                atomic_save({n: t.detach().cpu() for n, t in net.state_dict().items()},
+                            self.dir / f"{label}_net_{k}.pth")
+
+    def load_latest_state(self) -> dict:
+        """The newest intact training state: latest_state.pth, else the one before it."""
+        candidates = [self.state_path.with_name(n) for n in
+                      ("latest_state.pth", "latest_state.next.pth", "latest_state.prev.pth")]
+        errors = []
+        for path in candidates:
+            if not path.exists():
+                continue
+            try:
+                state = load_file(path)
+                if not isinstance(state, dict) or state.get("format") != "minicycle-train-state/1":
+                    raise CheckpointError(f"{path}: not a minicycle training state")
+            except CheckpointError as e:
+                errors.append(str(e))
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+                continue
+            if errors:
+                print(f"resuming from the older intact checkpoint {path}", file=sys.stderr)
+            return state
+        if errors:
+            raise CheckpointError(f"no intact training state in {self.dir}: " + "; ".join(errors))
+        raise CheckpointError(f"--continue_train: nothing to resume in {self.dir} (no latest_state.pth)")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        opt = self.opt
+        device = pick_device(opt.device)
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
+        if opt.builtin:
+            opt.dataroot = str(datasets.ensure_synthetic())
+            print(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
+                  f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
+        elif not Path(opt.dataroot).is_dir():
+            raise DataError(datasets.missing_dataroot_message(opt.dataroot))
+        check_preprocess(opt.preprocess, opt.load_size, opt.crop_size)
+        dataset = UnalignedDataset(opt.dataroot, opt.phase, preprocess=opt.preprocess, load_size=opt.load_size,
+                                   crop_size=opt.crop_size, no_flip=opt.no_flip, input_nc=opt.input_nc,
+                                   output_nc=opt.output_nc, max_dataset_size=opt.max_dataset_size)
+        multiple = networks.input_multiple(opt.netG)
+        if opt.preprocess != "none" and opt.crop_size % multiple:
+            raise DataError(f"--crop_size {opt.crop_size} must be divisible by {multiple} for --netG {opt.netG}")
+        self._prepare_dir()
+
+        state = None
+        if opt.continue_train and opt.epoch == "latest":
+            state = self.load_latest_state()
+            self._check_same_architecture(state["options"])
+            for k in ("seed", "epoch_count", "n_epochs", "n_epochs_decay", "lr", "lr_policy", "lr_decay_iters"):
+                if k in state["options"] and getattr(opt, k) != state["options"][k]:
+                    if getattr(opt, k) is not None:
+                        print(f"note: keeping --{k} {state['options'][k]} of the run being resumed", file=sys.stderr)
+                    setattr(opt, k, state["options"][k])
+        if opt.seed is None:
+            opt.seed = random.SystemRandom().randrange(2**31)
+        torch.manual_seed(opt.seed)
+        cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
+        model = CycleGAN(cfg, device, amp)
+        run = Run(opt.epoch_count, opt.seed)
+        if state is not None:
+            model.load_training_state(state["model"])
+            for k, v in state["run"].items():
+                setattr(run, k, v)
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and state["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            print(f"resuming {self.dir} at epoch {run.epoch}, iteration {run.steps}")
+        elif opt.continue_train:  # weights only, from <epoch>_net_*.pth, as the official repo does
+            from minicycle.checkpoint import load_into
+            for k, net in model.nets().items():
+                load_into(net, self.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
+            print(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
+
+        write_options(opt, self.dir / "train_opt.txt")
+        log_path = self.dir / "loss_log.txt"
+        with open(log_path, "a") as f:
+            f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
+        n_params = sum(p.numel() for p in model.netG_A.parameters())
+        print(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}; "
+              f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
+
+        last_epoch = opt.n_epochs + opt.n_epochs_decay
+        self._install_signal_handlers()
+        try:
+            while run.epoch <= last_epoch:
+                outcome = self._train_epoch(model, dataset, run, device, log_path)
+                if outcome != "epoch_done":
+                    self.save(model, run)
+                    break
+                epoch = run.epoch
+                lr = model.step_schedulers(self._epoch_metric(run, epoch))
+                run.epoch, run.epoch_keys = epoch + 1, 0
+                label = str(epoch) if epoch % opt.save_epoch_freq == 0 else None
+                self.save(model, run, epoch_label=label)
+                if not opt.no_html:
+                    self._write_page(model, run, epoch)
+                more = f"; learning rate now {lr:.7f}" if epoch < last_epoch else ""
+                print(f"end of epoch {epoch}/{last_epoch}{more}")
+            else:
+                outcome = "finished"
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not opt.no_html and outcome != "finished":
+            self._write_page(model, run, run.epoch)
+        resume = "python train.py " + " ".join(a for a in sys.argv[1:] if a != "--continue_train")
+        if outcome == "signal":
+            print(f"stopped by {self.stop_signal} at epoch {run.epoch}, iteration {run.steps}; state saved in "
+                  f"{self.dir}. Resume with: {resume} --continue_train")
+        elif outcome == "max_steps":
+            print(f"reached --max_steps {opt.max_steps}; state saved in {self.dir} (resume with --continue_train "
+                  f"and a larger --max_steps)")
+        else:
+            print(f"finished {last_epoch} epochs ({run.steps} iterations); generators in {self.dir}/latest_net_G_*.pth")
+        return 0
+
+    def _train_epoch(self, model: CycleGAN, dataset: UnalignedDataset, run: Run, device: torch.device,
+                     log_path: Path) -> str:
+        opt = self.opt
+        plan = epoch_plan(len(dataset.A_paths), len(dataset.B_paths), run.epoch, opt.seed, opt.serial_batches)
+        keys = plan[run.epoch_keys:]
+        batches = [keys[i:i + opt.batch_size] for i in range(0, len(keys), opt.batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=opt.num_threads,
+                                             pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
+        last_epoch = opt.n_epochs + opt.n_epochs_decay
+        bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{last_epoch}",
+                   unit="img", dynamic_ncols=True, leave=False, disable=None)
+        window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}
+        t_data = time.perf_counter()
+        try:
+            for batch in loader:
+                t_start = time.perf_counter()
+                losses = model.optimize(batch["A"], batch["B"])
+                bad = [k for k, v in losses.items() if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(
+                        f"loss {bad[0]} is {losses[bad[0]]} at epoch {run.epoch}, iteration {run.steps + 1}: "
+                        f"training stopped; the last saved checkpoint in {self.dir} is untouched "
+                        f"(try a lower --lr, or --amp none)")
+                n = batch["A"].shape[0]
+                before = run.images
+                run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
+                for k, v in losses.items():
+                    window[k].append(v)
+                bar.update(n)
+                bar.set_postfix({k: f"{losses[k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
+                                refresh=False)
+                if run.images // opt.print_freq > before // opt.print_freq:
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    window = {k: [] for k in LOSS_NAMES}
+                    run.history.append((run.epoch - 1 + run.epoch_keys / len(plan), means))
+                    compute = (time.perf_counter() - t_start) / n
+                    line = (f"(epoch: {run.epoch}, iters: {run.epoch_keys}, time: {compute:.3f}, "
+                            f"data: {(t_start - t_data) / n:.3f}) ")
+                    line += " ".join(f"{k}: {v:.3f}" for k, v in means.items())
+                    with open(log_path, "a") as f:
+                        f.write(line + "\n")
+                    if bar.disable:
+                        print(line)
+                if run.images // opt.save_latest_freq > before // opt.save_latest_freq:
+                    self.save(model, run)
+                if opt.max_steps is not None and run.steps >= opt.max_steps:
+                    return "max_steps"
+                if self.stop_signal:
+                    return "signal"
+                t_data = time.perf_counter()
+        finally:
+            bar.close()
+        return "epoch_done"
+
+    @staticmethod
+    def _epoch_metric(run: Run, epoch: int) -> float:
+        """Mean generator loss over the epoch's logged points (the plateau policy's metric)."""
+        points = [v for x, v in run.history if epoch - 1 < x <= epoch]
+        return sum(v["G_A"] + v["G_B"] + v["cycle_A"] + v["cycle_B"] for v in points) / max(1, len(points))
+
+    def _write_page(self, model: CycleGAN, run: Run, epoch: int) -> None:
+        web = self.dir / "web"
+        images = web / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for label, t in model.visuals.items():
+            save_image_atomic(tensor_to_image(t[0].float().cpu()), images / f"epoch{epoch:03d}_{label}.png")
+        rows: dict[int, list[str]] = {}
+        for f in sorted(images.glob("epoch*_*.png")):
+            e = int(f.name[5:8])
+            rows.setdefault(e, []).append(f.name)
+        order = {k: i for i, k in enumerate(model.visuals)}
+        ordered = [(e, sorted(fs, key=lambda n: order.get(n[9:-4], 99))) for e, fs in rows.items()]
+        training_page(web, self.opt.name, ordered, run.history)
+
+    def _prepare_dir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise DataError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
+
+    def _check_same_architecture(self, saved: dict) -> None:
+        for k in ARCH_FLAGS:
+            if k in saved and getattr(self.opt, k) != saved[k]:
+                raise CheckpointError(f"--{k} {getattr(self.opt, k)} differs from the run being resumed "
+                                      f"(--{k} {saved[k]}); drop the flag or start a new --name")
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.stop_signal:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+            print(f"\n{self.stop_signal}: finishing this iteration and saving (press Ctrl-C again to abort)",
+                  file=sys.stderr)
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C goes to the whole process group; the main process decides when to stop, not the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_options(argv)
+    try:
+        return Trainer(opt).run()
+    except (DataError, CheckpointError, FloatingPointError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions ... while saving: the previous checkpoint is intact
+        print(f"train.py: error: {e.strerror or e}: {e.filename or ''} (the previous checkpoint is intact)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("train.py: aborted; the last saved checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,14 +22,15 @@ from tqdm import tqdm
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, load_file
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, epoch_plan, tensor_to_image
+from minicycle.distributed import Dist, fingerprint
 from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
 from minicycle.report import save_image_atomic, training_page, write_text_atomic
 
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
 # Any flag given explicitly wins over these.
 BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=32, ndf=32,
-                      n_epochs=4, n_epochs_decay=4, batch_size=1, num_threads=0, print_freq=100,
-                      save_epoch_freq=4)
+                      n_epochs=3, n_epochs_decay=2, batch_size=1, num_threads=0, print_freq=100,
+                      save_epoch_freq=5)
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 
 
@@ -155,12 +156,25 @@ class Trainer:
         self.dir = Path(opt.checkpoints_dir) / opt.name
         self.state_path = self.dir / "latest_state.pth"
         self.stop_signal: str | None = None
+        self.dist = Dist()
+
+    def say(self, *args, **kwargs) -> None:
+        """print, on rank 0 only."""
+        if self.dist.main:
+            print(*args, **kwargs)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, model: CycleGAN, run: Run, epoch_label: str | None = None) -> None:
-        """latest_state.pth (full state; the previous one kept as .prev) then latest_net_*.pth."""
+        """latest_state.pth (full state; the previous one kept as .prev) then latest_net_*.pth.
+        Under torchrun every rank calls this (to hand over its image pools); rank 0 writes."""
+        pools = self.dist.gather({"A": model.fake_A_pool.state_dict(), "B": model.fake_B_pool.state_dict()})
+        prints = self.dist.gather(fingerprint(model.nets()))
+        if any(p != prints[0] for p in prints):
+            raise RuntimeError(f"ranks hold different weights ({prints}); refusing to save a diverged run")
+        if not self.dist.main:
+            return
         state = {"format": "minicycle-train-state/1", "options": vars(self.opt), "run": run.state(),
-                 "model": model.training_state(), "rng": {"torch": torch.get_rng_state(),
+                 "model": model.training_state(), "pools_by_rank": pools, "rng": {"torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         tmp_target = self.state_path.with_name("latest_state.next.pth")
         atomic_save(state, tmp_target)
@@ -198,11 +212,15 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
         opt = self.opt
-        device = pick_device(opt.device)
+        device = self.dist.setup(pick_device(opt.device))
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
         if opt.builtin:
+            if not self.dist.main:
+                self.dist.barrier()  # rank 0 generates the dataset first
             opt.dataroot = str(datasets.ensure_synthetic())
-            print(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
+            if self.dist.main:
+                self.dist.barrier()
+            self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
                   f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
         elif not Path(opt.dataroot).is_dir():
             raise DataError(datasets.missing_dataroot_message(opt.dataroot))
@@ -229,28 +247,41 @@ class Trainer:
         torch.manual_seed(opt.seed)
         cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
         model = CycleGAN(cfg, device, amp)
+        model.world = self.dist.world
+        if self.dist.enabled:  # each rank keeps its own pool of fakes, with its own random stream
+            model.fake_A_pool.rng.seed(f"{opt.seed}:A:{self.dist.rank}")
+            model.fake_B_pool.rng.seed(f"{opt.seed}:B:{self.dist.rank}")
+            if opt.norm == "batch":
+                for net in model.nets().values():
+                    torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         run = Run(opt.epoch_count, opt.seed)
         if state is not None:
             model.load_training_state(state["model"])
+            pools = state.get("pools_by_rank", [])
+            if len(pools) == self.dist.world:
+                model.fake_A_pool.load_state_dict(pools[self.dist.rank]["A"], device)
+                model.fake_B_pool.load_state_dict(pools[self.dist.rank]["B"], device)
             for k, v in state["run"].items():
                 setattr(run, k, v)
             torch.set_rng_state(state["rng"]["torch"])
             if device.type == "cuda" and state["rng"]["cuda"]:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            print(f"resuming {self.dir} at epoch {run.epoch}, iteration {run.steps}")
+            self.say(f"resuming {self.dir} at epoch {run.epoch}, iteration {run.steps}")
         elif opt.continue_train:  # weights only, from <epoch>_net_*.pth, as the official repo does
             from minicycle.checkpoint import load_into
             for k, net in model.nets().items():
                 load_into(net, self.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
-            print(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
+            self.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
 
-        write_options(opt, self.dir / "train_opt.txt")
         log_path = self.dir / "loss_log.txt"
-        with open(log_path, "a") as f:
-            f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
+        if self.dist.main:
+            write_options(opt, self.dir / "train_opt.txt")
+            with open(log_path, "a") as f:
+                f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
         n_params = sum(p.numel() for p in model.netG_A.parameters())
-        print(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}; "
-              f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
+        ranks = f" x {self.dist.world} ranks" if self.dist.enabled else ""
+        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks}; "
+                 f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
 
         last_epoch = opt.n_epochs + opt.n_epochs_decay
         self._install_signal_handlers()
@@ -265,17 +296,20 @@ class Trainer:
                 run.epoch, run.epoch_keys = epoch + 1, 0
                 label = str(epoch) if epoch % opt.save_epoch_freq == 0 else None
                 self.save(model, run, epoch_label=label)
-                if not opt.no_html:
+                if self.dist.main and not opt.no_html:
                     self._write_page(model, run, epoch)
                 more = f"; learning rate now {lr:.7f}" if epoch < last_epoch else ""
-                print(f"end of epoch {epoch}/{last_epoch}{more}")
+                self.say(f"end of epoch {epoch}/{last_epoch}{more}")
             else:
                 outcome = "finished"
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if not opt.no_html and outcome != "finished":
+            self.dist.close()
+        if self.dist.main and not opt.no_html and outcome != "finished":
             self._write_page(model, run, run.epoch)
+        if not self.dist.main:
+            return 0
         resume = "python train.py " + " ".join(a for a in sys.argv[1:] if a != "--continue_train")
         if outcome == "signal":
             print(f"stopped by {self.stop_signal} at epoch {run.epoch}, iteration {run.steps}; state saved in "
@@ -292,25 +326,39 @@ class Trainer:
         opt = self.opt
         plan = epoch_plan(len(dataset.A_paths), len(dataset.B_paths), run.epoch, opt.seed, opt.serial_batches)
         keys = plan[run.epoch_keys:]
-        batches = [keys[i:i + opt.batch_size] for i in range(0, len(keys), opt.batch_size)]
+        # A global batch is batch_size images per rank; rank r takes its slice. A short last batch is
+        # filled from the plan's start (as DistributedSampler pads) so that every rank steps together.
+        world, size = self.dist.world, opt.batch_size * self.dist.world
+        batches, taken = [], []
+        for i in range(0, len(keys), size):
+            chunk = keys[i:i + size]
+            taken.append(len(chunk))
+            if world > 1 and len(chunk) < size:
+                chunk = chunk + (plan * size)[:size - len(chunk)]
+            batches.append(chunk[self.dist.rank::world] if world > 1 else chunk)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=opt.num_threads,
                                              pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
         last_epoch = opt.n_epochs + opt.n_epochs_decay
         bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{last_epoch}",
-                   unit="img", dynamic_ncols=True, leave=False, disable=None)
+                   unit="img", dynamic_ncols=True, leave=False, disable=None if self.dist.main else True)
         window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}
         t_data = time.perf_counter()
         try:
-            for batch in loader:
+            for step, batch in enumerate(loader):
                 t_start = time.perf_counter()
                 losses = model.optimize(batch["A"], batch["B"])
+                if self.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
+                    *values, stop = self.dist.average([*losses.values(), float(bool(self.stop_signal))], device)
+                    losses = dict(zip(losses, values))
+                    if stop and not self.stop_signal:
+                        self.stop_signal = "a signal on another rank"
                 bad = [k for k, v in losses.items() if not math.isfinite(v)]
                 if bad:
                     raise FloatingPointError(
                         f"loss {bad[0]} is {losses[bad[0]]} at epoch {run.epoch}, iteration {run.steps + 1}: "
                         f"training stopped; the last saved checkpoint in {self.dir} is untouched "
                         f"(try a lower --lr, or --amp none)")
-                n = batch["A"].shape[0]
+                n = taken[step]
                 before = run.images
                 run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
                 for k, v in losses.items():
@@ -326,10 +374,11 @@ class Trainer:
                     line = (f"(epoch: {run.epoch}, iters: {run.epoch_keys}, time: {compute:.3f}, "
                             f"data: {(t_start - t_data) / n:.3f}) ")
                     line += " ".join(f"{k}: {v:.3f}" for k, v in means.items())
-                    with open(log_path, "a") as f:
-                        f.write(line + "\n")
-                    if bar.disable:
-                        print(line)
+                    if self.dist.main:
+                        with open(log_path, "a") as f:
+                            f.write(line + "\n")
+                        if bar.disable:
+                            print(line)
                 if run.images // opt.save_latest_freq > before // opt.save_latest_freq:
                     self.save(model, run)
                 if opt.max_steps is not None and run.steps >= opt.max_steps:

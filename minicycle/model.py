@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from minicycle import networks
+from minicycle.distributed import average_gradients
 from minicycle.pool import ImagePool
 
 LOSS_NAMES = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
@@ -116,6 +117,7 @@ class CycleGAN(nn.Module):
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.visuals: dict[str, torch.Tensor] = {}
+        self.world = 1  # data-parallel ranks whose gradients are averaged before each step (train.py sets it)
 
     def nets(self) -> dict[str, nn.Module]:
         return {"G_A": self.netG_A, "G_B": self.netG_B, "D_A": self.netD_A, "D_B": self.netD_B}
@@ -153,6 +155,7 @@ class CycleGAN(nn.Module):
             losses["cycle_B"] = self.l1(rec_B.float(), real_B) * cfg.lambda_B
             loss_G = sum(losses[k] for k in ("G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B"))
         self.scaler.scale(loss_G).backward()
+        average_gradients([self.netG_A, self.netG_B], self.world)
         self.scaler.step(self.optimizer_G)
 
         # Discriminators: real -> 1, (pooled) fake -> 0, halved so D learns slower than G.
@@ -165,6 +168,7 @@ class CycleGAN(nn.Module):
             losses["D_A"] = self._loss_D(self.netD_A, real_B, pooled_B)
             losses["D_B"] = self._loss_D(self.netD_B, real_A, pooled_A)
         self.scaler.scale(losses["D_A"] + losses["D_B"]).backward()
+        average_gradients([self.netD_A, self.netD_B], self.world)
         self.scaler.step(self.optimizer_D)
         self.scaler.update()
 

@@ -1,0 +1,89 @@
+"""Data parallelism over torch.distributed, for `torchrun --nproc_per_node N train.py ...`.
+
+Every rank holds the full CycleGAN, takes its share of each global batch of the (seeded, shared)
+epoch plan, and averages its gradients with the others before each optimizer step, so the ranks'
+weights stay identical. We all-reduce the gradients ourselves instead of wrapping the nets in
+DistributedDataParallel: one CycleGAN iteration runs each generator three times and each
+discriminator three times before a backward, and freezes D's parameters during G's backward, which
+DDP's per-forward bookkeeping does not allow without unused-parameter searches. One flattened
+all-reduce per optimizer step is what DDP would send, minus the overlap with backward.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class Dist:
+    """Rank and world size from torchrun's environment; a single process is rank 0 of 1."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self, device: torch.device) -> torch.device:
+        """Join the process group (nccl on GPUs, gloo on CPU); on GPUs each rank takes cuda:LOCAL_RANK."""
+        if not self.enabled:
+            return device
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
+        return device
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def average(self, values: list[float], device: torch.device) -> list[float]:
+        """Mean of `values` over ranks (NaN anywhere gives NaN everywhere, so all ranks stop together)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def average_gradients(nets: list[nn.Module], world: int) -> None:
+    """All-reduce the gradients of `nets` as one flat buffer and divide by the world size."""
+    if world <= 1:
+        return
+    grads = [p.grad for net in nets for p in net.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def fingerprint(nets: dict[str, nn.Module]) -> list[float]:
+    """A cheap per-net checksum (float64 sums of parameters) to verify that ranks agree."""
+    return [float(sum(p.detach().double().sum() for p in net.parameters())) for net in nets.values()]

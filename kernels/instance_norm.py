@@ -272,7 +272,7 @@ def _bwd_apply_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: layout, launch heuristics, autograd
+# Host side: layout, launch heuristics, custom ops + autograd
 # ---------------------------------------------------------------------------------------------
 
 
@@ -316,15 +316,20 @@ def _flat(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, strides
 
 
+def _fwd_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty y (x's layout), mu and rstd (fp32, one per plane): shared by the op and its fake."""
+    N, C = x.shape[:2]
+    mu = x.new_empty(N * C, dtype=torch.float32)
+    return torch.empty_like(x), mu, torch.empty_like(mu)
+
+
 def _forward(
     x: torch.Tensor, sx: tuple[int, int, int], eps: float, slope: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mu, rstd (mu and rstd fp32, one per plane) for x with plane strides sx."""
     N, C, H, W = x.shape
-    y = torch.empty_like(x)
+    y, mu, rstd = _fwd_outputs(x)
     sy = _plane_strides(y)
-    mu = torch.empty(N * C, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mu)
     if x.numel() == 0:
         return y, mu, rstd
     n_chunks, meta = _config(x, sx)
@@ -346,7 +351,7 @@ def _forward(
 def _backward(
     x: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float
 ) -> torch.Tensor:
-    """dx for the saved x (which has plane strides), mu and rstd."""
+    """dx for x (which has plane strides) and the saved mu and rstd."""
     N, C, H, W = x.shape
     sx = _plane_strides(x)
     dy, sdy = _flat(dy)
@@ -372,22 +377,57 @@ def _backward(
     return dx
 
 
-class _InstanceNormAct(torch.autograd.Function):
-    """Saves x (not y: xhat is needed where the activation is off) plus fp32 mu and rstd."""
+# The Triton path is a pair of torch.library custom ops, so that torch.compile sees each one as
+# a single opaque node (no graph break): the fake impls give only output metadata (shape,
+# dtype, strides), and autograd connects the forward op to the backward op. Layouts the kernels
+# can't index are copied to contiguous inside each op (again in backward: an op's outputs may
+# not alias its inputs, so the copy can't be handed on).
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float, slope: float) -> torch.Tensor:
-        x, sx = _flat(x)
-        y, mu, rstd = _forward(x, sx, eps, slope)
-        ctx.save_for_backward(x, mu, rstd)
-        ctx.slope = slope
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x, mu, rstd = ctx.saved_tensors
-        return _backward(x, dy, mu, rstd, ctx.slope), None, None
+@torch.library.custom_op("minicycle::instance_norm_act", mutates_args=())
+def _instance_norm_act(
+    x: torch.Tensor, eps: float, slope: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = act(instance_norm(x)) with act(v) = v if v > 0 else slope * v, and the saved
+    statistics mu, rstd (fp32, one per (n, c) plane) that the backward op needs."""
+    x, sx = _flat(x)
+    return _forward(x, sx, eps, slope)
+
+
+@_instance_norm_act.register_fake
+def _(x: torch.Tensor, eps: float, slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_outputs(_flat(x)[0])
+
+
+@torch.library.custom_op("minicycle::instance_norm_act_backward", mutates_args=())
+def _instance_norm_act_backward(
+    dy: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float
+) -> torch.Tensor:
+    """dx from dy, the forward's input x and its saved mu and rstd."""
+    return _backward(_flat(x)[0], dy, mu, rstd, slope)
+
+
+@_instance_norm_act_backward.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float) -> torch.Tensor:
+    return torch.empty_like(_flat(x)[0])
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    """Save x (not y: xhat is needed where the activation is off) plus fp32 mu and rstd."""
+    x, _, slope = inputs
+    _, mu, rstd = output
+    ctx.mark_non_differentiable(mu, rstd)
+    ctx.save_for_backward(x, mu, rstd)
+    ctx.slope = slope
+
+
+def _autograd_backward(ctx, dy: torch.Tensor, _dmu, _drstd) -> tuple[torch.Tensor | None, None, None]:
+    x, mu, rstd = ctx.saved_tensors
+    dx = _instance_norm_act_backward(dy, x, mu, rstd, ctx.slope) if ctx.needs_input_grad[0] else None
+    return dx, None, None
+
+
+_instance_norm_act.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def instance_norm_relu(
@@ -404,7 +444,8 @@ def instance_norm_relu(
         raise ValueError(f"Expected more than 1 spatial element, got input size {tuple(x.shape)}")
 
     if use_triton(x):
-        return _InstanceNormAct.apply(x, float(eps), float(negative_slope) if activation else 1.0)
+        y, _, _ = _instance_norm_act(x, float(eps), float(negative_slope) if activation else 1.0)
+        return y
 
     y = F.instance_norm(x, eps=eps)
     if activation:

@@ -393,10 +393,16 @@ def _empty_like_layout(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
+def _out_shape(x: torch.Tensor, w: torch.Tensor, p: int) -> tuple[int, int, int, int]:
+    N, _, H, W = x.shape
+    OC, _, KH, KW = w.shape
+    return N, OC, H + 2 * p - KH + 1, W + 2 * p - KW + 1
+
+
 def _conv_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) -> torch.Tensor:
     N, C, H, W = x.shape
     OC, _, KH, KW = w.shape
-    OH, OW = H + 2 * p - KH + 1, W + 2 * p - KW + 1
+    _, _, OH, OW = _out_shape(x, w, p)
     y = _empty_like_layout(x, (N, OC, OH, OW))
     if y.numel() == 0:
         return y
@@ -439,8 +445,9 @@ def _conv_wgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> t
     OC, _, KH, KW = w.shape
     OH, OW = dy.shape[2:]
     npix = N * OH * OW
+    dw = w.new_empty(w.shape)  # contiguous, whatever w's layout
     if npix == 0 or w.numel() == 0:
-        return torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+        return dw.zero_()
     # Size the split for nominal 64 x 64 output tiles; the autotuned tile may differ.
     tiles = triton.cdiv(OC, 64) * triton.cdiv(C, 64) * KH * KW
     per, splits = _pixels_per_split(npix, tiles, x.device)
@@ -455,14 +462,16 @@ def _conv_wgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> t
         *x.stride(), *dy.stride(),
         KH=KH, KW=KW, PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
     )
-    return _sum_splits(ws, torch.empty(w.shape, dtype=w.dtype, device=w.device))
+    return _sum_splits(ws, dw)
 
 
-def _conv_dbias(dy: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _conv_dbias(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """db[oc] = sum of dy[:, oc] in the given dtype (the bias's, which is x's)."""
     N, OC, OH, OW = dy.shape
     npix = N * OH * OW
+    db = dy.new_empty(OC, dtype=dtype)
     if npix == 0 or OC == 0:
-        return torch.zeros_like(b)
+        return db.zero_()
     per, splits = _pixels_per_split(npix, triton.cdiv(OC, _DBIAS_BLOCK_C), dy.device)
     ws = torch.empty((splits, OC), dtype=torch.float32, device=dy.device)
     grid = (triton.cdiv(OC, _DBIAS_BLOCK_C), splits)
@@ -470,25 +479,64 @@ def _conv_dbias(dy: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         dy, ws, N, OC, OH, OW, per, *dy.stride(),
         BLOCK_C=_DBIAS_BLOCK_C, BLOCK_P=_DBIAS_BLOCK_P,
     )
-    return _sum_splits(ws, torch.empty(b.shape, dtype=b.dtype, device=b.device))
+    return _sum_splits(ws, db)
 
 
-class _ReflectConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.padding = padding
-        return _conv_fwd(x, weight, bias, padding)
+# The Triton path is a pair of torch.library custom ops, so that torch.compile sees each one as
+# a single opaque node (no graph break): the fake impls give only output metadata (shape,
+# dtype, strides), and autograd connects the forward op to the backward op.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        dx = _conv_dgrad(dy, weight, x, ctx.padding) if need_x else None
-        dw = _conv_wgrad(dy, weight, x, ctx.padding) if need_w else None
-        db = _conv_dbias(dy, bias) if need_b else None
-        return dx, dw, db, None
+
+@torch.library.custom_op("minicycle::reflect_conv2d", mutates_args=())
+def _reflect_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    """conv2d(reflect_pad(x, padding), weight) + bias; the output takes x's memory format."""
+    return _conv_fwd(x, weight, bias, padding)
+
+
+@_reflect_conv2d.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    return _empty_like_layout(x, _out_shape(x, weight, padding))
+
+
+@torch.library.custom_op("minicycle::reflect_conv2d_backward", mutates_args=())
+def _reflect_conv2d_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db). Only the needed gradients are computed; the others come back as empty
+    (0-element) placeholders, since a custom op can't return None. dbias needs only dy, so
+    the bias itself is never an input (a conv without bias passes need_b=False)."""
+    dx = _conv_dgrad(dy, weight, x, padding) if need_x else x.new_empty(0)
+    dw = _conv_wgrad(dy, weight, x, padding) if need_w else x.new_empty(0)
+    db = _conv_dbias(dy, x.dtype) if need_b else x.new_empty(0)
+    return dx, dw, db
+
+
+@_reflect_conv2d_backward.register_fake
+def _(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx = _empty_like_layout(x, x.shape) if need_x else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_w else x.new_empty(0)
+    db = x.new_empty(weight.shape[0]) if need_b else x.new_empty(0)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, _, padding = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.padding = padding
+
+
+def _autograd_backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = _reflect_conv2d_backward(dy, x, weight, ctx.padding, need_x, need_w, need_b)
+    return dx if need_x else None, dw if need_w else None, db if need_b else None, None
+
+
+_reflect_conv2d.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> None:
@@ -552,4 +600,4 @@ def reflect_conv2d(
         return F.conv2d(x, weight, bias)
     if x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"reflect_conv2d: the Triton path supports {_TRITON_DTYPES}; got {x.dtype}")
-    return _ReflectConv2d.apply(x, weight, bias, padding)
+    return _reflect_conv2d(x, weight, bias, padding)

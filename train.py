@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=None, help="seed for init, data order and the pools (default: random)")
     a("--max_steps", type=int, default=None, help="stop when the run reaches this many iterations in all")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision for G and D")
+    a("--compile", action="store_true", default=False,
+      help="torch.compile the four nets (the Triton kernels stay in the graph as custom ops)")
     return p
 
 
@@ -248,6 +250,9 @@ class Trainer:
         cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
         model = CycleGAN(cfg, device, amp)
         model.world = self.dist.world
+        if opt.compile:
+            for net in model.nets().values():
+                net.compile()  # in place: parameters and state_dict keys stay those of the plain module
         if self.dist.enabled:  # each rank keeps its own pool of fakes, with its own random stream
             model.fake_A_pool.rng.seed(f"{opt.seed}:A:{self.dist.rank}")
             model.fake_B_pool.rng.seed(f"{opt.seed}:B:{self.dist.rank}")

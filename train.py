@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, load_file
-from minicycle.data import DataError, UnalignedDataset, check_preprocess, epoch_plan, tensor_to_image
+from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
 from minicycle.distributed import Dist, fingerprint
 from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
 from minicycle.report import save_image_atomic, training_page, write_text_atomic
@@ -342,6 +342,7 @@ class Trainer:
                 chunk = chunk + (plan * size)[:size - len(chunk)]
             batches.append(chunk[self.dist.rank::world] if world > 1 else chunk)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=opt.num_threads,
+                                             collate_fn=collate_batch,
                                              pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
         last_epoch = opt.n_epochs + opt.n_epochs_decay
         bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{last_epoch}",
@@ -418,9 +419,13 @@ class Trainer:
     def _prepare_dir(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write_test"
+            probe = self.dir / f".write_test.{os.getpid()}"  # one per process: ranks probe at the same time
             probe.write_text("ok")
             probe.unlink()
+            # Temp files of a save cut short by kill -9 or a power cut (a clean failure removes its own).
+            # No save can be under way yet: the first one waits for the first step, which waits for every rank.
+            for leftover in self.dir.glob(".*.pth.*.tmp"):
+                leftover.unlink(missing_ok=True)
         except OSError as e:
             raise DataError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
 
@@ -451,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return Trainer(opt).run()
     except (DataError, CheckpointError, FloatingPointError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
+            msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"train.py: error: {msg}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions ... while saving: the previous checkpoint is intact
         print(f"train.py: error: {e.strerror or e}: {e.filename or ''} (the previous checkpoint is intact)",

@@ -28,8 +28,13 @@ def atomic_save(obj, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write (disk full ...) as a RuntimeError of its zip writer, with the
+        # OSError only as its context: raise the OSError itself, naming the file that was being written.
+        err = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from e
         raise
     _fsync_dir(path.parent)
 
@@ -90,14 +95,16 @@ def describe_generator(state: dict) -> dict:
         last = max(int(m.group(1)) for k in keys if (m := re.match(r"model\.(\d+)\.weight", k)))
         info["output_nc"] = int(state[f"model.{last}.weight"].shape[0])
         info["dropout"] = any(k.endswith(".conv_block.6.weight") and state[k].dim() == 4 for k in keys)
-        info["norm"] = "batch" if any(k.endswith("running_mean") and ".conv_block." in k for k in keys) else "instance"
+        # BatchNorm has affine (1-D) weights; InstanceNorm has none, though files from PyTorch < 0.4 carry
+        # stale running_mean/var for it, so running stats alone do not tell the two apart.
+        info["norm"] = "batch" if any(k.endswith(".weight") and v.dim() == 1 for k, v in state.items()) else "instance"
     elif "model.model.0.weight" in keys:
         depth = sum(1 for k, v in state.items() if k.endswith("weight") and v.dim() == 4) // 2  # down+up conv per level
         info["netG"] = {8: "unet_256", 7: "unet_128"}.get(depth, f"unet with {depth} downsamplings")
         w = state["model.model.0.weight"]
         info["ngf"], info["input_nc"] = int(w.shape[0]), int(w.shape[1])
         info["output_nc"] = int(state["model.model.3.weight"].shape[1]) if "model.model.3.weight" in keys else None
-        info["norm"] = "batch" if any(k.endswith("running_mean") for k in keys) else "instance"
+        info["norm"] = "batch" if any(k.endswith(".weight") and v.dim() == 1 for k, v in state.items()) else "instance"
     return info
 
 

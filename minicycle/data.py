@@ -239,6 +239,20 @@ class UnalignedDataset(torch.utils.data.Dataset):
         raise DataError(f"none of the {len(paths)} images in {folder} can be read")
 
 
+def collate_batch(batch: list[dict]) -> dict:
+    """default_collate, but images of different sizes in one batch (--preprocess none or scale_width
+    with --batch_size > 1) are a one-line DataError naming two of them, not a torch.stack traceback."""
+    for k in ("A", "B"):
+        sizes = [tuple(s[k].shape[-2:]) for s in batch]
+        odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+        if odd is not None:
+            (h0, w0), (h1, w1) = sizes[0], sizes[odd]
+            raise DataError(f"images of different sizes in one batch after --preprocess: {batch[0][k + '_paths']} "
+                            f"is {w0}x{h0}, {batch[odd][k + '_paths']} is {w1}x{h1}; use --batch_size 1, or a "
+                            f"--preprocess that crops to --crop_size")
+    return torch.utils.data.default_collate(batch)
+
+
 def epoch_plan(n_A: int, n_B: int, epoch: int, seed: int, serial_batches: bool) -> list[tuple[int, int, int]]:
     """The sample keys (a_index, b_index, sample_seed) of one epoch, fixed by (seed, epoch).
 

@@ -28,9 +28,9 @@ from minicycle.report import save_image_atomic, training_page, write_text_atomic
 
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
 # Any flag given explicitly wins over these.
-BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=32, ndf=32,
-                      n_epochs=3, n_epochs_decay=2, batch_size=1, num_threads=0, print_freq=100,
-                      save_epoch_freq=5)
+BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=16, ndf=16,
+                      n_epochs=5, n_epochs_decay=3, batch_size=1, num_threads=0, print_freq=100,
+                      save_epoch_freq=4)
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 
 
@@ -102,6 +102,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
     explicit = {x.dest for x in parser._actions if given & set(x.option_strings)}
     opt.builtin = opt.dataroot is None
+    opt._explicit = sorted(explicit)  # underscore: not an option, not saved; resume needs to know it
     if opt.builtin:
         for k, v in BUILTIN_PRESET.items():
             if k not in explicit:
@@ -125,11 +126,15 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def options_of(opt: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(opt).items() if not k.startswith("_")}
+
+
 def write_options(opt: argparse.Namespace, path: Path) -> None:
     """train_opt.txt in the official format: every option, and its default where it differs."""
     defaults = vars(build_parser().parse_args([]))
     lines = ["----------------- Options ---------------"]
-    for k, v in sorted(vars(opt).items()):
+    for k, v in sorted(options_of(opt).items()):
         note = f"\t[default: {defaults[k]}]" if k in defaults and defaults[k] != v else ""
         lines.append(f"{k:>25}: {str(v):<30}{note}")
     lines.append("----------------- End -------------------")
@@ -159,6 +164,7 @@ class Trainer:
         self.state_path = self.dir / "latest_state.pth"
         self.stop_signal: str | None = None
         self.dist = Dist()
+        self.saved_steps = -1  # run.steps at the last save, so a stop right after one does not save twice
 
     def say(self, *args, **kwargs) -> None:
         """print, on rank 0 only."""
@@ -173,9 +179,10 @@ class Trainer:
         prints = self.dist.gather(fingerprint(model.nets()))
         if any(p != prints[0] for p in prints):
             raise RuntimeError(f"ranks hold different weights ({prints}); refusing to save a diverged run")
+        self.saved_steps = run.steps
         if not self.dist.main:
             return
-        state = {"format": "minicycle-train-state/1", "options": vars(self.opt), "run": run.state(),
+        state = {"format": "minicycle-train-state/1", "options": options_of(self.opt), "run": run.state(),
                  "model": model.training_state(), "pools_by_rank": pools, "rng": {"torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         tmp_target = self.state_path.with_name("latest_state.next.pth")
@@ -223,9 +230,18 @@ class Trainer:
             if self.dist.main:
                 self.dist.barrier()
             self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
-                  f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
+                     f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
         elif not Path(opt.dataroot).is_dir():
             raise DataError(datasets.missing_dataroot_message(opt.dataroot))
+        state = None
+        if opt.continue_train and opt.epoch == "latest":
+            state = self.load_latest_state()
+            self._check_same_architecture(state["options"])
+            for k in ("seed", "epoch_count", "n_epochs", "n_epochs_decay", "lr", "lr_policy", "lr_decay_iters"):
+                if k in state["options"] and getattr(opt, k) != state["options"][k]:
+                    if k in opt._explicit:
+                        print(f"note: keeping --{k} {state['options'][k]} of the run being resumed", file=sys.stderr)
+                    setattr(opt, k, state["options"][k])
         check_preprocess(opt.preprocess, opt.load_size, opt.crop_size)
         dataset = UnalignedDataset(opt.dataroot, opt.phase, preprocess=opt.preprocess, load_size=opt.load_size,
                                    crop_size=opt.crop_size, no_flip=opt.no_flip, input_nc=opt.input_nc,
@@ -233,17 +249,13 @@ class Trainer:
         multiple = networks.input_multiple(opt.netG)
         if opt.preprocess != "none" and opt.crop_size % multiple:
             raise DataError(f"--crop_size {opt.crop_size} must be divisible by {multiple} for --netG {opt.netG}")
+        self.min_size = networks.min_input_size(opt.netG, opt.netD, opt.n_layers_D)
+        size = opt.crop_size if "crop" in opt.preprocess else min(opt.load_size, opt.crop_size)
+        if opt.preprocess != "none" and size < self.min_size:
+            raise DataError(f"--crop_size {size} is below {self.min_size}, the smallest image --netG {opt.netG} "
+                            f"with --netD {opt.netD} accepts")
         self._prepare_dir()
 
-        state = None
-        if opt.continue_train and opt.epoch == "latest":
-            state = self.load_latest_state()
-            self._check_same_architecture(state["options"])
-            for k in ("seed", "epoch_count", "n_epochs", "n_epochs_decay", "lr", "lr_policy", "lr_decay_iters"):
-                if k in state["options"] and getattr(opt, k) != state["options"][k]:
-                    if getattr(opt, k) is not None:
-                        print(f"note: keeping --{k} {state['options'][k]} of the run being resumed", file=sys.stderr)
-                    setattr(opt, k, state["options"][k])
         if opt.seed is None:
             opt.seed = random.SystemRandom().randrange(2**31)
         torch.manual_seed(opt.seed)
@@ -294,7 +306,8 @@ class Trainer:
             while run.epoch <= last_epoch:
                 outcome = self._train_epoch(model, dataset, run, device, log_path)
                 if outcome != "epoch_done":
-                    self.save(model, run)
+                    if self.saved_steps != run.steps:
+                        self.save(model, run)
                     break
                 epoch = run.epoch
                 lr = model.step_schedulers(self._epoch_metric(run, epoch))
@@ -352,6 +365,11 @@ class Trainer:
         try:
             for step, batch in enumerate(loader):
                 t_start = time.perf_counter()
+                for side in ("A", "B"):  # --preprocess none keeps each image's size: it may be too small
+                    if min(batch[side].shape[-2:]) < self.min_size:
+                        raise DataError(f"{batch[side + '_paths'][0]}: {tuple(batch[side].shape[-2:])} is smaller "
+                                        f"than {self.min_size}x{self.min_size}, the smallest image the nets accept "
+                                        f"(use --preprocess resize_and_crop or scale_width)")
                 losses = model.optimize(batch["A"], batch["B"])
                 if self.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
                     *values, stop = self.dist.average([*losses.values(), float(bool(self.stop_signal))], device)
@@ -430,10 +448,15 @@ class Trainer:
             raise DataError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
 
     def _check_same_architecture(self, saved: dict) -> None:
+        """Architecture flags not given take the resumed run's values; given ones must match them."""
         for k in ARCH_FLAGS:
-            if k in saved and getattr(self.opt, k) != saved[k]:
-                raise CheckpointError(f"--{k} {getattr(self.opt, k)} differs from the run being resumed "
-                                      f"(--{k} {saved[k]}); drop the flag or start a new --name")
+            if k not in saved or getattr(self.opt, k) == saved[k]:
+                continue
+            if k not in getattr(self.opt, "_explicit", ()):
+                setattr(self.opt, k, saved[k])
+                continue
+            raise CheckpointError(f"--{k} {getattr(self.opt, k)} differs from the run being resumed "
+                                  f"(--{k} {saved[k]}); drop the flag or start a new --name")
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):

@@ -3,10 +3,11 @@
     python -m minicycle.datasets download horse2zebra [--root ./datasets]
     python -m minicycle.datasets synthetic [--root ./datasets]
 
-The synthetic dataset is 32x32 RGB scenes (a gradient plus a few shapes). Domain A uses only warm
-colours (red > blue everywhere); domain B is independently drawn warm scenes with the red and blue
-channels swapped, so the true translation both ways is T = swap(R, B). The test images come with
-their exact translations in truth/, so a trained generator can be scored against the answer.
+The synthetic dataset is 32x32 RGB scenes (a few shapes in a fixed palette on a fixed background).
+Domain A uses only warm colours (red > blue everywhere); domain B is independently drawn warm
+scenes with the red and blue channels swapped, so the true translation both ways is T = swap(R, B).
+The test images come with their exact translations in truth/, so a trained generator can be scored
+against the answer.
 """
 
 import argparse
@@ -32,14 +33,14 @@ OFFICIAL_DATASETS = (
 DEFAULT_BASE_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets"
 DEFAULT_ROOT = "./datasets"
 SYNTHETIC_ROOT = "./datasets/synthetic"
-SYNTHETIC_STAMP = "minicycle-synthetic v1"
+SYNTHETIC_STAMP = "minicycle-synthetic v2"
 SYNTHETIC_SIZES = {"trainA": 400, "trainB": 400, "testA": 60, "testB": 60}
 SYNTHETIC_README = """\
 minicycle built-in synthetic dataset ({stamp}), made by `python -m minicycle.datasets synthetic`.
 
-32x32 RGB scenes: a vertical gradient between two colours plus 2-5 ellipses, rectangles and
-triangles, with slight noise. Domain A (trainA, testA) uses only warm colours: red > blue by a
-clear margin at every pixel. Domain B (trainB, testB) is other, independently drawn warm scenes
+32x32 RGB scenes: 2-4 large ellipses, rectangles and triangles in a fixed warm palette on a fixed
+warm background, with slight noise. Domain A (trainA, testA) uses only these warm colours: red > blue
+by a clear margin at every pixel. Domain B (trainB, testB) is other, independently drawn warm scenes
 with the ground-truth mapping T applied, so B is cool (blue > red). The data are unpaired.
 
 T swaps the red and blue channels: T(r, g, b) = (b, g, r). T is its own inverse, so it is the
@@ -112,41 +113,35 @@ def swap_rb(img: np.ndarray) -> np.ndarray:
     return img[..., ::-1].copy()
 
 
-def _warm_color(rng: np.random.Generator) -> np.ndarray:
-    # HSV with hue in [-20, 60] degrees (magenta-red .. yellow), so red is the largest channel and
-    # red - blue >= value * saturation * 2/3 >= 0.12 * 255, about 30 levels.
-    h = rng.uniform(-20, 60) % 360
-    s, v = rng.uniform(0.4, 1.0), rng.uniform(0.45, 1.0)
-    c = v * s
-    x = c * (1 - abs((h / 60) % 2 - 1))
-    r, g, b = (c, x, 0) if h < 60 else (c, 0, x)  # the two HSV sextants in use
-    return (np.array([r, g, b]) + (v - c)) * 255
+# A fixed warm palette (red > blue in each). Colours are drawn from it, not at random, because an
+# InstanceNorm generator cannot see an image's absolute colour (IN removes each channel's mean), only
+# how regions differ: a fixed palette makes every region's true colour recoverable from the others.
+BACKGROUND = np.array([226, 186, 150])
+PALETTE = np.array([[205, 45, 35], [245, 150, 30], [238, 222, 70], [120, 62, 28]])
 
 
 def _warm_scene(rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """One warm scene as a (size, size, 3) uint8 array."""
-    t = np.linspace(0, 1, size)[:, None, None]
-    img = (1 - t) * _warm_color(rng) + t * _warm_color(rng)  # vertical gradient
-    img = np.broadcast_to(img, (size, size, 3)).copy()
+    """One warm scene as a (size, size, 3) uint8 array: 2-4 large shapes on the background."""
+    img = np.broadcast_to(BACKGROUND.astype(np.float64), (size, size, 3)).copy()
     y, x = np.mgrid[:size, :size] + 0.5
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(2, 5)):
         kind = rng.integers(3)
-        cx, cy = rng.uniform(0, size, 2)
+        cx, cy = rng.uniform(4, size - 4, 2)
         if kind == 0:  # ellipse
-            rx, ry = rng.uniform(3, 10, 2)
+            rx, ry = rng.uniform(4, 11, 2)
             mask = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
         elif kind == 1:  # rectangle
-            hw, hh = rng.uniform(2, 9, 2)
+            hw, hh = rng.uniform(3, 10, 2)
             mask = (abs(x - cx) <= hw) & (abs(y - cy) <= hh)
         else:  # triangle: inside all three edges; corners at jittered thirds of a circle
             angle = rng.uniform(0, 2 * np.pi) + np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.5, 0.5, 3)
-            radius = rng.uniform(4, 11, 3)
+            radius = rng.uniform(6, 13, 3)
             p = np.array([cx, cy]) + radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
             d = [(x - p[i, 0]) * (p[j, 1] - p[i, 1]) - (y - p[i, 1]) * (p[j, 0] - p[i, 0])
                  for i, j in ((0, 1), (1, 2), (2, 0))]  # fmt: skip
             mask = ((d[0] >= 0) & (d[1] >= 0) & (d[2] >= 0)) | ((d[0] <= 0) & (d[1] <= 0) & (d[2] <= 0))
-        img[mask] = _warm_color(rng)
-    img += rng.integers(-3, 4, img.shape)  # slight noise, well inside the red-blue margin
+        img[mask] = PALETTE[rng.integers(len(PALETTE))]
+    img += rng.integers(-2, 3, img.shape)  # slight noise, well inside the red-blue margin
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 

@@ -270,6 +270,15 @@ def define_D(input_nc: int, ndf: int, netD: str, n_layers_D: int = 3, norm: str 
     raise ValueError(f"--netD {netD!r}: choose one of {', '.join(DISCRIMINATORS)}")
 
 
+def min_input_size(netG: str, netD: str, n_layers_D: int = 3) -> int:
+    """Smallest square image both nets accept. PatchGAN: n stride-2 4x4 convs halve the size, then a
+    stride-1 conv (size - 1, normalised: needs 2+ pixels) and the output conv (size - 2) must stay >= 1."""
+    g = {"unet_128": 128, "unet_256": 256}.get(netG, 8)  # ResNet: reflect pad 1 at 1/4 scale needs 2+ pixels
+    n = {"basic": 3, "n_layers": n_layers_D}.get(netD, 0)
+    d = 3 * 2**n if n else 2
+    return max(g, d)
+
+
 def input_multiple(netG: str) -> int:
     """Height and width a generator's input must be divisible by (2 downsamplings, or the U-Net depth)."""
     return {"unet_128": 128, "unet_256": 256}.get(netG, 4)

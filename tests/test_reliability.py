@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_tensors
 from PIL import Image
 
 import infer
@@ -124,21 +125,6 @@ def assert_nets_load_strictly(run: Path, label: str = "latest") -> None:
     for k, net in net_shapes().items():
         load_into(net, run / f"{label}_net_{k}.pth")
         assert all(torch.isfinite(t).all() for t in net.state_dict().values()), k
-
-
-def assert_same_tensors(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def stray_files(run: Path) -> list[str]:
@@ -669,18 +655,23 @@ def test_odd_image_modes_train_end_to_end(channels, tmp_path, torch_path, recwar
     assert state["model"]["nets"]["G_A"]["model.1.weight"].shape[1] == channels
 
 
-@pytest.mark.parametrize("preprocess", [
-    "crop", "scale_width_and_crop",
-    pytest.param("none", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "--preprocess none keeps a 40x9 image at 40x8, too small for the 70x70 PatchGAN (needs >= 24 px "
-        "a side): a torch conv2d RuntimeError, not a one-line error; the check needs the discriminator's "
-        "minimum input size at data-loading time"))),
-])
+@pytest.mark.parametrize("preprocess", ["crop", "scale_width_and_crop"])
 def test_image_smaller_than_crop_size_is_handled(preprocess, tmp_path, torch_path):
     root = tmp_path / "data"
     image_folder(root / "trainA", {"tiny.png": noise(12, 20, 0), "thin.png": noise(40, 9, 1)})
     image_folder(root / "trainB", {"tiny.png": noise(17, 13, 2)})
     assert run_train(["--dataroot", str(root), "--preprocess", preprocess, "--max_steps", "2"], tmp_path) == 0
+
+
+def test_image_too_small_for_the_nets_is_one_line(tmp_path, capsys, torch_path):
+    """--preprocess none keeps a 40x9 image at 40x8: too small for the 70x70 PatchGAN (24 px a side)."""
+    root = tmp_path / "data"
+    image_folder(root / "trainA", {"thin.png": noise(40, 9, 1)})
+    image_folder(root / "trainB", {"ok.png": noise(32, 32, 2)})
+    expect_error(capsys, lambda: run_train(["--dataroot", str(root), "--preprocess", "none", "--max_steps", "2"],
+                                           tmp_path), "train.py", 1, "thin.png", "smallest image")
+    expect_error(capsys, lambda: run_train(["--dataroot", str(root), "--crop_size", "16", "--load_size", "16"],
+                                           tmp_path), "train.py", 1, "--crop_size 16", "24")
 
 
 def test_preprocess_none_mixed_sizes_in_a_batch_is_one_line(tmp_path, capsys, torch_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_tensors
 
 import infer
 import train
@@ -29,21 +30,6 @@ def run_train(args: list[str], ckpt: Path, name: str = "t") -> int:
 
 def all_state(ckpt: Path, name: str = "t") -> dict:
     return load_file(ckpt / name / "latest_state.pth")
-
-
-def assert_same_tensors(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def test_end_to_end_scripts(dataroot, tmp_path):

@@ -29,7 +29,7 @@ from minicycle.report import save_image_atomic, training_page, write_text_atomic
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
 # Any flag given explicitly wins over these.
 BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=16, ndf=16,
-                      n_epochs=5, n_epochs_decay=3, batch_size=1, num_threads=0, print_freq=100,
+                      n_epochs=4, n_epochs_decay=3, batch_size=1, num_threads=0, print_freq=100,
                       save_epoch_freq=4)
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 

@@ -354,7 +354,8 @@ class Trainer:
             if world > 1 and len(chunk) < size:
                 chunk = chunk + (plan * size)[:size - len(chunk)]
             batches.append(chunk[self.dist.rank::world] if world > 1 else chunk)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=opt.num_threads,
+        workers = min(opt.num_threads, os.cpu_count() or 1)  # more workers than cores only slows loading
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                              collate_fn=collate_batch,
                                              pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
         last_epoch = opt.n_epochs + opt.n_epochs_decay

@@ -175,7 +175,8 @@ class CycleGAN(nn.Module):
         self.visuals = {"real_A": real_A, "fake_B": fake_B, "rec_A": rec_A, "idt_B": idt_B,
                         "real_B": real_B, "fake_A": fake_A, "rec_B": rec_B, "idt_A": idt_A}
         self.visuals = {k: v.detach() for k, v in self.visuals.items() if v is not None}
-        return {k: float(losses[k].detach()) for k in LOSS_NAMES}
+        values = torch.stack([losses[k].detach().float() for k in LOSS_NAMES]).tolist()  # one device sync
+        return dict(zip(LOSS_NAMES, values))
 
     def _loss_D(self, netD: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         return (self.criterionGAN(netD(real), True) + self.criterionGAN(netD(fake.detach()), False)) * 0.5

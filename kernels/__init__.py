@@ -1,5 +1,16 @@
-"""minicycle's fused ops. CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the
-Triton kernels; other CPU tensors run plain PyTorch. See each module for the math."""
+"""minicycle's fused ops for the CycleGAN generator.
+
+    instance_norm_relu(x, *, eps=1e-5, negative_slope=0.0, activation=True) -> Tensor
+        == F.instance_norm(x, eps=eps) then ReLU (slope 0), LeakyReLU(slope), or nothing.
+        x: (N, C, H, W), fp32 / fp16 / bf16. Differentiable.
+    reflect_conv2d(x, weight, bias=None, *, padding) -> Tensor
+        == F.conv2d(F.pad(x, (padding,) * 4, mode="reflect"), weight, bias); stride 1, groups 1.
+        Differentiable w.r.t. x, weight and bias; padding >= H or W raises ValueError.
+
+CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels, registered as
+torch.library custom ops so torch.compile keeps them in its graph; other CPU tensors run plain
+PyTorch. Each module explains its kernels' math.
+"""
 
 from kernels.instance_norm import instance_norm_relu
 from kernels.reflect_conv import reflect_conv2d

@@ -3,40 +3,53 @@
     y = conv2d(reflect_pad(x, P), w) + b        x: (N, C, H, W), w: (OC, C, KH, KW)
     OH = H + 2P - KH + 1,  OW = W + 2P - KW + 1
 
-Every kernel is an implicit GEMM with an fp32 accumulator. The padded tensor is never built:
-the reflection is index math in the loads (stride 1 and P <= H - 1 assumed),
+Every pass is an implicit GEMM with an fp32 accumulator; the padded tensor is never built.
+Rows of the GEMM are pixels, the reduction runs over (kh, kw, channel block):
 
-    ih = oh + kh - P;  ih = |ih|;  ih = (H - 1) - |(H - 1) - ih|        (same for iw)
+    forward  y[p, oc]  = sum over kh, kw, c  of  x[n, refl(oh+kh-P), refl(ow+kw-P), c] . w[oc, c, kh, kw]
+    dgrad    g[q, c]   = sum over kh, kw, oc of dy[n, qh-kh, qw-kw, oc] . w[oc, c, kh, kw]   (0 outside dy)
+    wgrad    dw[oc, c] = sum over pixels p   of dy[p, oc] . x[refl(p + (kh, kw) - P), c]     (per kh, kw)
 
-    forward  y[m, oc]  = sum_k  x[m, k] . w[k, oc]        M = N.OH.OW, K = (kh, kw, c)
-    dgrad    dx[m, c]  = sum_k dy'[m, k] . w[k, c]        M = N.H.W,   K = (kh, kw, oc)
-    wgrad    dw[oc, c] = sum_p dy[oc, p] . x[p, c]        per (kh, kw), K = N.OH.OW pixels
-    dbias    db[oc]    = sum_p dy[oc, p]
+with reflection as index math, ih = |oh + kh - P|, ih = (H - 1) - |(H - 1) - ih| (stride 1, P <= H - 1).
 
-Layout: the kernels are stride-generic and the op makes no copies. An NCHW -> NHWC copy of x
-would cost a full read and write of the activation (as much traffic as the conv's own read of
-a 3x3 layer), so NCHW inputs are read through their strides, and channels_last inputs (stride
-1 on c, which Triton specialises) get contiguous, vectorised loads along the K = c axis. The
-weights (at most 2.4 MB, L2-resident) are also read through their strides. Outputs take the
-input's memory format.
+Layout. The kernels are stride-generic, and fast when channels are innermost (channels_last
+activations and weights, as `model.to(memory_format=torch.channels_last)` makes them): the
+channel axis is the GEMM's reduction axis in the forward and dgrad, so a tile row is BK
+contiguous channels, copied 16 bytes at a time by cp.async (LDGSTS) in a software pipeline of
+num_stages. The K loop is one flat loop over (tap, channel slice) so that the pipeline runs
+across taps, and the configs take the widest channel slice BK that fits in shared memory, so
+that a tap is one step (256 channels in bf16, 128 in fp32): the reflected pixel offsets are
+then computed once per (kh, kw). NCHW inputs work through their strides, with narrower loads.
 
-dgrad gathers (each program owns input pixels, no atomics, deterministic): the gradient on
-the padded grid is a full correlation of dy with w, and reflection is many-to-one, so input
-pixel i also receives the gradient of its mirror images. In one dimension its preimages on
-the padded grid are
+dgrad is the forward kernel run on dy with zero padding KH - 1, the weight's OC and C axes
+swapped (a (C, KH, KW, OC) copy of w, so OC is contiguous) and its taps flipped (negative
+strides): that gives the gradient g on the padded grid, (H + 2P) x (W + 2P). Reflection is
+many-to-one, so an input pixel also receives the gradient of its mirror images on the padded
+border. In one dimension the preimages of i are
 
-    q = i + P                 always
+    q = i + P                 always (the interior)
     q = P - i                 if 1 <= i <= P              (mirrored off the top edge)
     q = 2(H - 1) - i + P      if H - 1 - P <= i <= H - 2  (mirrored off the bottom edge)
 
-so the A tile of dgrad sums dy over the (up to 3 x 3) preimage combinations before the dot.
+so the GEMM's epilogue writes interior positions straight into dx and the border strip (the
+6% of the padded grid outside the interior at 64^2, P = 1) into an fp32 workspace, and a small
+fold kernel adds each border pixel's mirror terms to it (fixed order, no atomics).
 
-wgrad reduces over all N.OH.OW pixels, so the reduction is split across programs (split-K);
-each writes an fp32 partial tile to a workspace, and a second kernel sums the partials in a
-fixed order (deterministic, no atomics). dbias uses the same two-stage scheme.
+Small channel counts (CycleGAN's 3-channel first and last layers). A 3-channel pixel is 6 or
+12 bytes, too narrow for 16-byte loads and 5x wasted in a 16-wide dot. So when C fits in 16
+bytes, the input is first copied, padded (reflect, or zero for dgrad) and with channels padded
+to CP = 16 / itemsize, into xp[n, h, w, cp]; a KW-wide row of taps is then one contiguous
+window of KWP.CP values (KWP = next power of 2 >= KW), and the conv becomes a (KH x 1) conv
+over C' = KWP.CP "channels" with no padding: x[n, h, w + kw, c] == xp_flat[n, h, w.CP + kw.CP + c].
+The weights are re-packed to match (zeros for kw >= KW, c >= C).
+
+wgrad reduces over all N.OH.OW pixels, so the reduction is split across programs (split-K by
+output rows); each split writes an fp32 partial tile, and a second kernel sums the partials in
+a fixed order (deterministic, no atomics). dbias uses the same two-stage scheme.
 """
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,39 +73,77 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 
 
 # (BM, BN, BK, num_stages, num_warps). Every tl.dot dimension is >= 16 so that each config
-# compiles on a GPU; BN = 16 serves the 3-channel layers at either end of the generator.
+# compiles on a GPU; BN = 16 serves the 3-channel outputs at either end of the generator.
+# BM >= 64 with 4+ warps lets Hopper use warpgroup MMA (wgmma).
 if _INTERPRET:
-    _GEMM_CONFIGS = _configs([(128, 16, 16, 1, 4)])
-    _WGRAD_CONFIGS = _configs([(16, 16, 128, 1, 4)])
+    _GEMM_CONFIGS = _configs([(128, 32, 32, 1, 4)])
+    _WGRAD_CONFIGS = _configs([(32, 32, 32, 1, 4)])
 else:
+    # Per (BM, BN), the pruning keeps the widest BK that fits the shared-memory budget.
     _GEMM_CONFIGS = _configs(
         [
-            (128, 128, 32, 3, 8),
-            (128, 64, 32, 4, 4),
-            (64, 128, 32, 4, 4),
-            (64, 64, 32, 4, 4),
-            (128, 32, 32, 4, 4),
-            (128, 16, 16, 4, 4),
+            (64, 64, 256, 3, 4),
+            (64, 64, 128, 3, 4),
+            (64, 128, 128, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 64, 128, 3, 4),
+            (128, 64, 64, 3, 4),
+            (128, 128, 64, 4, 8),
+            (128, 128, 32, 4, 8),
+            (128, 16, 64, 4, 4),
+            (128, 16, 32, 4, 4),
         ]
     )
-    # wgrad: BM tiles OC, BN tiles C, BK runs over pixels.
+    # wgrad: BM tiles OC, BN tiles C, BK runs over the pixels of an output row.
     _WGRAD_CONFIGS = _configs(
         [
-            (128, 128, 32, 3, 8),
-            (128, 64, 32, 3, 4),
-            (64, 128, 32, 3, 4),
-            (64, 64, 64, 3, 4),
+            (128, 128, 64, 3, 8),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (64, 32, 64, 4, 4),
             (64, 16, 64, 4, 4),
-            (16, 64, 64, 4, 4),
         ]
     )
 
-# A wgrad split covers a multiple of this many pixels, so every config's BK divides it.
-_SPLIT_UNIT = max(c.kwargs["BK"] for c in _WGRAD_CONFIGS)
+
+def _cap(n: int, least: int) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+_SMEM_BUDGET = 200 * 1024  # of the 227 KB an H100 block may use, some left for the epilogue
+
+
+def _prune_conv(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Per tile (BM, BN): the widest channel slice BK that fits the pipeline's shared memory and
+    the problem; tiles wider than the problem (e.g. BN = 128 for 3 output channels) dropped."""
+    itemsize = named_args["x"].element_size()
+    n_cap, k_cap = _cap(named_args["OC"], 16), _cap(named_args["C"], 16)
+    best: dict[tuple[int, int], triton.Config] = {}
+    for c in configs:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        smem = (bm + bn) * bk * c.num_stages * itemsize
+        if bn > n_cap or bk > k_cap or (smem > _SMEM_BUDGET and not _INTERPRET):
+            continue
+        if (bm, bn) not in best or bk > best[(bm, bn)].kwargs["BK"]:
+            best[(bm, bn)] = c
+    return list(best.values()) or configs[-1:]
+
+
+def _prune_wgrad(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    m, n = named_args["OC"], named_args["C"]
+    if kwargs.get("X_IS_A"):
+        m, n = n, m
+    m_cap, n_cap, k_cap = _cap(m, 64), _cap(n, 16), _cap(named_args["OW"], 16)
+    kept = [c for c in configs if c.kwargs["BM"] <= m_cap and c.kwargs["BN"] <= n_cap and c.kwargs["BK"] <= k_cap]
+    return kept or configs[-1:]
+
+
 _MAX_SPLIT = 64
 _DBIAS_BLOCK_C = 16
 _DBIAS_BLOCK_P = 128
 _SUM_BLOCK = 1024
+_PACK_BLOCK = 1024
 
 
 @triton.jit
@@ -124,19 +175,39 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "C", "H", "W", "OC", "KH", "KW"])
 @triton.jit
-def _fwd_kernel(
-    x, w, b, y,
-    N, C, H, W, OC, OH, OW, P,
+def _strip_index(qh, qw, H, W, P):
+    """Index of padded-grid position (qh, qw), outside the H x W interior, in the border strip:
+    the top P rows, the bottom P rows (each W + 2P wide), then the left and right P columns of
+    the H interior rows."""
+    Wp = W + 2 * P
+    top = qh < P
+    bottom = qh >= H + P
+    side = 2 * P * Wp + (qh - P) * (2 * P) + tl.where(qw < P, qw, qw - W)
+    return tl.where(top, qh * Wp + qw, tl.where(bottom, (qh - H) * Wp + qw, side))
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW"],
+                 prune_configs_by={"early_config_prune": _prune_conv})
+@triton.heuristics({"EVEN_K": lambda a: a["C"] % a["BK"] == 0})
+@triton.jit
+def _conv_kernel(
+    x, w, b, y, ws,
+    N, C, H, W, OC, OH, OW, PH, PW, FP,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     syn, syc, syh, syw,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, REFLECT: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_ALIGN: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """y[m, oc] = sum over (kh, kw, c) of x[n, c, refl(oh+kh-P), refl(ow+kw-P)] . w[oc, c, kh, kw]."""
+    """out[p, oc] = sum over (kh, kw, c) of x[n, pad(oh+kh-PH), pad(ow+kw-PW), c] . w[oc, c, kh, kw] (+ b[oc]).
+
+    pad reflects (REFLECT) or reads zeros outside x. X_ALIGN divides x's pixel strides (the JIT
+    only knows multiples of 16), so 16-byte copies are provably aligned. FOLD: (oh, ow) runs over the padded grid of
+    a forward conv with padding FP; interior positions go to y[n, oh-FP, ow-FP], the border
+    strip to ws[n, _strip_index, oc] in fp32 (for _fold_kernel). Grid: (M tiles, OC tiles).
+    """
     M = N * OH * OW
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -146,168 +217,213 @@ def _fwd_kernel(
     n = m // (OH * OW)
     oh = (m % (OH * OW)) // OW
     ow = m % OW
-    x_n = x + n * sxn
-    w_oc = w + oc * swo
-    oh_p = oh - P
-    ow_p = ow - P
+    x_n = n * sxn
+    w_oc = oc * swo
+    rk = tl.arange(0, BK)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # One flat loop over K = (kh, kw, c-block) keeps the body small and lets Triton pipeline it.
+    # One flat loop over K = (tap, channel block), so the software pipeline runs across taps.
+    # A step's pixel offsets depend only on its tap: with BK >= C (the configs take the widest
+    # channel slice that fits in shared memory) there is one step per tap, so they are computed
+    # once per (kh, kw). (An if around them would skip the recompute for wider C, but Triton 3.6
+    # then stops pipelining the loads.)
     num_cb = tl.cdiv(C, BK)
-    for k in range(KH * KW * num_cb):
-        khw = k // num_cb
-        kh = khw // KW
-        kw = khw % KW
-        c = (k % num_cb) * BK + tl.arange(0, BK)
-        c_ok = c < C
-        ih = _reflect(oh_p + kh, H)
-        iw = _reflect(ow_p + kw, W)
-        a = tl.load((x_n + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc, mask=c_ok[None, :], other=0.0)
-        wt = tl.load(w_oc[None, :] + (kh * swh + kw * sww) + c[:, None] * swc, mask=c_ok[:, None], other=0.0)
+    kh, kw, cb = 0, 0, 0
+    for _ in range(KH * KW * num_cb):
+        ih = oh + (kh - PH)
+        iw = ow + (kw - PW)
+        c = cb * BK + rk
+        c_ok = (c < C) | EVEN_K  # EVEN_K: no channel tail, no mask
+        if REFLECT:
+            ih = _reflect(ih, H)
+            iw = _reflect(iw, W)
+            a_mask = c_ok[None, :]
+        else:
+            a_mask = ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
+        a_row = tl.multiple_of(x_n + ih * sxh + iw * sxw, X_ALIGN)
+        a = tl.load(x + (a_row[:, None] + c[None, :] * sxc), mask=a_mask, other=0.0)
+        wt = tl.load(w + ((w_oc + kh * swh + kw * sww)[None, :] + c[:, None] * swc), mask=c_ok[:, None], other=0.0)
         acc = _dot(a, wt, acc, PRECISION, DOT_FP32)
+        # the next (tap, channel block)
+        cb += 1
+        if cb == num_cb:
+            cb = 0
+            kw += 1
+            if kw == KW:
+                kw = 0
+                kh += 1
 
     if HAS_BIAS:
         acc += tl.load(b + oc).to(tl.float32)[None, :]
-    y_ptr = y + (n * syn + oh * syh + ow * syw)[:, None] + oc[None, :] * syc
-    tl.store(y_ptr, acc.to(y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < OC)[None, :])
+    ok = (rm < M)[:, None] & (rn < OC)[None, :]
+    if FOLD:
+        H0 = OH - 2 * FP  # the forward input's size: dx is H0 x W0
+        W0 = OW - 2 * FP
+        inside = (oh >= FP) & (oh < H0 + FP) & (ow >= FP) & (ow < W0 + FP)
+        y_off = n * syn + (oh - FP) * syh + (ow - FP) * syw
+        tl.store(y + (y_off[:, None] + oc[None, :] * syc), acc.to(y.dtype.element_ty), mask=ok & inside[:, None])
+        strip = OH * OW - H0 * W0
+        s = n * strip + _strip_index(oh, ow, H0, W0, FP)
+        tl.store(ws + (s[:, None] * OC + oc[None, :]), acc, mask=ok & ~inside[:, None])
+    else:
+        y_off = n * syn + oh * syh + ow * syw
+        tl.store(y + (y_off[:, None] + oc[None, :] * syc), acc.to(y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gather_dy(dy_row, ok_row, qw, ok_w, kw, oc_off, oc_ok, OW, sdw):
-    """dy[n, oc, oh, qw - kw] as an fp32 [BM, BK] tile; rows are masked where the padded-grid
-    column qw does not reflect onto the pixel or qw - kw falls outside dy."""
-    ow = qw - kw
-    ok = ok_row & ok_w & (ow >= 0) & (ow < OW)
-    g = tl.load((dy_row + ow * sdw)[:, None] + oc_off[None, :], mask=ok[:, None] & oc_ok[None, :], other=0.0)
-    return g.to(tl.float32)
+def _band(r, F0, NF, S0):
+    """The r-th index of the band [F0, F0 + NF) then [S0, ...)."""
+    return tl.where(r < NF, F0 + r, S0 + (r - NF))
 
 
 @triton.jit
-def _fold_row(a, dy_n, qh, ok_h, qw0, ok_w0, qw1, ok_w1, qw2, ok_w2, kh, kw, oc_off, oc_ok,
-              OH, OW, sdh, sdw):
-    """a += dy at padded row qh - kh and each of the three column preimages (qw_t, ok_w_t)."""
-    oh = qh - kh
-    ok_h = ok_h & (oh >= 0) & (oh < OH)
-    dy_row = dy_n + oh * sdh
-    a += _gather_dy(dy_row, ok_h, qw0, ok_w0, kw, oc_off, oc_ok, OW, sdw)
-    a += _gather_dy(dy_row, ok_h, qw1, ok_w1, kw, oc_off, oc_ok, OW, sdw)
-    a += _gather_dy(dy_row, ok_h, qw2, ok_w2, kw, oc_off, oc_ok, OW, sdw)
-    return a
+def _in_band(i, F0, NF, S0, NS):
+    return ((i >= F0) & (i < F0 + NF)) | ((i >= S0) & (i < S0 + NS))
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "C", "H", "W", "OC", "KH", "KW"])
 @triton.jit
-def _dgrad_kernel(
-    dy, w, dx,
-    N, C, H, W, OC, OH, OW, P,
-    sdn, sdc, sdh, sdw,
-    swo, swc, swh, sww,
+def _fold_kernel(
+    dx, ws, N, C, H, W, P,
+    F0H, NFH, S0H, NSH, F0W, NFW, S0W, NSW,
     sxn, sxc, sxh, sxw,
-    KH: tl.constexpr, KW: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
 ):
-    """dx[m, c] = sum over (kh, kw, oc) of (sum over preimages q of dy[n, oc, q - (kh, kw)]) . w[oc, c, kh, kw].
+    """dx[n, i, j, c] += the gradient of (i, j)'s mirror images on the padded border (in ws).
 
-    Rows m are input pixels (n, i, j); q runs over the padded-grid positions (qh, qw) that
-    reflect onto (i, j) (see _preimage), and q - (kh, kw) must land inside dy (the full
-    correlation's zero border).
+    Only pixels with a mirror image are visited: the band of rows that have one (up to two
+    runs, [F0H, F0H + NFH) and [S0H, S0H + NSH)) across the whole width, then the band of
+    columns down the other rows. Each pixel sums its up-to-8 mirror terms in a fixed order.
+    Grid: (pixel tiles, C tiles).
     """
-    M = N * H * W
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    m = rm % M
-    c = rn % C
-    n = m // (H * W)
-    i = (m % (H * W)) // W
-    j = m % W
-    dy_n = dy + n * sdn
-    w_c = w + c * swc
-    # The preimages of each pixel's row and column; the mirrored rows (t = 1, 2) exist only
-    # in tiles that touch the top or bottom border, so the others skip them entirely.
-    qh0, ok_h0 = _preimage(i, 0, P, H)
-    qh1, ok_h1 = _preimage(i, 1, P, H)
-    qh2, ok_h2 = _preimage(i, 2, P, H)
-    qw0, ok_w0 = _preimage(j, 0, P, W)
-    qw1, ok_w1 = _preimage(j, 1, P, W)
-    qw2, ok_w2 = _preimage(j, 2, P, W)
-    has_top = tl.max(ok_h1.to(tl.int32), axis=0) > 0
-    has_bottom = tl.max(ok_h2.to(tl.int32), axis=0) > 0
+    rows, cols = NFH + NSH, NFW + NSW
+    per_image = rows * W + H * cols
+    e = tl.program_id(0) * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    n = e // per_image
+    e = e % per_image
+    in_rows = e < rows * W
+    e2 = e - rows * W
+    i = tl.where(in_rows, _band(e // W, F0H, NFH, S0H), e2 // cols)
+    j = tl.where(in_rows, e % W, _band(e2 % cols, F0W, NFW, S0W))
+    ok = (n < N) & (in_rows | ~_in_band(i, F0H, NFH, S0H, NSH))
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    num_ob = tl.cdiv(OC, BK)
-    for k in range(KH * KW * num_ob):
-        khw = k // num_ob
-        kh = khw // KW
-        kw = khw % KW
-        oc = (k % num_ob) * BK + tl.arange(0, BK)
-        oc_ok = oc < OC
-        oc_off = oc * sdc
-        # A[m, oc]: the reflection fold, summed before the dot (masked-off rows cost no traffic).
-        a = tl.zeros((BM, BK), dtype=tl.float32)
-        a = _fold_row(a, dy_n, qh0, ok_h0, qw0, ok_w0, qw1, ok_w1, qw2, ok_w2, kh, kw,
-                      oc_off, oc_ok, OH, OW, sdh, sdw)
-        if has_top:
-            a = _fold_row(a, dy_n, qh1, ok_h1, qw0, ok_w0, qw1, ok_w1, qw2, ok_w2, kh, kw,
-                          oc_off, oc_ok, OH, OW, sdh, sdw)
-        if has_bottom:
-            a = _fold_row(a, dy_n, qh2, ok_h2, qw0, ok_w0, qw1, ok_w1, qw2, ok_w2, kh, kw,
-                          oc_off, oc_ok, OH, OW, sdh, sdw)
-        wt = tl.load(w_c[None, :] + (kh * swh + kw * sww) + oc[:, None] * swo, mask=oc_ok[:, None], other=0.0)
-        acc = _dot(a, wt, acc, PRECISION, DOT_FP32)  # [BM, BK] @ [BK, BN]
-
-    dx_ptr = dx + (n * sxn + i * sxh + j * sxw)[:, None] + c[None, :] * sxc
-    tl.store(dx_ptr, acc.to(dx.dtype.element_ty), mask=(rm < M)[:, None] & (rn < C)[None, :])
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    strip = (H + 2 * P) * (W + 2 * P) - H * W
+    c_ok = c < C
+    for th in tl.static_range(3):
+        qh, ok_h = _preimage(i, th, P, H)
+        for tw in tl.static_range(3):
+            if th + tw > 0:
+                qw, ok_w = _preimage(j, tw, P, W)
+                s = n * strip + _strip_index(qh, qw, H, W, P)
+                m = (ok & ok_h & ok_w)[:, None] & c_ok[None, :]
+                acc += tl.load(ws + (s[:, None] * C + c[None, :]), mask=m, other=0.0)
+    ptr = dx + (n * sxn + i * sxh + j * sxw)[:, None] + c[None, :] * sxc
+    m = ok[:, None] & c_ok[None, :]
+    old = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    tl.store(ptr, (old + acc).to(dx.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "C", "H", "W", "OC", "KH", "KW", "PIX_PER_SPLIT"])
+@triton.jit
+def _pack_kernel(
+    x, xp, N, C, H, W, HP, WP, PH, PW,
+    sxn, sxc, sxh, sxw,
+    CP: tl.constexpr, REFLECT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """xp[n, h, w, c] (contiguous, HP x WP x CP) = x[n, c, pad(h - PH), pad(w - PW)] for c < C,
+    else 0. pad reflects (REFLECT; columns right of the W + 2PW padded width stay 0) or reads
+    zeros outside x."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = offs % CP
+    pix = offs // CP
+    n = pix // (HP * WP)
+    h = (pix // WP) % HP - PH
+    w = pix % WP - PW
+    ok = (n < N) & (c < C)
+    if REFLECT:
+        ok &= w < W + PW
+        h = _reflect(h, H)
+        w = _reflect(tl.minimum(w, W - 1 + PW), W)
+    else:
+        ok &= (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    v = tl.load(x + (n * sxn + c * sxc + h * sxh + w * sxw), mask=ok, other=0.0)
+    tl.store(xp + offs, v, mask=n < N)
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "ROWS_PER_SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune_wgrad})
+@triton.heuristics({"EVEN_K": lambda a: a["OW"] % a["BK"] == 0})
 @triton.jit
 def _wgrad_kernel(
     x, dy, ws,
-    N, C, H, W, OC, OH, OW, P, PIX_PER_SPLIT,
+    N, C, H, W, OC, OH, OW, P, ROWS_PER_SPLIT,
     sxn, sxc, sxh, sxw,
     sdn, sdc, sdh, sdw,
-    KH: tl.constexpr, KW: tl.constexpr,
+    swo, swc, swh, sww,
+    KH: tl.constexpr, KW: tl.constexpr, X_IS_A: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """ws[s, oc, c, kh, kw] = sum over pixels p of split s of dy[oc, p] . x[c, refl(p + (kh, kw) - P)].
+    """ws[s] (laid out as dw, strides sw*) = sum over split s's pixels p of dy[p, oc] . x[refl(p + (kh, kw) - P), c].
 
-    Grid: (OC tiles x C tiles, KH.KW, splits). Split s covers pixels
-    [s . PIX_PER_SPLIT, (s + 1) . PIX_PER_SPLIT) of the N.OH.OW reduction.
+    The GEMM's rows are dy's channels (A = dy^T, B = x), or x's channels when X_IS_A (A = x^T,
+    B = dy: for few output channels, so the 64-row MMA tile is not mostly padding). X_ALIGN and
+    DY_ALIGN divide the pixel strides, as in _conv_kernel.
+    Grid: (row tiles x column tiles, KH.KW, splits). Split s covers output rows (n, oh) in
+    [s . ROWS_PER_SPLIT, (s + 1) . ROWS_PER_SPLIT), a row BK pixels at a time, so a step's
+    reflected input row is one scalar and only its columns are reflected per pixel.
     """
-    num_n = tl.cdiv(C, BN)
-    ro = (tl.program_id(0) // num_n) * BM + tl.arange(0, BM)
-    rc = (tl.program_id(0) % num_n) * BN + tl.arange(0, BN)
+    if X_IS_A:
+        MC, NC = C, OC
+    else:
+        MC, NC = OC, C
+    num_n = tl.cdiv(NC, BN)
+    rm = (tl.program_id(0) // num_n) * BM + tl.arange(0, BM)
+    rn = (tl.program_id(0) % num_n) * BN + tl.arange(0, BN)
     kh = tl.program_id(1) // KW
     kw = tl.program_id(1) % KW
     s = tl.program_id(2)
-    oc = ro % OC
-    c = rc % C
+    cm = rm % MC
+    cn = rn % NC
+    rk = tl.arange(0, BK)
 
-    npix = N * OH * OW
-    p_end = tl.minimum((s + 1) * PIX_PER_SPLIT, npix)
+    # Steps walk the split's output rows (n, oh), BK pixels of a row at a time.
+    row0 = s * ROWS_PER_SPLIT
+    rows = tl.minimum(ROWS_PER_SPLIT, N * OH - row0)
+    num_ob = tl.cdiv(OW, BK)
+    n = row0 // OH
+    oh = row0 - n * OH
+    ob = -1
+    ih = _reflect(oh + kh - P, H)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for p0 in range(s * PIX_PER_SPLIT, p_end, BK):
-        p = p0 + tl.arange(0, BK)
-        p_ok = p < p_end
-        n = p // (OH * OW)
-        oh = (p % (OH * OW)) // OW
-        ow = p % OW
-        g = tl.load(
-            dy + oc[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :],
-            mask=p_ok[None, :], other=0.0,
-        )  # [BM, BK]
-        ih = _reflect(oh + kh - P, H)
-        iw = _reflect(ow + kw - P, W)
-        xt = tl.load(
-            x + (n * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-            mask=p_ok[:, None], other=0.0,
-        )  # [BK, BN]
-        acc = _dot(g, xt, acc, PRECISION, DOT_FP32)
+    for _ in range(rows * num_ob):
+        ob += 1
+        if ob == num_ob:  # the next output row
+            ob = 0
+            oh += 1
+            if oh == OH:
+                oh = 0
+                n += 1
+            ih = _reflect(oh + kh - P, H)
+        ow = ob * BK + rk
+        ow_ok = (ow < OW) | EVEN_K  # EVEN_K: rows of whole BK-pixel blocks, no mask
+        iw = _reflect(tl.minimum(ow, OW - 1) + kw - P, W)
+        dy_pix = tl.multiple_of(n * sdn + oh * sdh + ow * sdw, DY_ALIGN)
+        x_pix = tl.multiple_of(n * sxn + ih * sxh + iw * sxw, X_ALIGN)
+        if X_IS_A:
+            a = tl.load(x + (x_pix[None, :] + cm[:, None] * sxc), mask=ow_ok[None, :], other=0.0)
+            b = tl.load(dy + (dy_pix[:, None] + cn[None, :] * sdc), mask=ow_ok[:, None], other=0.0)
+        else:
+            a = tl.load(dy + (dy_pix[None, :] + cm[:, None] * sdc), mask=ow_ok[None, :], other=0.0)
+            b = tl.load(x + (x_pix[:, None] + cn[None, :] * sxc), mask=ow_ok[:, None], other=0.0)
+        acc = _dot(a, b, acc, PRECISION, DOT_FP32)  # [BM, BK] @ [BK, BN]
 
-    ws_ptr = ws + s * (OC * C * KH * KW) + (ro[:, None] * C + rc[None, :]) * (KH * KW) + kh * KW + kw
-    tl.store(ws_ptr, acc, mask=(ro < OC)[:, None] & (rc < C)[None, :])
+    if X_IS_A:
+        ws_off = rm[:, None] * swc + rn[None, :] * swo
+    else:
+        ws_off = rm[:, None] * swo + rn[None, :] * swc
+    ws_ptr = ws + s * (OC * C * KH * KW) + ws_off + (kh * swh + kw * sww)
+    tl.store(ws_ptr, acc, mask=(rm < MC)[:, None] & (rn < NC)[None, :])
 
 
 @triton.jit
@@ -368,18 +484,16 @@ def _target_programs(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _pixels_per_split(npix: int, tiles: int, device: torch.device) -> tuple[int, int]:
-    """Split a reduction over npix pixels so that tiles x splits programs fill the device.
-
-    Returns (pixels per split, a multiple of _SPLIT_UNIT; number of splits).
-    """
+def _rows_per_split(rows: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """Split a reduction over `rows` output rows so that tiles x splits programs fill the device.
+    Returns (rows per split, number of splits)."""
     want = min(triton.cdiv(_target_programs(device), tiles), _MAX_SPLIT)
-    per = triton.cdiv(triton.cdiv(npix, want), _SPLIT_UNIT) * _SPLIT_UNIT
-    return per, triton.cdiv(npix, per)
+    per = triton.cdiv(rows, want)
+    return per, triton.cdiv(rows, per)
 
 
 def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (contiguous) = ws.sum(0) in a fixed order."""
+    """out (dense, in its own memory order) = ws.sum(0) in a fixed order."""
     numel = out.numel()
     grid = (triton.cdiv(numel, _SUM_BLOCK),)
     _sum_splits_kernel[grid](ws, out, ws.shape[0], numel, BLOCK=_SUM_BLOCK)
@@ -399,6 +513,63 @@ def _out_shape(x: torch.Tensor, w: torch.Tensor, p: int) -> tuple[int, int, int,
     return N, OC, H + 2 * p - KH + 1, W + 2 * p - KW + 1
 
 
+def _window(channels: int, kw: int, dtype: torch.dtype) -> tuple[int, int] | None:
+    """(KWP, CP) if a conv input with this many channels is better read as packed windows of
+    KWP pixels x CP channels (16 bytes a pixel), else None. See the module docstring."""
+    cp = 16 // (torch.finfo(dtype).bits // 8)
+    kwp = triton.next_power_of_2(kw)
+    return (kwp, cp) if channels <= cp and kw > 1 and kwp * cp >= 16 else None
+
+
+def _pack(t: torch.Tensor, ph: int, pw: int, hp: int, wp: int, cp: int, reflect: bool) -> torch.Tensor:
+    """(N, hp, wp', cp) contiguous copy of t (N, C, H, W) padded by (ph, pw) (reflect or zero),
+    channels zero-padded to cp, zeros right of the padded width; wp' >= wp makes a row a
+    multiple of 16 elements, so that every row starts 16-element aligned."""
+    N, C, H, W = t.shape
+    wp = triton.cdiv(wp * cp, 16) * 16 // cp
+    out = torch.empty((N, hp, wp, cp), dtype=t.dtype, device=t.device)
+    grid = (triton.cdiv(out.numel(), _PACK_BLOCK),)
+    _pack_kernel[grid](t, out, N, C, H, W, hp, wp, ph, pw, *t.stride(), CP=cp, REFLECT=reflect, BLOCK=_PACK_BLOCK)
+    return out
+
+
+def _pack_weight(w: torch.Tensor, kwp: int, cp: int) -> torch.Tensor:
+    """w (A, KH, KW, B) zero-padded to a contiguous (A, KH, kwp, cp)."""
+    A, KH, KW, B = w.shape
+    out = w.new_zeros((A, KH, kwp, cp))
+    out[:, :, :KW, :B] = w
+    return out
+
+
+def _as_window_input(tp: torch.Tensor, kwp: int) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, int, int]]:
+    """A packed (N, HP, WP, CP) tensor seen as a conv input of C' = KWP.CP channels: its strides
+    (n, c', h, w) and its (C', HP, WP)."""
+    N, HP, WP, CP = tp.shape
+    return tp, (HP * WP * CP, 1, WP * CP, CP), (kwp * CP, HP, WP)
+
+
+def _align(strides: tuple[int, ...]) -> int:
+    """The largest power of two up to 16 dividing the (n, h, w) strides of (n, c, h, w) strides."""
+    sn, _, sh, sw = strides
+    return math.gcd(sn, sh, sw, 16) or 16
+
+
+def _launch_conv(x, x_strides, C, H, W, w, w_strides, KH, KW, PH, PW, reflect, bias, out, out_strides,
+                 OC, OH, OW, fold_pad=0, ws=None) -> None:
+    N = out.shape[0]
+
+    def grid(meta):
+        return triton.cdiv(N * OH * OW, meta["BM"]), triton.cdiv(OC, meta["BN"])
+
+    _conv_kernel[grid](
+        x, w, w if bias is None else bias, out, out if ws is None else ws,
+        N, C, H, W, OC, OH, OW, PH, PW, fold_pad,
+        *x_strides, *w_strides, *out_strides,
+        KH=KH, KW=KW, REFLECT=reflect, FOLD=ws is not None, HAS_BIAS=bias is not None, X_ALIGN=_align(x_strides),
+        PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
+    )
+
+
 def _conv_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) -> torch.Tensor:
     N, C, H, W = x.shape
     OC, _, KH, KW = w.shape
@@ -406,63 +577,114 @@ def _conv_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) 
     y = _empty_like_layout(x, (N, OC, OH, OW))
     if y.numel() == 0:
         return y
-
-    def grid(meta):
-        return triton.cdiv(N * OH * OW, meta["BM"]), triton.cdiv(OC, meta["BN"])
-
-    _fwd_kernel[grid](
-        x, w, w if b is None else b, y,
-        N, C, H, W, OC, OH, OW, p,
-        *x.stride(), *w.stride(), *y.stride(),
-        KH=KH, KW=KW, HAS_BIAS=b is not None,
-        PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
-    )
+    window = _window(C, KW, x.dtype)
+    if window:  # a (KH x 1) conv over packed windows; the padding is in the packed copy
+        kwp, cp = window
+        xp, xs, (C2, HP, WP) = _as_window_input(_pack(x, p, p, H + 2 * p, W + 2 * p + kwp - KW, cp, True), kwp)
+        wp = _pack_weight(w.permute(0, 2, 3, 1), kwp, cp)  # (OC, KH, KWP, CP)
+        ws = (KH * kwp * cp, 1, kwp * cp, 0)
+        _launch_conv(xp, xs, C2, HP, WP, wp, ws, KH, 1, 0, 0, True, b, y, y.stride(), OC, OH, OW)
+    else:
+        _launch_conv(x, x.stride(), C, H, W, w, w.stride(), KH, KW, p, p, True, b, y, y.stride(), OC, OH, OW)
     return y
 
 
 def _conv_dgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
+    """dx: the full correlation of dy with w on the padded grid, folded back by reflection."""
     N, C, H, W = x.shape
     OC, _, KH, KW = w.shape
     OH, OW = dy.shape[2:]
     dx = _empty_like_layout(x, x.shape)
     if dx.numel() == 0:
         return dx
-
-    def grid(meta):
-        return triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(C, meta["BN"])
-
-    _dgrad_kernel[grid](
-        dy, w, dx,
-        N, C, H, W, OC, OH, OW, p,
-        *dy.stride(), *w.stride(), *dx.stride(),
-        KH=KH, KW=KW, PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
-    )
+    HQ, WQ = H + 2 * p, W + 2 * p
+    ws = torch.empty(N * (HQ * WQ - H * W) * C, dtype=torch.float32, device=x.device) if p else None
+    window = _window(OC, KW, x.dtype)
+    if window:  # dy zero-padded by the kernel size into packed windows; taps flipped in the packed weights
+        kwp, cp = window
+        packed = _pack(dy, KH - 1, KW - 1, OH + 2 * KH - 2, OW + 2 * KW - 2 + kwp - KW, cp, False)
+        dyp, ds, (C2, HP, WP) = _as_window_input(packed, kwp)
+        wq = _pack_weight(w.flip(2, 3).permute(1, 2, 3, 0), kwp, cp)  # (C, KH, KWP, CP)
+        wqs = (KH * kwp * cp, 1, kwp * cp, 0)
+        _launch_conv(dyp, ds, C2, HP, WP, wq, wqs, KH, 1, 0, 0, True, None, dx, dx.stride(), C, HQ, WQ, p, ws)
+    else:  # w as (C, KH, KW, OC), so that a tap's B tile is OC-contiguous rows (K-major); the taps
+        # flipped by negative strides from the last one
+        wt = w.permute(1, 2, 3, 0).contiguous()
+        w_last = wt[:, KH - 1:, KW - 1:, :]
+        wts = (wt.stride(0), 1, -wt.stride(1), -wt.stride(2))
+        _launch_conv(dy, dy.stride(), OC, OH, OW, w_last, wts, KH, KW, KH - 1, KW - 1, False,
+                     None, dx, dx.stride(), C, HQ, WQ, p, ws)
+    if p:
+        _fold(dx, ws, p)
     return dx
+
+
+def _mirror_band(n: int, p: int) -> tuple[int, int, int, int]:
+    """The indices in [0, n) that have a mirror image under reflection padding p: [1, p] and
+    [n - 1 - p, n - 2], as up to two disjoint runs (start, count, start, count)."""
+    lo, hi = max(0, n - 1 - p), n - 2
+    if lo <= p + 1:  # the runs touch or overlap: one run
+        f0 = min(1, lo)
+        return f0, max(p, hi) - f0 + 1, 0, 0
+    return 1, p, lo, hi - lo + 1
+
+
+def _fold(dx: torch.Tensor, ws: torch.Tensor, p: int) -> None:
+    """dx += the mirror terms of its border pixels, from the padded-grid strip in ws."""
+    N, C, H, W = dx.shape
+    bh, bw = _mirror_band(H, p), _mirror_band(W, p)
+    bm, bc = 32, min(64, triton.next_power_of_2(C))
+    pixels = (bh[1] + bh[3]) * W + H * (bw[1] + bw[3])
+    grid = (triton.cdiv(N * pixels, bm), triton.cdiv(C, bc))
+    _fold_kernel[grid](dx, ws, N, C, H, W, p, *bh, *bw, *dx.stride(), BM=bm, BC=bc)
 
 
 def _conv_wgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
     N, C, H, W = x.shape
     OC, _, KH, KW = w.shape
     OH, OW = dy.shape[2:]
-    npix = N * OH * OW
-    dw = w.new_empty(w.shape)  # contiguous, whatever w's layout
-    if npix == 0 or w.numel() == 0:
+    dw = torch.empty_like(w)  # w's own memory order (channels_last weights stay so)
+    if N * OH * OW == 0 or w.numel() == 0:
         return dw.zero_()
-    # Size the split for nominal 64 x 64 output tiles; the autotuned tile may differ.
-    tiles = triton.cdiv(OC, 64) * triton.cdiv(C, 64) * KH * KW
-    per, splits = _pixels_per_split(npix, tiles, x.device)
-    ws = torch.empty((splits, OC, C, KH, KW), dtype=torch.float32, device=x.device)
+    window = _window(C, KW, x.dtype)
+    small_oc = OC <= 16 and OC < C
+    if window:  # x as packed windows: dw comes out as (OC, KH, KWP, CP)
+        kwp, cp = window
+        xp, xs, (C2, HP, WP) = _as_window_input(_pack(x, p, p, H + 2 * p, W + 2 * p + kwp - KW, cp, True), kwp)
+        out = torch.empty((OC, KH, kwp, cp), dtype=dw.dtype, device=dw.device)
+        _launch_wgrad(xp, xs, C2, HP, WP, dy, dy.stride(), OC, OH, OW, out, (KH * kwp * cp, 1, kwp * cp, 0),
+                      KH, 1, 0, False)
+        dw.copy_(out[:, :, :KW, :C].permute(0, 3, 1, 2))
+    elif small_oc:  # few output channels: x's channels on the MMA rows, dy channel-padded to 16
+        cp = 16
+        dyp = _pack(dy, 0, 0, OH, OW, cp, False)
+        out = torch.empty((cp, C, KH, KW), dtype=dw.dtype, device=dw.device)
+        ds = (dyp.stride(0), 1, dyp.stride(1), dyp.stride(2))
+        _launch_wgrad(x, x.stride(), C, H, W, dyp, ds, cp, OH, OW, out, out.stride(), KH, KW, p, True)
+        dw.copy_(out[:OC])
+    else:
+        _launch_wgrad(x, x.stride(), C, H, W, dy, dy.stride(), OC, OH, OW, dw, dw.stride(), KH, KW, p, False)
+    return dw
+
+
+def _launch_wgrad(x, x_strides, C, H, W, dy, dy_strides, OC, OH, OW, out, out_strides, KH, KW, P, x_is_a) -> None:
+    """out (dense) = the weight gradient, via split partials in an fp32 workspace."""
+    N = dy.shape[0]
+    m, n = (C, OC) if x_is_a else (OC, C)
+    per, splits = _rows_per_split(N * OH, triton.cdiv(m, 64) * triton.cdiv(n, 64) * KH * KW, x.device)
+    ws = torch.empty((splits, out.numel()), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return triton.cdiv(OC, meta["BM"]) * triton.cdiv(C, meta["BN"]), KH * KW, splits
+        return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), KH * KW, splits
 
     _wgrad_kernel[grid](
         x, dy, ws,
-        N, C, H, W, OC, OH, OW, p, per,
-        *x.stride(), *dy.stride(),
-        KH=KH, KW=KW, PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
+        N, C, H, W, OC, OH, OW, P, per,
+        *x_strides, *dy_strides, *out_strides,
+        KH=KH, KW=KW, X_IS_A=x_is_a, X_ALIGN=_align(x_strides), DY_ALIGN=_align(dy_strides),
+        PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
     )
-    return _sum_splits(ws, dw)
+    _sum_splits(ws, out)
 
 
 def _conv_dbias(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -472,7 +694,9 @@ def _conv_dbias(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     db = dy.new_empty(OC, dtype=dtype)
     if npix == 0 or OC == 0:
         return db.zero_()
-    per, splits = _pixels_per_split(npix, triton.cdiv(OC, _DBIAS_BLOCK_C), dy.device)
+    want = min(triton.cdiv(_target_programs(dy.device), triton.cdiv(OC, _DBIAS_BLOCK_C)), _MAX_SPLIT)
+    per = triton.cdiv(triton.cdiv(npix, want), _DBIAS_BLOCK_P) * _DBIAS_BLOCK_P
+    splits = triton.cdiv(npix, per)
     ws = torch.empty((splits, OC), dtype=torch.float32, device=dy.device)
     grid = (triton.cdiv(OC, _DBIAS_BLOCK_C), splits)
     _dbias_kernel[grid](

@@ -24,7 +24,7 @@ TRITON_RUNS = DEVICE == "cuda" or INTERPRET
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
-KERNELS = ("_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel", "_dbias_kernel", "_sum_splits_kernel")
+KERNELS = ("_conv_kernel", "_fold_kernel", "_pack_kernel", "_wgrad_kernel", "_dbias_kernel", "_sum_splits_kernel")
 
 
 @pytest.fixture(autouse=True)
@@ -109,9 +109,9 @@ def test_matches_pytorch_half(case, dtype):
 
 @needs_triton
 def test_crosses_block_boundaries():
-    # C and OC above the 16-wide blocks (masked tails), and a wgrad reduction over 2.8.10
-    # pixels that is split across programs.
-    assert rc._pixels_per_split(2 * 8 * 10, 9, torch.device(DEVICE))[1] > 1
+    # C and OC above the 16-wide blocks (masked tails), and a wgrad reduction over 2.8 output
+    # rows that is split across programs.
+    assert rc._rows_per_split(2 * 8, 9, torch.device(DEVICE))[1] > 1
     _check(2, 20, 18, 8, 10, 3, 1, True, torch.float32)
 
 
@@ -121,6 +121,37 @@ def test_head_and_tail_7x7():
     # 3 output channels, padded up to a 16-wide dot tile.
     _check(1, 3, 8, 10, 12, 7, 3, True, torch.float32)
     _check(1, 8, 3, 10, 12, 7, 3, True, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_and_tail_7x7_half_channels_last(dtype):
+    # The 16-bit paths of the 3-channel layers (packed windows, channel-padded dy) and the
+    # plain path for C > 8, all channels_last as the generator runs on CUDA.
+    for N, C, OC, k, p in ((1, 3, 16, 7, 3), (1, 16, 3, 7, 3), (2, 17, 18, 3, 1)):
+        x, w, b = _inputs(N, C, OC, 9, 11, k, True, dtype)
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+        got, dy = _run(x, w, b, p)
+        ref = _reference(x, w, b, p, dy)
+        for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+            _assert_close(g, r, dtype, f"{name} for C={C} OC={OC} k={k} {dtype}")
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[2].is_contiguous(memory_format=torch.channels_last)  # dw keeps w's layout
+
+
+@needs_triton
+def test_small_channel_layers_take_the_packed_paths(monkeypatch):
+    # 3 input channels: x is packed into 16-byte pixel windows for the forward and wgrad; 3
+    # output channels: dy is packed for the dgrad (windows) and the wgrad (channel padding).
+    spies = _spy_all(monkeypatch)
+    _check(1, 3, 8, 10, 12, 7, 3, False, torch.float32)
+    assert spies["_pack_kernel"].launches == 2
+    spies = _spy_all(monkeypatch)
+    _check(1, 8, 3, 10, 12, 7, 3, False, torch.float32)
+    assert spies["_pack_kernel"].launches == 2
+    spies = _spy_all(monkeypatch)
+    _check(1, 8, 8, 6, 6, 3, 1, False, torch.float32)
+    assert spies["_pack_kernel"].launches == 0
 
 
 @needs_triton
@@ -179,7 +210,8 @@ def test_only_needed_grads(monkeypatch):
     w.requires_grad_()
     kernels.reflect_conv2d(x, w, b, padding=1).sum().backward()
     assert spies["_wgrad_kernel"].launches == 1
-    assert spies["_dgrad_kernel"].launches == spies["_dbias_kernel"].launches == 0
+    assert spies["_conv_kernel"].launches == 1  # the forward; no dgrad
+    assert spies["_fold_kernel"].launches == spies["_dbias_kernel"].launches == 0
 
 
 @needs_triton

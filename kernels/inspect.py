@@ -1,0 +1,426 @@
+"""Compile report: what the sm_90 (H100) compiler makes of every kernel, on any machine.
+
+    python -m kernels.inspect            # the generator's layers: batch 1 and 4, fp32 and bf16, channels_last
+    python -m kernels.inspect --json     # the same rows as a JSON list
+    python -m kernels.inspect --layers conv3x3 --batch 1 --dtypes bf16 --layouts nchw,channels_last
+
+No GPU is needed. For each layer, the op's host code runs on CPU tensors of the layer's real
+shape and strides with every kernel launch intercepted (recorded, not run). Each recorded
+launch is then specialised exactly as the JIT would specialise it on the GPU, through Triton's
+own argument binder (pointers and ints that are multiples of 16 marked divisible, ints equal to
+1 made constants), and compiled with triton.compile for GPUTarget("cuda", 90), once for every
+config the autotuner may pick (after its pruning). The GPU-side policy the host code asks of the
+device is that of an H100: 132 SMs, and TF32 for fp32 convs (torch's cudnn.allow_tf32 default).
+
+From each cubin, cuobjdump reads:
+
+    registers    per thread (255 is the ceiling: the compiler then spills)
+    spill_bytes  the stack frame (local memory); STL / LDL count its stores and loads
+    shared_bytes shared memory per program (Triton's dynamic allocation plus any static)
+    hgmma, hmma  Hopper warpgroup MMA (wgmma) and the older mma.sync instructions
+    ldgsts, tma  pipelined global->shared copies: cp.async (LDGSTS; ldgsts128: 16 bytes each) and TMA (UTMALDG)
+    ldg128 ...   global loads by width: 16-byte (LDG.E.128), 8, 4, and 2-or-1-byte
+    int_ops      integer/index arithmetic instructions (IMAD, IADD3, LOP3, ISETP, SHF, LEA, SEL, ...)
+    step_int_ops of those, the ones in one iteration of the innermost MMA loop, on its always-taken
+                 path (a block a conditional branch skips, such as a once-per-tap offset update,
+                 is left out): the index math paid per k-step
+    loop_ldg     synchronous global loads (LDG) inside that loop, which stall it
+
+These are facts about the code the compiler generates, not timings. Compiles run in parallel
+(one process per core) and land in Triton's cache, so a second run is fast.
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+import kernels.instance_norm as inorm
+import kernels.reflect_conv as rconv
+
+# Triton 3.9 warns once per process that its fp-fusion default will change; the report compiles
+# with the default the GPU's JIT uses (fusion on), so the warning is noise here.
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+TARGET = GPUTarget("cuda", 90, 32)
+H100_SMS = 132
+MODULES = (rconv, inorm)
+
+# The generator's hot layers (ResNet-9, ngf 64, 256x256 images): (name, op, args).
+#   conv: (C, OC, K, P, H = W);  in: (C, H = W)
+LAYERS = {
+    "stem7x7": ("conv", (3, 64, 7, 3, 256)),
+    "conv3x3": ("conv", (256, 256, 3, 1, 64)),
+    "head7x7": ("conv", (64, 3, 7, 3, 256)),
+    "in256": ("in", (64, 256)),
+    "in128": ("in", (128, 128)),
+    "in64": ("in", (256, 64)),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+PASSES = ("fwd", "dgrad", "wgrad", "dbias", "bwd")
+
+COLUMNS = ["shape", "pass", "dtype", "layout", "kernel", "config", "programs", "registers", "spill_bytes", "stl",
+           "ldl", "shared_bytes", "hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32", "ldg16",
+           "int_ops", "step_int_ops", "loop_ldg"]
+INT_OPS = {"IMAD", "IADD3", "IADD", "LOP3", "ISETP", "SHF", "LEA", "SEL", "IABS", "IMNMX", "VIMNMX", "PRMT", "SGXT",
+           "IMUL", "I2F", "F2I", "LEA.HI", "BMSK"}
+
+
+class ToolMissing(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------- launches
+
+
+@dataclasses.dataclass
+class Launch:
+    module: str
+    name: str
+    args: tuple
+    kwargs: dict
+    grid: object
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Replace every kernel's launch in kernels/ with a recorder; yields the list of launches."""
+    launches: list[Launch] = []
+    with contextlib.ExitStack() as stack:
+        for module in MODULES:
+            for name, obj in vars(module).items():
+                if isinstance(obj, (JITFunction, Autotuner)):
+                    def record(*args, grid, warmup, _m=module.__name__, _n=name, **kwargs):
+                        launches.append(Launch(_m, _n, args, kwargs, grid))
+                    stack.enter_context(mock.patch.object(obj, "run", record))
+        yield launches
+
+
+def _h100_policy() -> contextlib.ExitStack:
+    """What the host code asks of the device, answered as an H100 would."""
+    stack = contextlib.ExitStack()
+    tf32 = lambda x: "tf32" if x.dtype == torch.float32 else "ieee"  # noqa: E731  (cudnn.allow_tf32 default)
+    stack.enter_context(mock.patch.object(rconv, "_precision", tf32))
+    stack.enter_context(mock.patch.object(rconv, "_target_programs", lambda device: 2 * H100_SMS))
+    return stack
+
+
+def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory_format,
+                   passes: tuple[str, ...] = PASSES) -> list[tuple[str, Launch]]:
+    """(pass, launch) for every kernel launch of the layer's forward and backward passes."""
+    op, dims = LAYERS[layer]
+    out: list[tuple[str, Launch]] = []
+    gen = torch.Generator().manual_seed(0)
+
+    def act(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
+
+    with _h100_policy():
+        if op == "conv":
+            C, OC, K, P, HW = dims
+            x, w = act(batch, C, HW, HW), act(OC, C, K, K)
+            b = torch.zeros(OC, dtype=dtype)
+            dy = act(batch, OC, HW + 2 * P - K + 1, HW + 2 * P - K + 1)
+            todo: list[tuple[str, Callable[[], object]]] = [
+                ("fwd", lambda: rconv._conv_fwd(x, w, b, P)),
+                ("dgrad", lambda: rconv._conv_dgrad(dy, w, x, P)),
+                ("wgrad", lambda: rconv._conv_wgrad(dy, w, x, P)),
+                ("dbias", lambda: rconv._conv_dbias(dy, dtype)),
+            ]
+        else:
+            C, HW = dims
+            x, dy = act(batch, C, HW, HW), act(batch, C, HW, HW)
+            mu = torch.zeros(batch * C)
+            todo = [
+                ("fwd", lambda: inorm._forward(*inorm._flat(x), 1e-5, 0.0)),
+                ("bwd", lambda: inorm._backward(inorm._flat(x)[0], dy, mu, mu, 0.0)),
+            ]
+        for pass_name, fn in todo:
+            if pass_name not in passes:
+                continue
+            with recording() as launches:
+                fn()
+            out += [(pass_name, launch) for launch in launches]
+    return out
+
+
+# -------------------------------------------------------------------------------- compiling
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One compile: a kernel, and the signature, constants, attributes and options the JIT would use."""
+
+    module: str
+    name: str
+    signature: tuple
+    constexprs: tuple
+    attrs: tuple
+    options: tuple
+
+
+def _jit_fn(module: str, name: str) -> JITFunction:
+    obj = getattr(importlib.import_module(module), name)
+    while not isinstance(obj, JITFunction):
+        obj = obj.fn  # Autotuner / Heuristics wrap the JITFunction
+    return obj
+
+
+def specialise(launch: Launch, config: triton.Config | None) -> Job:
+    """The compile the JIT would do for this launch (and config), via Triton's own binder."""
+    fn = _jit_fn(launch.module, launch.name)
+    kwargs = dict(launch.kwargs)
+    if config is not None:
+        kwargs.update(config.all_kwargs())
+    obj = getattr(importlib.import_module(launch.module), launch.name)
+    while not isinstance(obj, JITFunction):  # heuristics compute constexprs from the arguments
+        for name, rule in getattr(obj, "values", {}).items():
+            kwargs[name] = rule({**dict(zip(fn.arg_names, launch.args)), **kwargs})
+        obj = obj.fn
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    opts = {k: v for k, v in options.__dict__.items() if k != "extern_libs"}
+    return Job(launch.module, launch.name, tuple(signature.items()), tuple(constexprs.items()),
+               tuple((k, json.dumps(v)) for k, v in attrs.items()), tuple(sorted(opts.items())))
+
+
+def _tool(name: str) -> str:
+    try:
+        path = getattr(triton.knobs.nvidia, name).path
+    except RuntimeError:  # Triton's own lookup: env TRITON_<NAME>_PATH, then the wheel's bin/
+        path = None
+    if not path or not os.path.exists(path):
+        raise ToolMissing(f"{name} not found (the Triton wheel ships it under triton/backends/nvidia/bin/; "
+                          f"or set TRITON_{name.upper()}_PATH)")
+    return path
+
+
+_SASS_LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*);")
+
+
+def _instructions(sass: str) -> list[tuple[int, bool, str, list[str], str]]:
+    """(address, predicated, opcode, modifiers, operands) for every SASS instruction."""
+    out = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            out.append((int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4).split(".")[1:], m.group(5)))
+    return out
+
+
+def _opcode_counts(sass: str) -> dict[str, int | str]:
+    names = ["hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32", "ldg16", "stl", "ldl"]
+    counts: dict[str, int | str] = dict.fromkeys([*names, "int_ops"], 0)
+    insts = _instructions(sass)
+    for _, _, op, mods, _ in insts:
+        if op == "HGMMA":
+            counts["hgmma"] += 1
+        elif op == "HMMA":
+            counts["hmma"] += 1
+        elif op == "LDGSTS":
+            counts["ldgsts"] += 1
+            counts["ldgsts128"] += "128" in mods
+        elif op == "UTMALDG":
+            counts["tma"] += 1
+        elif op == "LDG":
+            width = next((w for w in ("128", "64", "U16", "S16", "U8", "S8") if w in mods), "32")
+            counts[{"128": "ldg128", "64": "ldg64", "32": "ldg32"}.get(width, "ldg16")] += 1
+        elif op in ("STL", "LDL"):
+            counts[op.lower()] += 1
+        elif op in INT_OPS:
+            counts["int_ops"] += 1
+    counts.update(_loop_counts(insts))
+    return counts
+
+
+def _loop_counts(insts: list) -> dict[str, int | str]:
+    """In the innermost loop that issues MMAs: integer instructions per iteration on its always-
+    taken path (code a conditional forward branch skips is left out), and synchronous global
+    loads (LDG: the loop's operands should all arrive by cp.async or TMA). '' without such a loop."""
+    def target(operands: str) -> int | None:
+        m = re.match(r"0x([0-9a-f]+)", operands.strip())
+        return int(m.group(1), 16) if m else None
+
+    branches = [(a, p, target(ops)) for a, p, op, _, ops in insts if op == "BRA"]
+    mma = [a for a, _, op, _, _ in insts if op in ("HGMMA", "HMMA")]
+    loops = [(t, a) for a, _, t in branches if t is not None and t < a and any(t <= x <= a for x in mma)]
+    if not loops:
+        return {"step_int_ops": "", "loop_ldg": ""}
+    start, end = min(loops, key=lambda r: r[1] - r[0])
+    skipped = [(a, t) for a, pred, t in branches if pred and t is not None and start <= a < t <= end + 16]
+    body = [(a, op) for a, _, op, _, _ in insts if start <= a <= end]
+    return {"step_int_ops": sum(op in INT_OPS and not any(b < a < t for b, t in skipped) for a, op in body),
+            "loop_ldg": sum(op == "LDG" for _, op in body)}
+
+
+def analyse(job: Job) -> dict:
+    """Compile one job for sm_90 and read registers, stack, shared memory and the SASS opcode mix."""
+    fn = _jit_fn(job.module, job.name)
+    attrs = {k: json.loads(v) for k, v in job.attrs}
+    options = dict(job.options)
+    src = ASTSource(fn, dict(job.signature), dict(job.constexprs), attrs)
+    kernel = triton.compile(src, target=TARGET, options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        cuobjdump = _tool("cuobjdump")
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([cuobjdump, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+
+    def field(key: str) -> int:
+        m = re.search(rf"\b{key}:(\d+)", usage)
+        return int(m.group(1)) if m else 0
+
+    return {"registers": field("REG"), "spill_bytes": field("STACK") + field("LOCAL"),
+            "shared_bytes": int(kernel.metadata.shared) + field("SHARED"), **_opcode_counts(sass)}
+
+
+def _analyse_in_worker(job: Job) -> dict:
+    try:
+        return analyse(job)
+    except ToolMissing:
+        raise
+    except Exception as e:  # the compiler rejected it: report, do not stop the other rows
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]}
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def _config_name(kernel: str, kwargs: dict, config: triton.Config | None) -> str:
+    meta = {**kwargs, **(config.all_kwargs() if config else {})}
+    blocks = [f"{k}{meta[k]}" for k in ("BM", "BN", "BK", "BLOCK_C", "BLOCK_HW", "BLOCK", "BLOCK_P") if k in meta]
+    return " ".join(blocks + [f"w{meta.get('num_warps', 4)}", f"s{meta.get('num_stages', 3)}"])
+
+
+def _programs(launch: Launch, config: triton.Config | None) -> int:
+    grid = launch.grid
+    if callable(grid):
+        fn = _jit_fn(launch.module, launch.name)
+        grid = grid({**dict(zip(fn.arg_names, launch.args)), **launch.kwargs, **(config.kwargs if config else {})})
+    total = 1
+    for g in grid:
+        total *= int(g)
+    return total
+
+
+def _configs(launch: Launch) -> list[triton.Config | None]:
+    obj = getattr(importlib.import_module(launch.module), launch.name)
+    if not isinstance(obj, Autotuner):
+        return [None]
+    obj.nargs = dict(zip(obj.arg_names, launch.args))
+    try:
+        return list(obj.prune_configs(launch.kwargs))
+    finally:
+        obj.nargs = None
+
+
+def _shape_label(layer: str, batch: int) -> str:
+    op, dims = LAYERS[layer]
+    if op == "conv":
+        C, OC, K, _, HW = dims
+        return f"N={batch} {C}→{OC} {K}×{K} @{HW}²"
+    C, HW = dims
+    return f"({batch},{C},{HW},{HW})"
+
+
+def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
+           jobs: int, passes: tuple[str, ...] = PASSES) -> list[dict]:
+    """One row per layer x pass x kernel launch x config, with the compile facts."""
+    _tool("ptxas")
+    _tool("cuobjdump")
+    rows, todo = [], {}
+    for layer in layers:
+        for batch in batches:
+            for dtype in dtypes:
+                for layout in layouts:
+                    for pass_name, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes):
+                        for config in _configs(launch):
+                            job = specialise(launch, config)
+                            todo.setdefault(job, None)
+                            rows.append(({"shape": _shape_label(layer, batch), "pass": pass_name, "dtype": dtype,
+                                          "layout": layout, "kernel": launch.name,
+                                          "config": _config_name(launch.name, launch.kwargs, config),
+                                          "programs": _programs(launch, config)}, job))
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        results = dict(zip(todo, pool.map(_analyse_in_worker, todo)))
+    return [{**row, **results[job]} for row, job in rows]
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if c not in ("stl", "ldl")] + ["stl/ldl", "error"]
+    cells = []
+    for r in rows:
+        r = {**r, "stl/ldl": f"{r.get('stl', '')}/{r.get('ldl', '')}", "error": r.get("error", "")}
+        cells.append([str(r.get(c, "")) for c in cols])
+    if not any(c[-1] for c in cells):
+        cols, cells = cols[:-1], [c[:-1] for c in cells]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines)
+
+
+def _csv(value: str, allowed) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(allowed)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=lambda v: _csv(v, LAYERS), default=list(LAYERS),
+                   help=f"comma-separated, from {', '.join(LAYERS)} (default: all)")
+    p.add_argument("--batch", type=lambda v: [int(b) for b in _csv(v, [str(i) for i in range(1, 65)])],
+                   default=[1, 4], help="batch sizes, e.g. 1,4 (default)")
+    p.add_argument("--dtypes", type=lambda v: _csv(v, DTYPES), default=list(DTYPES), help="fp32,bf16 (default)")
+    p.add_argument("--layouts", type=lambda v: _csv(v, LAYOUTS), default=["channels_last"],
+                   help="activation and weight layouts: channels_last (default: how the generator runs on CUDA), nchw")
+    p.add_argument("--passes", type=lambda v: _csv(v, PASSES), default=list(PASSES),
+                   help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+    args = p.parse_args(argv)
+    if triton.knobs.runtime.interpret:
+        print("kernels.inspect: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "
+              "(run it with TRITON_INTERPRET unset or 0)", file=sys.stderr)
+        return 2
+    try:
+        rows = report(args.layers, args.batch, args.dtypes, args.layouts, max(1, args.jobs), tuple(args.passes))
+    except ToolMissing as e:
+        print(f"kernels.inspect: skipped: {e}", file=sys.stderr)
+        return 0
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+    else:
+        print(markdown(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

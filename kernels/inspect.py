@@ -384,6 +384,36 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per layer x pass x dtype x layout x kernel, over the configs the autotuner may pick."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["pass"], r["dtype"], r["layout"], r["kernel"]), []).append(r)
+
+    def span(rs: list[dict], key: str) -> str:
+        vals = [r[key] for r in rs if r.get(key, "") != ""]
+        if not vals:
+            return ""
+        lo, hi = min(vals), max(vals)
+        return str(lo) if lo == hi else f"{lo}–{hi}"
+
+    cols = ["shape", "pass", "dtype", "layout", "kernel", "configs", "registers", "spill bytes", "HGMMA",
+            "cp.async 16 B", "LDG in K loop", "int ops / k-step"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for key, rs in groups.items():
+        if any("error" in r for r in rs):
+            lines.append("| " + " | ".join([*key, str(len(rs)), "error: " + rs[0].get("error", "")]) + " |")
+            continue
+        with_mma = sum(bool(r["hgmma"]) for r in rs)
+        mma = "—" if rs[0]["step_int_ops"] == "" else "all" if with_mma == len(rs) else f"{with_mma} of {len(rs)}"
+        copies = sum(r["ldgsts"] for r in rs)
+        wide = f"{sum(r['ldgsts128'] for r in rs) / copies:.0%}" if copies else "—"
+        cells = [*key, str(len(rs)), span(rs, "registers"), span(rs, "spill_bytes"), mma, wide,
+                 span(rs, "loop_ldg") or "—", span(rs, "step_int_ops") or "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _csv(value: str, allowed) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
@@ -405,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+    p.add_argument("--summary", action="store_true",
+                   help="a line per layer, pass and kernel, over all its configs (ranges), not a line per config")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("kernels.inspect: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "
@@ -417,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
+    elif args.summary:
+        print(summary(rows))
     else:
         print(markdown(rows))
     return 1 if any("error" in r for r in rows) else 0

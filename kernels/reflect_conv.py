@@ -119,6 +119,8 @@ def _prune_conv(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     the problem; tiles wider than the problem (e.g. BN = 128 for 3 output channels) dropped."""
     itemsize = named_args["x"].element_size()
     n_cap, k_cap = _cap(named_args["OC"], 16), _cap(named_args["C"], 16)
+    if named_args["sxc"] != 1:  # channels not contiguous (NCHW): no cp.async, the tiles live in registers
+        k_cap = min(k_cap, 64)
     best: dict[tuple[int, int], triton.Config] = {}
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
@@ -742,7 +744,7 @@ def _(
     need_x: bool, need_w: bool, need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx = _empty_like_layout(x, x.shape) if need_x else x.new_empty(0)
-    dw = weight.new_empty(weight.shape) if need_w else x.new_empty(0)
+    dw = torch.empty_like(weight) if need_w else x.new_empty(0)  # as _conv_wgrad: w's memory order
     db = x.new_empty(weight.shape[0]) if need_b else x.new_empty(0)
     return dx, dw, db
 

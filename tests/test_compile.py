@@ -59,9 +59,13 @@ def test_opcheck_reflect_conv2d(layout, bias):
     opcheck(OPS.reflect_conv2d, (x, w, b, 1))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, False)])
-def test_opcheck_reflect_conv2d_backward(needs):
-    x, w, dy = _randn(1, 2, 4, 5), _randn(3, 2, 3, 3, seed=1), _randn(1, 3, 4, 5, seed=2)
+def test_opcheck_reflect_conv2d_backward(needs, layout):
+    # channels_last: x, dy and w (as model.to(memory_format=torch.channels_last) makes them);
+    # dx and dw come back in their layouts, and the fake impl must say so.
+    x, dy = _randn(1, 2, 4, 5, layout=layout), _randn(1, 3, 4, 5, seed=2, layout=layout)
+    w = _randn(3, 2, 3, 3, seed=1, layout=layout)
     opcheck(OPS.reflect_conv2d_backward, (dy, x, w, 1, *needs))
     dx, dw, db = OPS.reflect_conv2d_backward(dy, x, w, 1, *needs)
     # Gradients that aren't needed come back as 0-element placeholders.

@@ -9,8 +9,8 @@ host while it runs:
 - inputs are copied into static tensors, and the image pools live in device tensors
   (pool.DevicePool) whose random choices are drawn on the host before the step, from the same
   RNG stream as the normal path, and passed in as a small index tensor (the plan);
-- gradients are zeroed in place, Adam runs in its capturable form, autocast keeps no cast cache
-  (CycleGAN.step(graph_safe=True));
+- Adam runs in its capturable form, autocast keeps no cast cache (CycleGAN.step(graph_safe=True));
+  gradients set to None inside the capture are allocated by backward in the graph's memory pool;
 - each step's 8 losses go to a row of a device buffer, read back in one copy by read() (train.py
   reads once per --print_freq images and before every save, so a NaN never reaches a checkpoint);
 - learning rates are Python floats in the captured Adam kernels: when the scheduler changes one

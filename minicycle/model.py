@@ -141,11 +141,12 @@ class CycleGAN(nn.Module):
         """The iteration on device tensors, with no host sync: returns the 8 losses (LOSS_NAMES order)
         as one fp32 tensor. pools(fake_B, fake_A) gives the (pooled) fakes D_A and D_B see.
 
-        graph_safe (for CUDA graph capture, minicycle/cuda_graph.py): gradients are zeroed in place,
-        since a captured graph accumulates into fixed addresses (0 + g == g: fp32 weights match the
-        default bit for bit), and autocast keeps no cache of cast weights, as capture requires. Without
-        the cache a weight used several times in one autocast region is cast once per use, so under
-        bf16 its gradient is summed in fp32 over the uses rather than in bf16: the last bits differ.
+        graph_safe (for CUDA graph capture, minicycle/cuda_graph.py): autocast keeps no cache of
+        cast weights, as capture requires. Without the cache a weight used several times in one
+        autocast region is cast once per use, so under bf16 its gradient is summed in fp32 over the
+        uses rather than in bf16: the last bits differ (fp32 is unaffected). Gradients are set to
+        None as usual: under capture, backward then allocates them in the graph's own memory pool,
+        at addresses every replay reuses.
         """
         cfg = self.cfg
         with self._autocast(not graph_safe):
@@ -157,7 +158,7 @@ class CycleGAN(nn.Module):
         # Generators: fool both D's, reconstruct both ways, and (optionally) leave the target domain alone.
         for p in itertools.chain(self.netD_A.parameters(), self.netD_B.parameters()):
             p.requires_grad_(False)
-        self.optimizer_G.zero_grad(set_to_none=not graph_safe)
+        self.optimizer_G.zero_grad(set_to_none=True)
         with self._autocast(not graph_safe):
             losses = {}
             if cfg.lambda_identity > 0:
@@ -180,7 +181,7 @@ class CycleGAN(nn.Module):
         # Discriminators: real -> 1, (pooled) fake -> 0, halved so D learns slower than G.
         for p in itertools.chain(self.netD_A.parameters(), self.netD_B.parameters()):
             p.requires_grad_(True)
-        self.optimizer_D.zero_grad(set_to_none=not graph_safe)
+        self.optimizer_D.zero_grad(set_to_none=True)
         pooled_B, pooled_A = pools(fake_B, fake_A)
         with self._autocast(not graph_safe):
             losses["D_A"] = self._loss_D(self.netD_A, real_B, pooled_B)

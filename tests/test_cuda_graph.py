@@ -22,6 +22,7 @@ from minicycle.pool import DevicePool, ImagePool
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
 TINY = ["--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--load_size", "32", "--crop_size", "32",
         "--num_threads", "0", "--pool_size", "2", "--seed", "3"]
+CPU = ["--device", "cpu"]  # the bit-for-bit comparisons hold for the eager twin on the CPU
 
 
 @pytest.fixture(autouse=True)
@@ -135,8 +136,8 @@ def train_run(args: list[str], ckpt, name: str = "t") -> int:
 def test_train_with_cuda_graph_flag_matches_and_resumes_exactly(dataroot, tmp_path, torch_path, capsys):
     """On the CPU --cuda_graph runs the graph-ready step eagerly: the same weights, Adam state, pools
     and loss history as a run without it, bit for bit, and an interrupted run resumes exactly."""
-    common = ["--dataroot", str(dataroot), "--max_dataset_size", "6", "--n_epochs", "1", "--n_epochs_decay", "2",
-              "--print_freq", "4"]
+    common = CPU + ["--dataroot", str(dataroot), "--max_dataset_size", "6", "--n_epochs", "1",
+                    "--n_epochs_decay", "2", "--print_freq", "4"]
     assert train_run(common + ["--max_steps", "10"], tmp_path / "plain") == 0
     assert train_run(common + ["--max_steps", "10", "--cuda_graph"], tmp_path / "graph") == 0
     assert "no CUDA device, so the step runs eagerly" in capsys.readouterr().err
@@ -170,8 +171,8 @@ def test_nan_under_cuda_graph_names_the_step_and_saves_nothing(dataroot, tmp_pat
 
     monkeypatch.setattr(CycleGAN, "step", diverging)
     capsys.readouterr()
-    code = train_run(["--dataroot", str(dataroot), "--max_dataset_size", "20", "--cuda_graph", "--max_steps", "10",
-                      "--print_freq", "100", "--save_latest_freq", "100"], tmp_path)
+    code = train_run(CPU + ["--dataroot", str(dataroot), "--max_dataset_size", "20", "--cuda_graph",
+                            "--max_steps", "10", "--print_freq", "100", "--save_latest_freq", "100"], tmp_path)
     err = capsys.readouterr().err
     assert code == 1 and calls["n"] == 10
     assert "train.py: error: loss cycle_A is nan at epoch 1, iteration 3: training stopped" in err
@@ -228,3 +229,20 @@ def test_graph_replay_matches_its_eager_twin_and_follows_the_lr(amp, monkeypatch
         assert a == pytest.approx(b, rel=1e-4)
     for p, q in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not GPU, reason="needs CUDA and TRITON_INTERPRET=0")
+def test_train_py_with_cuda_graph_on_a_gpu_logs_saves_and_resumes(dataroot, tmp_path, capsys):
+    """End to end: replays across epoch boundaries (a new capture per learning rate), a save every 5
+    images, a stop, a resume; finite weights, and the logged means every 4 images."""
+    common = ["--device", "cuda", "--cuda_graph", "--dataroot", str(dataroot), "--max_dataset_size", "6",
+              "--n_epochs", "1", "--n_epochs_decay", "2", "--print_freq", "4", "--save_latest_freq", "5"]
+    assert train_run(common + ["--max_steps", "8"], tmp_path) == 0
+    assert train_run(common + ["--max_steps", "16", "--continue_train"], tmp_path) == 0
+    state = load_file(tmp_path / "t" / "latest_state.pth")
+    assert state["run"]["steps"] == 16 and state["run"]["epoch"] == 3
+    for net in state["model"]["nets"].values():
+        assert all(torch.isfinite(t).all() for t in net.values())
+    log = (tmp_path / "t" / "loss_log.txt").read_text().splitlines()
+    assert sum(line.startswith("(epoch: ") for line in log) == 4
+    assert "Traceback" not in capsys.readouterr().err

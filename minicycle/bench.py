@@ -67,6 +67,7 @@ import contextlib
 import gc
 import itertools
 import math
+import os
 import statistics
 import sys
 import time
@@ -173,7 +174,8 @@ def run_variant(variant: str, cfg: Config, device: torch.device, amp: torch.dtyp
 
 def profile_iteration(step: Callable, read: Callable, real_A: torch.Tensor, real_B: torch.Tensor, train_ms: float,
                       path: Path) -> list[str]:
-    """One iteration under torch.profiler: [GPU busy ms, wall ms, kernels, host launch calls, top kernels]."""
+    """One iteration under torch.profiler: [GPU busy ms, host op ms, wall ms, kernels, host launch calls,
+    top kernels]."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -188,13 +190,14 @@ def profile_iteration(step: Callable, read: Callable, real_A: torch.Tensor, real
     for e in device_events:
         busy[e.name] = busy.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
     kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
-    launches = [e for e in events if e.device_type == DeviceType.CPU and ("LaunchKernel" in e.name
-                                                                          or "GraphLaunch" in e.name)]
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    launches = [e for e in host if "LaunchKernel" in e.name or "GraphLaunch" in e.name]
+    host_ms = sum(e.self_cpu_time_total for e in host) / 1e3
     path.parent.mkdir(parents=True, exist_ok=True)
     sort = "self_device_time_total" if device_events else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90) + "\n")
     top = sorted(busy.items(), key=lambda kv: -kv[1])[:3]
-    return [f"{sum(busy.values()):.2f}", f"{train_ms:.2f}", f"{len(kernels):,}", f"{len(launches):,}",
+    return [f"{sum(busy.values()):.2f}", f"{host_ms:.2f}", f"{train_ms:.2f}", f"{len(kernels):,}", f"{len(launches):,}",
             "; ".join(f"{_short(n)} {ms:.2f}" for n, ms in top) or "—"]
 
 
@@ -212,7 +215,7 @@ def _release(device: torch.device) -> None:
 
 MODEL_COLUMNS = ["variant", "layout", "batch", "amp", "train ms/iter", "eager/this", "peak MiB", "200 epochs",
                  "infer ms", "images/s", "loss Δ vs eager", "ok"]
-PROFILE_COLUMNS = ["variant", "layout", "batch", "amp", "GPU busy ms", "wall ms/iter", "kernels",
+PROFILE_COLUMNS = ["variant", "layout", "batch", "amp", "GPU busy ms", "host op ms", "wall ms/iter", "kernels",
                    "host launch calls", "top kernels (ms)"]
 
 
@@ -297,8 +300,10 @@ MODEL_LEGEND = (
 )
 PROFILE_LEGEND = (
     "One more iteration under torch.profiler (which slows the host). GPU busy ms: sum of kernel and copy "
-    "times; kernels: GPU kernels run; host launch calls: cudaLaunchKernel / cuLaunchKernel* / cudaGraphLaunch "
-    "calls; wall ms/iter: from the timing above. Full tables in the --profile-dir files."
+    "times; host op ms: CPU time inside the profiled ops and CUDA API calls (profiler overhead included; "
+    "Python between them left out); kernels: GPU kernels run; host launch calls: cudaLaunchKernel / "
+    "cuLaunchKernel* / cudaGraphLaunch calls; wall ms/iter: from the timing above, without the profiler. "
+    "Full tables in the --profile-dir files."
 )
 
 
@@ -378,7 +383,9 @@ def cpu_steppers(cfg: Config) -> dict[str, Callable[[torch.Tensor, torch.Tensor]
 CPU_COLUMNS = ["variant", "iterations/s", "vs plain loop", "first losses vs plain loop"]
 
 
-def bench_cpu(iters: int, rounds: int) -> list[list[str]]:
+def bench_cpu(iters: int, rounds: int) -> tuple[list[list[str]], str]:
+    """The rows, and a note of the machine's load average before and after (the CPU may be shared)."""
+    load = os.getloadavg()[0]
     cfg = Config(**QUICKSTART)
     gen = torch.Generator().manual_seed(0)
     images = [tuple(torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1 for _ in "AB") for _ in range(16)]
@@ -392,6 +399,8 @@ def bench_cpu(iters: int, rounds: int) -> list[list[str]]:
             for i in range(per_round):
                 step(*images[(r * per_round + i) % len(images)])
             rates[name].append(per_round / (time.perf_counter() - t0))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()),
+              file=sys.stderr, flush=True)
     plain = statistics.median(rates["plain loop"])
     rows = []
     for name in steppers:
@@ -400,7 +409,9 @@ def bench_cpu(iters: int, rounds: int) -> list[list[str]]:
         rows.append([name, f"{rate:.1f}", f"{rate / plain:.2f}×", "ref" if name == "plain loop" else
                      ("identical" if diff == 0 else f"max rel. diff {diff:.1e}")])
         print(kb.md_row(rows[-1]), file=sys.stderr, flush=True)
-    return rows
+    note = (f"Load average (1 min) {load:.1f} before and {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; "
+            f"{torch.get_num_threads()} torch threads.")
+    return rows, note
 
 
 CPU_LEGEND = (
@@ -430,6 +441,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--iters", type=kb.positive_int, default=None,
                    help=f"timed iterations (default {ITERS}; --quick {QUICK_ITERS}; --cpu 300)")
     p.add_argument("--rounds", type=kb.positive_int, default=10, help="--cpu: rounds the iterations are split into")
+    p.add_argument("--threads", type=kb.positive_int, default=None,
+                   help="--cpu: torch threads (default: PyTorch's, as train.py)")
     p.add_argument("--profile-dir", type=Path, default=None, help="profile one iteration per variant, tables here")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds: variants not started by then are skipped (to fit a time limit)")
@@ -453,15 +466,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True  # as train.py and the official code
     if args.quick:
         torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prog = "python -m minicycle.bench"
     if args.cpu:
         if use_triton(torch.empty(0)):
             print("python -m minicycle.bench: error: --cpu times the PyTorch path that train.py takes on a CPU; "
                   "run it without TRITON_INTERPRET=1", file=sys.stderr)
             return 2
-        rows = bench_cpu(args.iters or 300, args.rounds)
+        rows, note = bench_cpu(args.iters or 300, args.rounds)
         parts = [kb.header(device, prog, argv), "## CPU: train.py's training step against a plain eager loop",
-                 kb.markdown_table(CPU_COLUMNS, rows), CPU_LEGEND]
+                 kb.markdown_table(CPU_COLUMNS, rows), CPU_LEGEND + " " + note]
         kb.write_report("\n\n".join(parts) + "\n", args.out)
         return 0
 

@@ -186,8 +186,8 @@ def summary(out: Path) -> str:
                     cells.setdefault(key, {})[r[0]] = (f"{ms} ms ({r[5]})" if re.match(r"^[\d.]+$", ms)
                                                        else ms.split(" (")[0])
             if "GPU busy ms" in cols:
-                busy += [f"- {r[0]} b{r[2]} {r[3]} {r[1]}: GPU busy {r[4]} ms of {r[5]} ms wall; {r[6]} kernels, "
-                         f"{r[7]} launch calls" for r in rows]
+                busy += [f"- {r[0]} b{r[2]} {r[3]} {r[1]}: GPU busy {r[4]} ms, host ops {r[5]} ms, wall {r[6]} ms; "
+                         f"{r[7]} kernels, {r[8]} launch calls" for r in rows]
     for (batch, amp, layout), by_variant in sorted(cells.items()):
         lines.append(f"| {batch} | {amp} | {layout} | "
                      + " | ".join(by_variant.get(v, "—") for v in VARIANT_ORDER) + " |")

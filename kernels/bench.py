@@ -9,7 +9,7 @@
 The whole training iteration is benchmarked with the model: python -m minicycle.bench.
 
 Everything is printed as markdown: a header (device, date, versions, the exact command), then
-one table per section.
+the table. --budget S skips the rows not started within S seconds, to fit a time limit.
 
 Each op is timed three ways, on the same input tensors:
 
@@ -371,14 +371,14 @@ def command_line(prog: str, argv: Sequence[str]) -> str:
     return env + " ".join([prog, *map(shlex.quote, argv)])
 
 
-def header(device: torch.device, prog: str, argv: Sequence[str]) -> str:
+def header(device: torch.device, prog: str, argv: Sequence[str], title: str = "minicycle benchmark") -> str:
     """Title, device, date, versions and the exact command, and the settings every table depends on."""
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device.type == "cuda":
         versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
-        "# minicycle benchmark",
+        f"# {title}",
         "",
         f"{device_name(device)} · {date} · {versions} · `{command_line(prog, argv)}`",
         "",

@@ -131,7 +131,8 @@ def ceilings(path: Path) -> None:
         a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in "ab")
         ms = do_bench(lambda a=a, b=b: a @ b, return_mode="median")
         rows.append([f"matmul {m}³, {label}", f"{ms:.3f}", f"{2 * m**3 / ms / 1e9:,.0f} TFLOP/s"])
-    report = "\n\n".join([header(device, "python -m minicycle.gpu_suite --ceilings", [str(path)]),
+    report = "\n\n".join([header(device, "python -m minicycle.gpu_suite --ceilings", [str(path)],
+                                 "minicycle: device ceilings"),
                           "## Device ceilings", markdown_table(["what", "median ms", "rate"], rows),
                           "triton.testing.do_bench medians (CUDA events, L2 cleared before each call)."])
     write_report(report + "\n", str(path))

@@ -213,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(COLUMNS, [row(variant, counts[variant])]).splitlines()[-1], file=sys.stderr, flush=True)
     what = (f"{args.netG} G ×2, basic D ×2, ngf=ndf={args.ngf}, {args.size}×{args.size}, batch 1, identity loss, "
             f"pool 50; IN split threshold {kernels.instance_norm._MAX_BLOCK} elements")
-    parts = [header(torch.device("cpu"), "python -m minicycle.launches", argv).replace(
-                 "# minicycle benchmark", "# minicycle: kernel launches per training iteration"),
+    parts = [header(torch.device("cpu"), "python -m minicycle.launches", argv,
+                    "minicycle: kernel launches per training iteration"),
              f"## One steady-state iteration ({what})",
              markdown_table(COLUMNS, [row(v, c) for v, c in counts.items()]),
              "Most frequent kernel-launching ATen ops, and the Triton kernels:",

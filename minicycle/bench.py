@@ -110,7 +110,7 @@ class Result:
     losses: dict[str, float]  # the first iteration's
     train_ms: float
     peak_mib: float | None  # None off CUDA
-    infer_ms: float | None  # None for ours+graph (the same generator as ours)
+    infer_ms: float | str | None  # None for ours+graph (the same generator as ours); str: why it failed
     profile: list[str] | None  # the profile table's cells, with --profile-dir
 
 
@@ -163,12 +163,21 @@ def run_variant(variant: str, cfg: Config, device: torch.device, amp: torch.dtyp
     kb.sync(device)
     train_ms = (time.perf_counter() - t0) / iters * 1e3
     peak = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
-    profile = profile_iteration(step, read, real_A, real_B, train_ms, profile_to) if profile_to else None
-    infer_ms = None
+    # The training numbers are in: a failing profiler or inference costs only its own cells.
+    profile = None
+    if profile_to:
+        try:
+            profile = profile_iteration(step, read, real_A, real_B, train_ms, profile_to)
+        except Exception as e:
+            profile = [f"n/a ({kb.reason(e)})"] + ["—"] * 5
+    infer_ms: float | str | None = None
     if variant != "ours+graph":
         autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-        with torch.no_grad(), autocast:
-            infer_ms = kb.host_median_ms(lambda: model.netG_A(real_A), device, WARMUP, iters)
+        try:
+            with torch.no_grad(), autocast:
+                infer_ms = kb.host_median_ms(lambda: model.netG_A(real_A), device, WARMUP, iters)
+        except Exception as e:
+            infer_ms = f"n/a ({kb.reason(e)})"
     return Result(losses, train_ms, peak, infer_ms, profile)
 
 
@@ -279,8 +288,8 @@ def bench_model(variants: Sequence[str], batches: Sequence[int], amp_name: str, 
                 f"{ref.train_ms / r.train_ms:.2f}×" if ref is not None else "—",
                 f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "n/a (CPU)",
                 f"{hours:.1f} h",
-                f"{r.infer_ms:.2f}" if r.infer_ms is not None else "as ours",
-                f"{batch / (r.infer_ms * 1e-3):.1f}" if r.infer_ms is not None else "—",
+                f"{r.infer_ms:.2f}" if isinstance(r.infer_ms, float) else r.infer_ms or "as ours",
+                f"{batch / (r.infer_ms * 1e-3):.1f}" if isinstance(r.infer_ms, float) else "—",
                 delta,
                 mark,
             ])

@@ -278,6 +278,11 @@ class Trainer:
         if opt.compile:
             for net in model.nets().values():
                 net.compile()  # in place: parameters and state_dict keys stay those of the plain module
+        if opt.cuda_graph:  # set up before the state is loaded: the pools are adopted at the first step
+            if device.type != "cuda":
+                print("note: --cuda_graph: no CUDA device, so the step runs eagerly (same results, no speed-up)",
+                      file=sys.stderr)
+            self.graphed = GraphedStep(model, opt.batch_size, graph=device.type == "cuda")
         if self.dist.enabled:  # each rank keeps its own pool of fakes, with its own random stream
             model.fake_A_pool.rng.seed(f"{opt.seed}:A:{self.dist.rank}")
             model.fake_B_pool.rng.seed(f"{opt.seed}:B:{self.dist.rank}")
@@ -302,12 +307,6 @@ class Trainer:
             for k, net in model.nets().items():
                 load_into(net, self.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
             self.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
-
-        if opt.cuda_graph:
-            if device.type != "cuda":
-                print("note: --cuda_graph: no CUDA device, so the step runs eagerly (same results, no speed-up)",
-                      file=sys.stderr)
-            self.graphed = GraphedStep(model, opt.batch_size, graph=device.type == "cuda")
 
         log_path = self.dir / "loss_log.txt"
         if self.dist.main:

@@ -31,10 +31,12 @@ Counted with torch.profiler (CPU activity):
 - launches: ATen ops with a kernel + Triton launches + Inductor kernels.
 
 Adam runs with foreach=True here, PyTorch's default on CUDA (on a CPU it defaults to a loop
-over parameters). Which path the IN kernel takes (one program per plane, or split planes: two
-launches) depends on H·W against kernels.instance_norm._MAX_BLOCK, so --size below 256 scales
-_MAX_BLOCK by (size/256)², and every layer takes the path it takes at 256²; no other launch
-depends on sizes or channel counts.
+over parameters). The default is the paper's configuration, so the counts are those of the model
+people train. Smaller models run faster but may launch differently wherever a kernel picks its
+path from the sizes or the channel count: --size below 256 scales the IN kernel's split threshold
+(kernels.instance_norm._MAX_BLOCK) by (size/256)², so that every IN layer takes the path it takes
+at 256² (one program per plane, or split planes: two launches), but nothing is done for others
+(a conv that packs inputs of few channels, for one).
 """
 
 import os

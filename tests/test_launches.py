@@ -40,14 +40,17 @@ def test_counts_add_up_and_ours_launches_triton_kernels(small):
     extra = int(rows["graph-ready"][0].replace(",", "")) - int(rows["ours"][0].replace(",", ""))
     assert 0 < extra <= 20
     ours = text.split("- ours:")[-1].split("\n")[0]
-    assert "zeros" not in ours  # no zero-filled gradients for the IN op's statistics outputs
+    aten_ops = [item.rsplit(" ", 1)[0] for item in ours.split(";")[0].removeprefix(" ATen ").split(", ")]
+    assert "add_" in aten_ops and "zeros" not in aten_ops  # no zero-filled gradients for the IN op's mu, rstd
     assert "_fwd_partial_kernel" in ours  # the 256² layers' split path, at 32² with a scaled threshold
 
 
-def test_counts_do_not_depend_on_size_or_channels(small):
+def test_eager_counts_do_not_depend_on_size_or_channels(small):
+    """The official layers launch the same kernels at any size and width. (Ours may not: a kernel can
+    pick its path from the channel count, which is why the recorded counts are at the paper's config.)"""
     rows, _ = small
-    other, _ = count(["--size", "64", "--ngf", "8", "--variants", "eager,ours"])
-    assert other["eager"] == rows["eager"] and other["ours"] == rows["ours"]
+    other, _ = count(["--size", "64", "--ngf", "8", "--variants", "eager"])
+    assert other["eager"] == rows["eager"]
 
 
 def test_bad_arguments():

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, load_file
+from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
 from minicycle.distributed import Dist, fingerprint
 from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision for G and D")
     a("--compile", action="store_true", default=False,
       help="torch.compile the four nets (the Triton kernels stay in the graph as custom ops)")
+    a("--cuda_graph", action="store_true", default=False,
+      help="capture the whole iteration once as a CUDA graph and replay it (far fewer host launches; "
+           "losses are read back every --print_freq images)")
     return p
 
 
@@ -115,6 +119,12 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
         raise SystemExit("train.py: error: --n_epochs, --num_threads and --pool_size must be >= 0")
     if opt.max_steps is not None and opt.max_steps < 1:
         raise SystemExit(f"train.py: error: --max_steps must be >= 1, got {opt.max_steps}")
+    if opt.cuda_graph and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("train.py: error: --cuda_graph does not run under torchrun: each step's gradient "
+                         "all-reduce and stop vote would have to move into the graph; drop --cuda_graph")
+    if opt.cuda_graph and opt.amp == "fp16":
+        raise SystemExit("train.py: error: --cuda_graph with --amp fp16: the gradient scaler checks for infs on "
+                         "the host and skips steps, which a captured graph cannot; use --amp bf16")
     return opt
 
 
@@ -165,6 +175,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.dist = Dist()
         self.saved_steps = -1  # run.steps at the last save, so a stop right after one does not save twice
+        self.graphed: GraphedStep | None = None  # --cuda_graph
 
     def say(self, *args, **kwargs) -> None:
         """print, on rank 0 only."""
@@ -222,6 +233,8 @@ class Trainer:
     def run(self) -> int:
         opt = self.opt
         device = self.dist.setup(pick_device(opt.device))
+        # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
+        torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
         if opt.builtin:
             if not self.dist.main:
@@ -265,6 +278,11 @@ class Trainer:
         if opt.compile:
             for net in model.nets().values():
                 net.compile()  # in place: parameters and state_dict keys stay those of the plain module
+        if opt.cuda_graph:  # set up before the state is loaded: the pools are adopted at the first step
+            if device.type != "cuda":
+                print("note: --cuda_graph: no CUDA device, so the step runs eagerly (same results, no speed-up)",
+                      file=sys.stderr)
+            self.graphed = GraphedStep(model, opt.batch_size, graph=device.type == "cuda")
         if self.dist.enabled:  # each rank keeps its own pool of fakes, with its own random stream
             model.fake_A_pool.rng.seed(f"{opt.seed}:A:{self.dist.rank}")
             model.fake_B_pool.rng.seed(f"{opt.seed}:B:{self.dist.rank}")
@@ -362,7 +380,9 @@ class Trainer:
         bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{last_epoch}",
                    unit="img", dynamic_ncols=True, leave=False, disable=None if self.dist.main else True)
         window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}
+        unread: list[tuple[int, int]] = []  # (epoch, iteration) of the steps whose losses are not read yet
         t_data = time.perf_counter()
+        t_compute = n_window = 0  # --cuda_graph: compute time and images since the last log line
         try:
             for step, batch in enumerate(loader):
                 t_start = time.perf_counter()
@@ -371,31 +391,49 @@ class Trainer:
                         raise DataError(f"{batch[side + '_paths'][0]}: {tuple(batch[side].shape[-2:])} is smaller "
                                         f"than {self.min_size}x{self.min_size}, the smallest image the nets accept "
                                         f"(use --preprocess resize_and_crop or scale_width)")
-                losses = model.optimize(batch["A"], batch["B"])
-                if self.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
-                    *values, stop = self.dist.average([*losses.values(), float(bool(self.stop_signal))], device)
-                    losses = dict(zip(losses, values))
-                    if stop and not self.stop_signal:
-                        self.stop_signal = "a signal on another rank"
-                bad = [k for k, v in losses.items() if not math.isfinite(v)]
-                if bad:
-                    raise FloatingPointError(
-                        f"loss {bad[0]} is {losses[bad[0]]} at epoch {run.epoch}, iteration {run.steps + 1}: "
-                        f"training stopped; the last saved checkpoint in {self.dir} is untouched "
-                        f"(try a lower --lr, or --amp none)")
+                if self.graphed is None:
+                    results = [model.optimize(batch["A"], batch["B"])]
+                    if self.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
+                        *values, stop = self.dist.average([*results[0].values(), float(bool(self.stop_signal))],
+                                                          device)
+                        results = [dict(zip(results[0], values))]
+                        if stop and not self.stop_signal:
+                            self.stop_signal = "a signal on another rank"
+                else:
+                    self.graphed.step(batch["A"], batch["B"])
+                    results = []
                 n = taken[step]
                 before = run.images
                 run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
-                for k, v in losses.items():
-                    window[k].append(v)
+                unread.append((run.epoch, run.steps))
+                logging = run.images // opt.print_freq > before // opt.print_freq
+                saving = run.images // opt.save_latest_freq > before // opt.save_latest_freq
+                signalled = bool(self.stop_signal)  # a signal arriving after this is handled a step later
+                stopping = (opt.max_steps is not None and run.steps >= opt.max_steps) or signalled
+                if self.graphed is not None and (logging or saving or stopping or step == len(batches) - 1):
+                    results = self.graphed.read()  # the device's loss rows: one sync, and never a NaN saved
+                for (epoch, iteration), losses in zip(unread, results):
+                    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+                    if bad:
+                        raise FloatingPointError(
+                            f"loss {bad[0]} is {losses[bad[0]]} at epoch {epoch}, iteration {iteration}: "
+                            f"training stopped; the last saved checkpoint in {self.dir} is untouched "
+                            f"(try a lower --lr, or --amp none)")
+                    for k, v in losses.items():
+                        window[k].append(v)
+                if results:
+                    unread = []
+                    bar.set_postfix({k: f"{results[-1][k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
+                                    refresh=False)
                 bar.update(n)
-                bar.set_postfix({k: f"{losses[k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
-                                refresh=False)
-                if run.images // opt.print_freq > before // opt.print_freq:
+                t_compute, n_window = t_compute + time.perf_counter() - t_start, n_window + n
+                if logging:
                     means = {k: sum(v) / len(v) for k, v in window.items()}
                     window = {k: [] for k in LOSS_NAMES}
                     run.history.append((run.epoch - 1 + run.epoch_keys / len(plan), means))
-                    compute = (time.perf_counter() - t_start) / n
+                    # Graph steps run ahead of the host and wait at the read: their time is the window's mean.
+                    compute = t_compute / n_window if self.graphed else (time.perf_counter() - t_start) / n
+                    t_compute = n_window = 0
                     line = (f"(epoch: {run.epoch}, iters: {run.epoch_keys}, time: {compute:.3f}, "
                             f"data: {(t_start - t_data) / n:.3f}) ")
                     line += " ".join(f"{k}: {v:.3f}" for k, v in means.items())
@@ -404,11 +442,11 @@ class Trainer:
                             f.write(line + "\n")
                         if bar.disable:
                             print(line)
-                if run.images // opt.save_latest_freq > before // opt.save_latest_freq:
+                if saving:
                     self.save(model, run)
                 if opt.max_steps is not None and run.steps >= opt.max_steps:
                     return "max_steps"
-                if self.stop_signal:
+                if signalled:
                     return "signal"
                 t_data = time.perf_counter()
         finally:

@@ -1,17 +1,16 @@
-"""Benchmarks: minicycle's Triton ops, and the whole CycleGAN training step, against PyTorch.
+"""Benchmark of minicycle's Triton ops against PyTorch eager and torch.compile.
 
-    python -m kernels.bench                         # ops: IN+ReLU and reflect-conv, fwd and bwd
-    python -m kernels.bench --model                 # one training iteration, and G_A inference
-    python -m kernels.bench --model --amp bf16      # the same under bf16 autocast
+    python -m kernels.bench                         # IN+ReLU and reflect-conv, fwd and bwd
     python -m kernels.bench --ops conv --dtypes bf16 --batch 4   # a slice, to fit a time limit
+    python -m kernels.bench --layouts channels_last # the same on channels_last tensors
     python -m kernels.bench --quick                 # tiny shapes on CPU: checks the harness itself
     python -m kernels.bench ... --out FILE.md       # also write the markdown to FILE.md
 
-Everything is printed as markdown: a header (device, date, versions, the exact command), then
-one table per section.
+The whole training iteration is benchmarked with the model: python -m minicycle.bench.
 
-Ops
----
+Everything is printed as markdown: a header (device, date, versions, the exact command), then
+the table. --budget S skips the rows not started within S seconds, to fit a time limit.
+
 Each op is timed three ways, on the same input tensors:
 
     ours     kernels.instance_norm_relu, kernels.reflect_conv2d (the Triton kernels on CUDA)
@@ -50,49 +49,30 @@ about 100 ms of calls, each timed with CUDA events and each preceded by a write 
 L2 cache (so inputs come from DRAM, and host launch overhead shorter than that write is hidden:
 these are close to device times). CPU: time.perf_counter around each call, median of three.
 
-Precision. fp32 runs with PyTorch's defaults: torch.backends.cudnn.allow_tf32 is True, so cuDNN
-convolutions use TF32 tensor cores, and so does our conv (it follows the same flag);
-cudnn.benchmark stays False. bf16: every tensor is bf16; both sides accumulate in fp32.
+Precision and cuDNN. fp32 runs with PyTorch's defaults: torch.backends.cudnn.allow_tf32 is True,
+so cuDNN convolutions use TF32 tensor cores, and so does our conv (it follows the same flag).
+cudnn.benchmark is True, as the official CycleGAN code and train.py set it, so eager and compile
+run the convolution algorithms users of the official code get. bf16: every tensor is bf16; both
+sides accumulate in fp32.
+
+Layouts (--layouts). nchw: contiguous tensors. channels_last: x, dy and the conv weights in
+torch.channels_last, as a model converted with model.to(memory_format=torch.channels_last) and
+fed channels_last inputs would hold them; all three implementations get the same tensors.
 
 Correctness. After timing, each row compares ours with eager on the benchmarked inputs:
 err = ||ours - eager|| / ||eager|| in float64, and the row gets a check mark when err is within
 TOLERANCES[(op, dtype)], a cross otherwise (NaN included). Any cross makes the exit status 1.
 
-Model (--model)
----------------
-One iteration is CycleGAN.optimize: 6 generator forwards (resnet_9blocks), 6 discriminator
-forwards (basic, 70x70 PatchGAN), both backwards and both Adam steps, at 256x256 and batch 1
-and 4. Three variants of the same model, built from the same seed (same weights, same inputs):
+--quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself:
+IN+ReLU (N,4,8,8) and conv 2 -> 3 3x3 pad 1 at 8x8. It times nothing of interest and skips
+torch.compile unless --compile is given. Ours takes whichever path kernels.runtime.use_triton
+picks: the Triton interpreter under TRITON_INTERPRET=1, else the plain PyTorch path.
 
-    ours     the generators' FusedSequential layers run the Triton ops
-    eager    set_fused(net, False) on every net: plain torch.nn layers, the official model
-    compile  the eager model with each of the 4 nets compiled (net.compile(dynamic=False))
-
-Warm-up iterations first (the first one also compiles), then the median of --iters iterations,
-each timed with the device synchronised before and after. Peak memory is
-torch.cuda.max_memory_allocated over the timed iterations (reset after warm-up; parameters,
-gradients, Adam state and the image pools included). The projection is ms/iter times the
-iterations of 200 horse2zebra epochs as train.py runs them: 1334 images an epoch (the larger of
-trainA and trainB), ceil(1334 / batch) iterations, so 266,800 at batch 1 and 66,800 at batch 4.
-Inference is G_A(x) under torch.no_grad (and autocast with --amp), reported as images/s.
-Loss check: the 8 losses of the first iteration against eager's, max |l - l_eager| /
-max(|l_eager|, 1e-3), within MODEL_TOLERANCES[amp].
-
-torch.compile can fail (no C++ toolchain, an unsupported op): the cell then reads
-"n/a (reason)" and the run goes on.
-
---quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself: the
-ops (IN+ReLU (N,4,8,8), conv 2 -> 3 3x3 pad 1 at 8x8) and the model (ngf=4, ndf=4,
-resnet_6blocks, 32x32). It times nothing of interest and skips torch.compile unless --compile is
-given. Ours takes whichever path kernels.runtime.use_triton picks: the Triton interpreter under
-TRITON_INTERPRET=1 (then the model section is left out unless --model asks for it, since one
-fused iteration takes minutes in the interpreter), else the plain PyTorch path.
+kernels/ stands alone: this file imports nothing from minicycle.
 """
 
 import argparse
-import contextlib
 import datetime
-import gc
 import math
 import os
 import shlex
@@ -112,18 +92,16 @@ from triton.testing import do_bench
 
 import kernels
 from kernels.runtime import use_triton
-from minicycle.model import LOSS_NAMES, Config, CycleGAN
-from minicycle.networks import set_fused
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 OPS = ("in", "conv")
+OP_NAMES = {"in": "IN+ReLU", "conv": "reflect conv"}
 EPS = 1e-5
 
 # ||ours - eager|| / ||eager||. fp32 conv: both sides use TF32 (10-bit mantissa) products;
 # bf16: both sides round their output to bf16 (8-bit mantissa).
 TOLERANCES = {("in", "fp32"): 1e-4, ("conv", "fp32"): 5e-3, ("in", "bf16"): 2e-2, ("conv", "bf16"): 2e-2}
-# Relative difference of the first iteration's losses from eager's, per --amp.
-MODEL_TOLERANCES = {"fp32": 1e-2, "bf16": 5e-2}
 
 # (C, H, W) of the generator's IN+ReLU layers, and (C, OC, K, P, H = W) of its convs.
 IN_SHAPES = [(64, 256, 256), (128, 128, 128), (256, 64, 64)]
@@ -131,12 +109,7 @@ CONV_SHAPES = [(3, 64, 7, 3, 256), (256, 256, 3, 1, 64), (64, 3, 7, 3, 256)]
 QUICK_IN_SHAPES = [(4, 8, 8)]
 QUICK_CONV_SHAPES = [(2, 3, 3, 1, 8)]
 
-H2Z_IMAGES = 1334  # horse2zebra: 1067 horses (trainA), 1334 zebras (trainB)
-EPOCHS = 200  # --n_epochs 100 + --n_epochs_decay 100
-
 CPU_WARMUP, CPU_REPS = 1, 3  # CPU ops (perf_counter): a harness check, not a measurement
-MODEL_WARMUP, QUICK_MODEL_WARMUP = 3, 1
-MODEL_ITERS, QUICK_MODEL_ITERS = 20, 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +117,7 @@ MODEL_ITERS, QUICK_MODEL_ITERS = 20, 3
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -155,10 +128,10 @@ def host_median_ms(fn: Callable[[], object], device: torch.device, warmup: int, 
         fn()
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -176,7 +149,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
     return text if len(text) <= 90 else text[:87] + "..."
@@ -209,12 +182,13 @@ class EagerReflectConv(nn.Module):
 
 @dataclass
 class OpCase:
-    """One row: an op, a pass, a shape, a dtype; the inputs, and what to differentiate."""
+    """One row: an op, a pass, a shape, a dtype, a layout; the inputs, and what to differentiate."""
 
     op: str  # "in" | "conv"
     pass_name: str
     shape: str
     dtype: str
+    layout: str
     work: float  # bytes (unit GB/s) or FLOP (unit TFLOP/s) per call
     unit: str
     ours: Callable[..., torch.Tensor]
@@ -232,29 +206,32 @@ def _pass_fn(impl: Callable[..., torch.Tensor], case: OpCase) -> Callable[[], to
     return lambda: torch.autograd.grad(y, [case.wrt], case.dy, retain_graph=True)[0]
 
 
-def in_cases(batch: int, dtype: str, device: torch.device, shapes: Sequence[tuple[int, int, int]]) -> list[OpCase]:
+def in_cases(batch: int, dtype: str, layout: str, device: torch.device,
+             shapes: Sequence[tuple[int, int, int]]) -> list[OpCase]:
     cases = []
+    fmt = LAYOUTS[layout]
     for c, h, w in shapes:
-        x = torch.randn(batch, c, h, w, device=device, dtype=DTYPES[dtype]).requires_grad_()
+        x = torch.randn(batch, c, h, w, device=device, dtype=DTYPES[dtype]).contiguous(memory_format=fmt)
+        x.requires_grad_()
         dy = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
         shape = f"({batch},{c},{h},{w})"
         for pass_name, work, wrt in (("fwd", 2 * nbytes, None), ("bwd", 3 * nbytes, x)):
-            cases.append(OpCase("in", pass_name, shape, dtype, work, "GB/s", ours_in_relu, eager_in_relu,
+            cases.append(OpCase("in", pass_name, shape, dtype, layout, work, "GB/s", ours_in_relu, eager_in_relu,
                                 (x,), wrt, dy))
     return cases
 
 
-def conv_cases(batch: int, dtype: str, device: torch.device,
+def conv_cases(batch: int, dtype: str, layout: str, device: torch.device,
                shapes: Sequence[tuple[int, int, int, int, int]]) -> list[OpCase]:
     cases = []
-    dt = DTYPES[dtype]
+    dt, fmt = DTYPES[dtype], LAYOUTS[layout]
     for c, oc, k, p, hw in shapes:
-        x = torch.randn(batch, c, hw, hw, device=device, dtype=dt)
-        w = torch.randn(oc, c, k, k, device=device, dtype=dt) / math.sqrt(c * k * k)
+        x = torch.randn(batch, c, hw, hw, device=device, dtype=dt).contiguous(memory_format=fmt)
+        w = (torch.randn(oc, c, k, k, device=device, dtype=dt) / math.sqrt(c * k * k)).contiguous(memory_format=fmt)
         b = 0.1 * torch.randn(oc, device=device, dtype=dt)
         ohw = hw + 2 * p - k + 1
-        dy = torch.randn(batch, oc, ohw, ohw, device=device, dtype=dt)
+        dy = torch.randn(batch, oc, ohw, ohw, device=device, dtype=dt).contiguous(memory_format=fmt)
         flop = 2 * batch * ohw * ohw * oc * c * k * k
         shape = f"N={batch} {c}→{oc} {k}×{k} p{p} @{hw}²"
         ours = _ours_conv(p)
@@ -262,7 +239,7 @@ def conv_cases(batch: int, dtype: str, device: torch.device,
             xi = x.detach().requires_grad_(x_grad)
             wi = w.detach().requires_grad_(w_grad)
             wrt = None if pass_name == "fwd" else (xi if pass_name == "dgrad" else wi)
-            cases.append(OpCase("conv", pass_name, shape, dtype, flop, "TFLOP/s", ours, EagerReflectConv(p),
+            cases.append(OpCase("conv", pass_name, shape, dtype, layout, flop, "TFLOP/s", ours, EagerReflectConv(p),
                                 (xi, wi, b), wrt, dy))
     return cases
 
@@ -304,7 +281,7 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
             times[variant] = op_ms(fn, device)
             outs[variant] = fn()
         except Exception as e:  # a failing variant is reported in its cell; the run goes on
-            times[variant] = f"n/a ({_reason(e)})" if variant == "compile" else f"error ({_reason(e)})"
+            times[variant] = f"n/a ({reason(e)})" if variant == "compile" else f"error ({reason(e)})"
     err = rel_err(outs["ours"], outs["eager"]) if "ours" in outs and "eager" in outs else math.nan
     ok = err <= TOLERANCES[(case.op, case.dtype)]
 
@@ -317,139 +294,46 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
 
     t_ours = times["ours"]
     rate = _fmt_rate(case.work, t_ours, case.unit) if isinstance(t_ours, float) else "—"
-    name = "IN+ReLU" if case.op == "in" else "reflect conv"
-    row = [name, case.pass_name, case.shape, case.dtype, us(times["ours"]), us(times["eager"]), us(times["compile"]),
-           ratio(times["eager"]), ratio(times["compile"]), rate, f"{err:.1e}", "✓" if ok else "✗"]
+    row = [OP_NAMES[case.op], case.pass_name, case.shape, case.dtype, case.layout,
+           us(times["ours"]), us(times["eager"]), us(times["compile"]), ratio(times["eager"]), ratio(times["compile"]),
+           rate, f"{err:.1e}", "✓" if ok else "✗"]
     return row, ok
 
 
-OP_COLUMNS = ["op", "pass", "shape", "dtype", "ours µs", "eager µs", "compile µs", "eager/ours", "compile/ours",
-              "ours achieved", "err", "ok"]
+OP_COLUMNS = ["op", "pass", "shape", "dtype", "layout", "ours µs", "eager µs", "compile µs", "eager/ours",
+              "compile/ours", "ours achieved", "err", "ok"]
 
 
-def bench_ops(ops: Sequence[str], dtypes: Sequence[str], batches: Sequence[int], device: torch.device,
-              quick: bool, compile_note: str | None) -> tuple[list[list[str]], bool]:
-    """All op rows, and whether every check passed."""
-    rows, all_ok = [], True
+def bench_ops(ops: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], batches: Sequence[int],
+              device: torch.device, quick: bool, compile_note: str | None, budget_s: float | None,
+              rows: list[list[str]], on_row: Callable[[], None]) -> bool:
+    """Appends every op row, calling on_row() after each (a run cut short keeps what it measured);
+    returns whether every check passed. Rows not started within budget_s are skipped."""
+    all_ok = True
+    start = time.monotonic()
     # torch.compile's donated buffers let the backward reuse saved tensors, which forbids the
     # retain_graph=True that times one backward many times.
     with torch._functorch.config.patch(donated_buffer=False):
         for batch in batches:
             for dtype in dtypes:
-                cases: list[OpCase] = []
-                if "in" in ops:
-                    cases += in_cases(batch, dtype, device, QUICK_IN_SHAPES if quick else IN_SHAPES)
-                if "conv" in ops:
-                    cases += conv_cases(batch, dtype, device, QUICK_CONV_SHAPES if quick else CONV_SHAPES)
-                for case in cases:
-                    row, ok = run_op_case(case, device, compile_note)
-                    rows.append(row)
-                    all_ok &= ok
-                    print(_md_row(row), file=sys.stderr, flush=True)  # progress
-    return rows, all_ok
-
-
-# --------------------------------------------------------------------------------------------
-# Whole model
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelResult:
-    losses: dict[str, float]  # the first iteration's
-    train_ms: float
-    peak_mib: float | None  # None off CUDA
-    infer_ms: float
-
-
-def iterations_200_epochs(batch: int) -> int:
-    """Iterations of 200 horse2zebra epochs at this batch size, as train.py runs them."""
-    return EPOCHS * math.ceil(H2Z_IMAGES / batch)
-
-
-def run_model_variant(cfg: Config, device: torch.device, amp: torch.dtype | None, variant: str,
-                      real_A: torch.Tensor, real_B: torch.Tensor, warmup: int, iters: int) -> ModelResult:
-    torch.manual_seed(cfg.seed)
-    model = CycleGAN(cfg, device, amp=amp)
-    for net in model.nets().values():
-        set_fused(net, variant == "ours")
-        if variant == "compile":
-            net.compile(dynamic=False)
-    losses = model.optimize(real_A, real_B)  # the loss check; compiles the compiled variant
-    for _ in range(warmup - 1):
-        model.optimize(real_A, real_B)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_ms = host_median_ms(lambda: model.optimize(real_A, real_B), device, 0, iters)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
-        infer_ms = host_median_ms(lambda: model.netG_A(real_A), device, warmup, iters)
-    return ModelResult(losses, train_ms, peak, infer_ms)
-
-
-def _release(device: torch.device) -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-MODEL_COLUMNS = ["variant", "batch", "amp", "train ms/iter", "eager/this", "peak MiB", "200 epochs",
-                 "infer ms", "images/s", "loss Δ vs eager", "ok"]
-
-
-def bench_model(batches: Sequence[int], amp_name: str, device: torch.device, quick: bool,
-                compile_note: str | None, iters: int) -> tuple[list[list[str]], bool]:
-    """Model rows (eager, ours, compile per batch size), and whether every check passed."""
-    cfg = Config(ngf=4, ndf=4, netG="resnet_6blocks") if quick else Config()
-    size = 32 if quick else 256
-    warmup = QUICK_MODEL_WARMUP if quick else MODEL_WARMUP
-    amp = DTYPES[amp_name] if amp_name != "fp32" else None
-    rows, all_ok = [], True
-    for batch in batches:
-        gen = torch.Generator().manual_seed(batch)
-        real_A = (torch.rand(batch, cfg.input_nc, size, size, generator=gen) * 2 - 1).to(device)
-        real_B = (torch.rand(batch, cfg.output_nc, size, size, generator=gen) * 2 - 1).to(device)
-        ref: ModelResult | None = None
-        for variant in ("eager", "ours", "compile"):
-            head = [variant, str(batch), amp_name]
-            if variant == "compile" and compile_note:
-                rows.append(head + [compile_note] + ["—"] * 6 + [""])
-                continue
-            try:
-                r = run_model_variant(cfg, device, amp, variant, real_A, real_B, warmup, iters)
-            except Exception as e:
-                failed = variant != "compile"
-                cell = f"error ({_reason(e)})" if failed else f"n/a ({_reason(e)})"
-                rows.append(head + [cell] + ["—"] * 6 + ["✗" if failed else ""])
-                all_ok &= not failed
-                continue
-            finally:
-                _release(device)
-            if variant == "eager":
-                ref, delta, mark = r, "ref", "ref"
-            elif ref is None:
-                delta, mark = "no eager reference", "✗"
-                all_ok = False
-            else:
-                d = max(abs(r.losses[k] - ref.losses[k]) / max(abs(ref.losses[k]), 1e-3) for k in LOSS_NAMES)
-                ok = d <= MODEL_TOLERANCES[amp_name]  # NaN fails
-                delta, mark = f"{d:.1e}", "✓" if ok else "✗"
-                all_ok &= ok
-            hours = r.train_ms * iterations_200_epochs(batch) / 3.6e6
-            rows.append(head + [
-                f"{r.train_ms:.1f}",
-                _fmt_ratio(ref.train_ms / r.train_ms) if ref is not None else "—",
-                f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "n/a (CPU)",
-                f"{hours:.1f} h",
-                f"{r.infer_ms:.2f}",
-                f"{batch / (r.infer_ms * 1e-3):.1f}",
-                delta,
-                mark,
-            ])
-            print(_md_row(rows[-1]), file=sys.stderr, flush=True)  # progress
-    return rows, all_ok
+                for layout in layouts:
+                    cases: list[OpCase] = []
+                    if "in" in ops:
+                        cases += in_cases(batch, dtype, layout, device, QUICK_IN_SHAPES if quick else IN_SHAPES)
+                    if "conv" in ops:
+                        cases += conv_cases(batch, dtype, layout, device,
+                                            QUICK_CONV_SHAPES if quick else CONV_SHAPES)
+                    for case in cases:
+                        if budget_s is not None and time.monotonic() - start > budget_s:
+                            rows.append([OP_NAMES[case.op], case.pass_name, case.shape, case.dtype, case.layout,
+                                         f"skipped (--budget {budget_s:.0f} s spent)"] + ["—"] * 7)
+                        else:
+                            row, ok = run_op_case(case, device, compile_note)
+                            rows.append(row)
+                            all_ok &= ok
+                            print(md_row(row), file=sys.stderr, flush=True)  # progress
+                        on_row()
+    return all_ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,13 +341,13 @@ def bench_model(batches: Sequence[int], amp_name: str, device: torch.device, qui
 # --------------------------------------------------------------------------------------------
 
 
-def _md_row(cells: Sequence[str]) -> str:
+def md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = [_md_row(columns), _md_row(["---"] * len(columns))]
-    lines += [_md_row(r) for r in rows]
+    lines = [md_row(columns), md_row(["---"] * len(columns))]
+    lines += [md_row(r) for r in rows]
     return "\n".join(lines)
 
 
@@ -482,25 +366,41 @@ def ours_path(device: torch.device) -> str:
     return "Triton kernels"
 
 
-def command_line(argv: Sequence[str]) -> str:
+def command_line(prog: str, argv: Sequence[str]) -> str:
     env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
-    return env + " ".join(["python -m kernels.bench", *map(shlex.quote, argv)])
+    return env + " ".join([prog, *map(shlex.quote, argv)])
 
 
-def header(device: torch.device, argv: Sequence[str]) -> str:
+def header(device: torch.device, prog: str, argv: Sequence[str], title: str = "minicycle benchmark") -> str:
+    """Title, device, date, versions and the exact command, and the settings every table depends on."""
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device.type == "cuda":
         versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
-        "# minicycle benchmark",
+        f"# {title}",
         "",
-        f"{device_name(device)} · {date} · {versions} · `{command_line(argv)}`",
+        f"{device_name(device)} · {date} · {versions} · `{command_line(prog, argv)}`",
         "",
         f"- ours: {ours_path(device)}",
         f"- precision: fp32 leaves torch.backends.cudnn.allow_tf32 at {torch.backends.cudnn.allow_tf32} "
-        f"(default; cuDNN and our conv then use TF32), cudnn.benchmark={torch.backends.cudnn.benchmark}",
+        f"(default; cuDNN and our conv then use TF32); cudnn.benchmark={torch.backends.cudnn.benchmark}",
     ])
+
+
+def write_file(path: str, text: str) -> None:
+    out_dir = os.path.dirname(path)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_report(report: str, path: str | None) -> None:
+    """Print the markdown report, and write it to path too when given."""
+    print(report, end="")
+    if path:
+        write_file(path, report)
 
 
 OPS_LEGEND = (
@@ -510,16 +410,9 @@ OPS_LEGEND = (
     "wgrad = dw only). err = ‖ours − eager‖/‖eager‖ on the benchmarked inputs; ok = within tolerance "
     "(fp32 IN 1e-4, fp32/TF32 conv 5e-3, bf16 2e-2)."
 )
-MODEL_LEGEND = (
-    "One iteration = CycleGAN.optimize (6 G forwards, 6 D forwards, both backwards, both Adam steps); "
-    "median ms. eager/this above 1× means faster than eager. peak MiB = torch.cuda.max_memory_allocated "
-    "over the timed iterations. 200 epochs = ms/iter × 200·ceil(1334/batch) iterations (horse2zebra). "
-    "infer = G_A forward under no_grad. loss Δ = max relative difference of the first iteration's 8 losses "
-    "from eager's (same weights, same inputs)."
-)
 
 
-def _csv(choices: Sequence[str] | None) -> Callable[[str], list[str]]:
+def csv_list(choices: Sequence[str] | None) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = [t.strip() for t in text.split(",") if t.strip()]
         bad = [t for t in items if choices is not None and t not in choices]
@@ -530,7 +423,7 @@ def _csv(choices: Sequence[str] | None) -> Callable[[str], list[str]]:
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -540,27 +433,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _batches(text: str) -> list[int]:
-    return [_positive_int(t) for t in _csv(None)(text)]
+def batch_list(text: str) -> list[int]:
+    return [positive_int(t) for t in csv_list(None)(text)]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", action="store_true",
-                   help="time one full CycleGAN training iteration and G_A inference (instead of the ops, "
-                        "unless --ops is also given)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes on CPU to check the harness (ops and model, unless --ops or --model "
-                        "narrows it, or TRITON_INTERPRET=1 leaves the model out); not a performance measurement")
-    p.add_argument("--ops", type=_csv(OPS), default=None, help="ops to time: in,conv (default: both)")
-    p.add_argument("--dtypes", type=_csv(tuple(DTYPES)), default=list(DTYPES), help="op dtypes: fp32,bf16")
-    p.add_argument("--batch", type=_batches, default=[1, 4], help="batch sizes (default 1,4)")
-    p.add_argument("--amp", choices=tuple(DTYPES), default="fp32",
-                   help="model mode: bf16 trains under torch.autocast(bfloat16)")
+                   help="tiny shapes on CPU to check the harness; not a performance measurement")
+    p.add_argument("--ops", type=csv_list(OPS), default=list(OPS), help="ops to time: in,conv (default: both)")
+    p.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES), help="dtypes: fp32,bf16")
+    p.add_argument("--layouts", type=csv_list(tuple(LAYOUTS)), default=["nchw"],
+                   help="memory layouts: nchw,channels_last (default nchw)")
+    p.add_argument("--batch", type=batch_list, default=[1, 4], help="batch sizes (default 1,4)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: yes, except with --quick)")
-    p.add_argument("--iters", type=_positive_int, default=None,
-                   help=f"model mode: timed iterations (default {MODEL_ITERS}; --quick {QUICK_MODEL_ITERS})")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: rows not started by then are skipped (to fit a time limit)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (CPU with --quick)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
@@ -574,47 +463,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     else:
         device = torch.device(args.device)
-    run_ops = args.ops is not None or not args.model
-    # Under the Triton interpreter one fused training iteration takes minutes on a CPU, so --quick
-    # alone checks the model section only when ours runs the PyTorch path (TRITON_INTERPRET=0).
-    interpreted = device.type == "cpu" and use_triton(torch.empty(0))
-    run_model = args.model or (args.quick and args.ops is None and not interpreted)
+    torch.backends.cudnn.benchmark = True  # as the official code: eager and compile get cuDNN's fastest algorithms
     compile_on = args.compile if args.compile is not None else not args.quick
     compile_note = None if compile_on else ("skipped (--quick; pass --compile)" if args.quick else
                                             "skipped (--no-compile)")
-    iters = args.iters or (QUICK_MODEL_ITERS if args.quick else MODEL_ITERS)
     if args.quick and device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
     torch.manual_seed(0)
 
-    parts, all_ok = [header(device, argv)], True
-    if run_ops:
-        rows, ok = bench_ops(args.ops or list(OPS), args.dtypes, args.batch, device, args.quick, compile_note)
-        parts += ["## Ops" + (" (--quick: tiny CPU shapes, a harness check)" if args.quick else ""),
-                  markdown_table(OP_COLUMNS, rows), OPS_LEGEND]
-        all_ok &= ok
-    if run_model:
-        what = ("ngf=4, ndf=4, resnet_6blocks, basic D, 32×32; --quick: a harness check" if args.quick else
-                "resnet_9blocks G ×2, basic D ×2, ngf=ndf=64, 256×256")
-        rows, ok = bench_model(args.batch, args.amp, device, args.quick, compile_note, iters)
-        parts += [f"## Model: one training iteration and G_A inference ({what})",
-                  markdown_table(MODEL_COLUMNS, rows), MODEL_LEGEND]
-        all_ok &= ok
-    elif args.quick and args.ops is None:
-        parts.append("Model section not run: under TRITON_INTERPRET=1 one fused training iteration takes minutes "
-                     "on a CPU. `TRITON_INTERPRET=0 python -m kernels.bench --quick` checks it on the PyTorch path; "
-                     "`--model` forces it.")
-    if not all_ok:
-        parts.append("**Some checks failed (✗ above).**")
-    report = "\n\n".join(parts) + "\n"
-    print(report, end="")
-    if args.out:
-        out_dir = os.path.dirname(args.out)
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(report)
-    return 0 if all_ok else 1
+    top = header(device, "python -m kernels.bench", argv)
+    rows: list[list[str]] = []
+
+    def report(ok: bool = True) -> str:
+        parts = [top, "## Ops" + (" (--quick: tiny CPU shapes, a harness check)" if args.quick else ""),
+                 markdown_table(OP_COLUMNS, rows), OPS_LEGEND]
+        if not ok:
+            parts.append("**Some checks failed (✗ above).**")
+        return "\n\n".join(parts) + "\n"
+
+    def partial() -> None:  # the report so far, in case the run is cut short
+        if args.out:
+            write_file(args.out, report())
+
+    ok = bench_ops(args.ops, args.dtypes, args.layouts, args.batch, device, args.quick, compile_note, args.budget,
+                   rows, partial)
+    write_report(report(ok), args.out)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -417,13 +417,17 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     x, _, slope = inputs
     _, mu, rstd = output
     ctx.mark_non_differentiable(mu, rstd)
+    # Their gradients stay None: materialized, they would be two zero-filled tensors (two kernel
+    # launches) per backward call for nothing.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, mu, rstd)
     ctx.slope = slope
 
 
 def _autograd_backward(ctx, dy: torch.Tensor, _dmu, _drstd) -> tuple[torch.Tensor | None, None, None]:
     x, mu, rstd = ctx.saved_tensors
-    dx = _instance_norm_act_backward(dy, x, mu, rstd, ctx.slope) if ctx.needs_input_grad[0] else None
+    need = ctx.needs_input_grad[0] and dy is not None
+    dx = _instance_norm_act_backward(dy, x, mu, rstd, ctx.slope) if need else None
     return dx, None, None
 
 

@@ -6,6 +6,7 @@ with G = G_A: A->B, F = G_B: B->A, D_A judging domain B, D_B judging domain A (o
 """
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from minicycle.pool import ImagePool
 LOSS_NAMES = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
 VISUAL_NAMES = ("real_A", "fake_B", "rec_A", "idt_B", "real_B", "fake_A", "rec_B", "idt_A")
 LR_POLICIES = ("linear", "step", "plateau", "cosine")
+PoolFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -117,19 +119,37 @@ class CycleGAN(nn.Module):
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.visuals: dict[str, torch.Tensor] = {}
+        self.capturable = False  # Adam's form; see set_capturable
         self.world = 1  # data-parallel ranks whose gradients are averaged before each step (train.py sets it)
 
     def nets(self) -> dict[str, nn.Module]:
         return {"G_A": self.netG_A, "G_B": self.netG_B, "D_A": self.netD_A, "D_B": self.netD_B}
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+    def _autocast(self, cache: bool = True):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                              cache_enabled=cache)
 
     def optimize(self, real_A: torch.Tensor, real_B: torch.Tensor) -> dict[str, float]:
         """One iteration in the official order: forward, G step (D frozen), then D step."""
+        losses = self.step(real_A.to(self.device), real_B.to(self.device), self._query_pools)
+        return dict(zip(LOSS_NAMES, losses.tolist()))  # one device sync
+
+    def _query_pools(self, fake_B: torch.Tensor, fake_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fake_B_pool.query(fake_B), self.fake_A_pool.query(fake_A)
+
+    def step(self, real_A: torch.Tensor, real_B: torch.Tensor, pools: PoolFn, graph_safe: bool = False) -> torch.Tensor:
+        """The iteration on device tensors, with no host sync: returns the 8 losses (LOSS_NAMES order)
+        as one fp32 tensor. pools(fake_B, fake_A) gives the (pooled) fakes D_A and D_B see.
+
+        graph_safe (for CUDA graph capture, minicycle/cuda_graph.py): autocast keeps no cache of
+        cast weights, as capture requires. Without the cache a weight used several times in one
+        autocast region is cast once per use, so under bf16 its gradient is summed in fp32 over the
+        uses rather than in bf16: the last bits differ (fp32 is unaffected). Gradients are set to
+        None as usual: under capture, backward then allocates them in the graph's own memory pool,
+        at addresses every replay reuses.
+        """
         cfg = self.cfg
-        real_A, real_B = real_A.to(self.device), real_B.to(self.device)
-        with self._autocast():
+        with self._autocast(not graph_safe):
             fake_B = self.netG_A(real_A)
             rec_A = self.netG_B(fake_B)
             fake_A = self.netG_B(real_B)
@@ -139,7 +159,7 @@ class CycleGAN(nn.Module):
         for p in itertools.chain(self.netD_A.parameters(), self.netD_B.parameters()):
             p.requires_grad_(False)
         self.optimizer_G.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self._autocast(not graph_safe):
             losses = {}
             if cfg.lambda_identity > 0:
                 idt_A = self.netG_A(real_B)
@@ -162,9 +182,8 @@ class CycleGAN(nn.Module):
         for p in itertools.chain(self.netD_A.parameters(), self.netD_B.parameters()):
             p.requires_grad_(True)
         self.optimizer_D.zero_grad(set_to_none=True)
-        pooled_B = self.fake_B_pool.query(fake_B)
-        pooled_A = self.fake_A_pool.query(fake_A)
-        with self._autocast():
+        pooled_B, pooled_A = pools(fake_B, fake_A)
+        with self._autocast(not graph_safe):
             losses["D_A"] = self._loss_D(self.netD_A, real_B, pooled_B)
             losses["D_B"] = self._loss_D(self.netD_B, real_A, pooled_A)
         self.scaler.scale(losses["D_A"] + losses["D_B"]).backward()
@@ -175,11 +194,24 @@ class CycleGAN(nn.Module):
         self.visuals = {"real_A": real_A, "fake_B": fake_B, "rec_A": rec_A, "idt_B": idt_B,
                         "real_B": real_B, "fake_A": fake_A, "rec_B": rec_B, "idt_A": idt_A}
         self.visuals = {k: v.detach() for k, v in self.visuals.items() if v is not None}
-        values = torch.stack([losses[k].detach().float() for k in LOSS_NAMES]).tolist()  # one device sync
-        return dict(zip(LOSS_NAMES, values))
+        return torch.stack([losses[k].detach().float() for k in LOSS_NAMES])
 
     def _loss_D(self, netD: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         return (self.criterionGAN(netD(real), True) + self.criterionGAN(netD(fake.detach()), False)) * 0.5
+
+    def set_capturable(self, capturable: bool) -> None:
+        """Adam in its capturable form (step counts on the device, bias corrections as tensor ops: no
+        host sync, as a CUDA graph needs; CUDA only) or the default one. The two round differently
+        (last bits). A loaded optimizer state carries the flag it was saved with, so
+        load_training_state applies this one again."""
+        self.capturable = capturable
+        for opt in (self.optimizer_G, self.optimizer_D):
+            for group in opt.param_groups:
+                group["capturable"] = capturable
+                for p in group["params"]:
+                    state = opt.state.get(p, {})
+                    if "step" in state:
+                        state["step"] = state["step"].to(p.device if capturable else "cpu")
 
     def step_schedulers(self, metric: float) -> float:
         """Called once at the end of every epoch; returns the learning rate for the next one."""
@@ -212,3 +244,4 @@ class CycleGAN(nn.Module):
         self.scaler.load_state_dict(state["scaler"])
         self.fake_A_pool.load_state_dict(state["fake_A_pool"], self.device)
         self.fake_B_pool.load_state_dict(state["fake_B_pool"], self.device)
+        self.set_capturable(self.capturable)

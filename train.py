@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from minicycle import datasets, networks
-from minicycle.checkpoint import CheckpointError, atomic_save, load_file
+from minicycle.checkpoint import CheckpointError, atomic_save, caused_by, load_file
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
 from minicycle.distributed import Dist, fingerprint
@@ -527,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {e.strerror or e}: {e.filename or ''} (the previous checkpoint is intact)",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C, or a library's own error while cleaning up after one
+        if not caused_by(e, KeyboardInterrupt):
+            raise
         print("train.py: aborted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
 

@@ -30,6 +30,10 @@ def atomic_save(obj, path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # A Ctrl-C inside torch.save leaves its zip writer mid-record; closing it then raises a
+        # RuntimeError with the KeyboardInterrupt as context: the user asked to stop, so stop.
+        if not isinstance(e, KeyboardInterrupt) and caused_by(e, KeyboardInterrupt):
+            raise KeyboardInterrupt from e
         # torch.save reports a failed write (disk full ...) as a RuntimeError of its zip writer, with the
         # OSError only as its context: raise the OSError itself, naming the file that was being written.
         err = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
@@ -37,6 +41,17 @@ def atomic_save(obj, path: str | Path) -> None:
             raise OSError(err.errno, err.strerror or str(err), str(path)) from e
         raise
     _fsync_dir(path.parent)
+
+
+def caused_by(e: BaseException, kind: type) -> bool:
+    """Whether `e` or any exception in its cause/context chain is a `kind`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -165,9 +165,12 @@ class FullDisk(io.RawIOBase):
         if len(b) > self.room:
             self.f.write(bytes(b[: self.room]))
             self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise self.failure()
         self.room -= len(b)
         return self.f.write(b)
+
+    def failure(self) -> BaseException:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def flush(self) -> None:
         self.f.flush()
@@ -179,6 +182,13 @@ class FullDisk(io.RawIOBase):
         if not self.closed:
             super().close()  # flushes
             self.f.close()
+
+
+class CtrlCMidWrite(FullDisk):
+    """A second Ctrl-C arriving while torch.save is in the middle of a record."""
+
+    def failure(self) -> BaseException:
+        return KeyboardInterrupt()
 
 
 def install_fault(fault: str, monkeypatch) -> None:
@@ -202,14 +212,14 @@ def install_fault(fault: str, monkeypatch) -> None:
     def disk_full_fdopen(fd, mode="r", *a, **k):
         f = real_fdopen(fd, mode, *a, **k)
         if "b" in mode and ".pth" in os.readlink(f"/proc/self/fd/{fd}"):
-            return FullDisk(f, room=4096)
+            return (CtrlCMidWrite if fault == "ctrl_c_mid_write" else FullDisk)(f, room=4096)
         return f
 
     if fault in ("crash_mid_torch_save", "crash_writing_first_net_file"):
         monkeypatch.setattr(torch, "save", save_dies_halfway)
     elif fault == "rename_fails":
         monkeypatch.setattr(os, "replace", replace_fails)
-    elif fault == "disk_full":
+    elif fault in ("disk_full", "ctrl_c_mid_write"):
         monkeypatch.setattr(os, "fdopen", disk_full_fdopen)
 
 
@@ -240,6 +250,25 @@ def test_failed_save_keeps_previous_checkpoint(fault, trained, tmp_path, torch_p
     # ... and the run resumes from what is there
     assert run_train(["--dataroot", str(dataroot), "--max_steps", "5", "--continue_train"], ckpt) == 0
     assert load_file(run / "latest_state.pth")["run"]["steps"] == 5
+
+
+def test_ctrl_c_in_the_middle_of_a_save_aborts_cleanly(trained, tmp_path, torch_path, monkeypatch, capsys,
+                                                       dataroot):
+    """torch.save's zip writer turns a Ctrl-C inside a record into a RuntimeError when it closes: the
+    run still stops as aborted (exit 130, one line), with no temp file and the previous checkpoint intact."""
+    ckpt = copy_run(trained, tmp_path)
+    run = ckpt / "t"
+    before = {p.name: p.read_bytes() for p in run.glob("latest_*.pth")}
+    with monkeypatch.context() as m:
+        install_fault("ctrl_c_mid_write", m)
+        capsys.readouterr()
+        code = run_train(["--dataroot", str(dataroot), "--save_latest_freq", "1", "--max_steps", "6",
+                          "--continue_train"], ckpt)
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1] == "train.py: aborted; the last saved checkpoint is intact"
+    assert stray_files(run) == []
+    assert {p.name: p.read_bytes() for p in run.glob("latest_*.pth")} == before
 
 
 class Payload:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, load_file
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
-from minicycle.distributed import Dist, fingerprint
+from minicycle.distributed import Dist, RanksDisagree, fingerprint
 from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
 from minicycle.report import save_image_atomic, training_page, write_text_atomic
 
@@ -177,8 +177,10 @@ class Trainer:
         Under torchrun every rank calls this (to hand over its image pools); rank 0 writes."""
         pools = self.dist.gather({"A": model.fake_A_pool.state_dict(), "B": model.fake_B_pool.state_dict()})
         prints = self.dist.gather(fingerprint(model.nets()))
-        if any(p != prints[0] for p in prints):
-            raise RuntimeError(f"ranks hold different weights ({prints}); refusing to save a diverged run")
+        differ = [k for i, k in enumerate(model.nets()) if len({p[i] for p in prints}) > 1]
+        if differ:
+            raise RanksDisagree(f"the ranks hold different {', '.join(differ)} weights; refusing to save a "
+                                f"diverged run (the last saved checkpoint in {self.dir} is intact)")
         self.saved_steps = run.steps
         if not self.dist.main:
             return
@@ -256,8 +258,8 @@ class Trainer:
                             f"with --netD {opt.netD} accepts")
         self._prepare_dir()
 
-        if opt.seed is None:
-            opt.seed = random.SystemRandom().randrange(2**31)
+        if opt.seed is None:  # rank 0 draws it; every rank needs it for the same init and data plan
+            opt.seed = self.dist.broadcast(random.SystemRandom().randrange(2**31) if self.dist.main else None)
         torch.manual_seed(opt.seed)
         cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
         model = CycleGAN(cfg, device, amp)
@@ -289,6 +291,7 @@ class Trainer:
             for k, net in model.nets().items():
                 load_into(net, self.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
             self.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
+        self.dist.broadcast_nets(list(model.nets().values()))
 
         log_path = self.dir / "loss_log.txt"
         if self.dist.main:
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_options(argv)
     try:
         return Trainer(opt).run()
-    except (DataError, CheckpointError, FloatingPointError, ValueError) as e:
+    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree) as e:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]

@@ -31,6 +31,7 @@ import infer
 import train
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, load_file, load_into
+from minicycle.distributed import Dist
 from minicycle.model import CycleGAN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,6 +414,19 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(trained, tmp_path,
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.glob("latest_*.pth")}
     assert after == before
     assert stray_files(run) == []
+
+
+def test_ranks_with_different_weights_stop_in_one_line(dataroot, tmp_path, capsys, monkeypatch, torch_path):
+    """The check before every save: a second rank whose weights differ stops the run with one line."""
+    real = Dist.gather
+
+    def with_a_diverged_rank(self, obj):
+        return real(self, obj) + [[v + 1 for v in obj] if isinstance(obj, list) else obj]
+
+    monkeypatch.setattr(Dist, "gather", with_a_diverged_rank)
+    expect_error(capsys, lambda: run_train(["--dataroot", str(dataroot), "--max_steps", "2"], tmp_path),
+                 "train.py", 1, "ranks hold different G_A, G_B, D_A, D_B weights", "refusing to save", str(tmp_path))
+    assert not (tmp_path / "t" / "latest_state.pth").exists()
 
 
 def test_huge_lr_diverges_without_saving_nan_weights(dataroot, tmp_path, capsys, torch_path):

@@ -29,7 +29,7 @@ from minicycle.report import save_image_atomic, training_page, write_text_atomic
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
 # Any flag given explicitly wins over these.
 BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=16, ndf=16,
-                      n_epochs=4, n_epochs_decay=3, batch_size=1, num_threads=0, print_freq=100,
+                      n_epochs=4, n_epochs_decay=3, batch_size=1, print_freq=100,
                       save_epoch_freq=4)
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
       choices=("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"))
     a("--no_flip", action="store_true", default=False, help="no random horizontal flips")
     a("--serial_batches", action="store_true", default=False, help="take images in order, pair A[i] with B[i]")
-    a("--num_threads", type=int, default=4, help="data loading worker processes")
+    a("--num_threads", type=int, default=None,
+      help="data loading worker processes (default: 0 on a CPU, where the step needs every core; "
+           "up to 8 on a GPU, one core per rank left to drive it)")
     a("--max_dataset_size", type=float, default=float("inf"), help="use at most this many images per domain")
     a("--phase", default="train", help="subfolder prefix: <phase>A, <phase>B")
     a("--continue_train", action="store_true", default=False, help="resume the run in checkpoints_dir/name")
@@ -111,7 +113,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
                  "save_epoch_freq", "save_latest_freq", "input_nc", "output_nc", "n_layers_D"):
         if getattr(opt, flag) < (0 if flag == "n_epochs_decay" else 1):
             raise SystemExit(f"train.py: error: --{flag} must be positive, got {getattr(opt, flag)}")
-    if opt.n_epochs < 0 or opt.num_threads < 0 or opt.pool_size < 0:
+    if opt.n_epochs < 0 or (opt.num_threads or 0) < 0 or opt.pool_size < 0:
         raise SystemExit("train.py: error: --n_epochs, --num_threads and --pool_size must be >= 0")
     if opt.max_steps is not None and opt.max_steps < 1:
         raise SystemExit(f"train.py: error: --max_steps must be >= 1, got {opt.max_steps}")
@@ -124,6 +126,22 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
+
+
+def choose_parallelism(num_threads: int | None, device: torch.device, ranks_here: int) -> tuple[int, int]:
+    """(data-loading workers, torch intra-op threads) for one rank. An explicit --num_threads wins.
+    On a CPU, loading a training image costs a small fraction of a step and a worker process takes
+    cores from the step's threads: images load in the main process. On a GPU, workers load the next
+    batches while the device computes, with one of the rank's cores left to drive the device.
+    Torch's thread count is only ever lowered: to the cores the workers leave free."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, cpus // ranks_here)
+    if num_threads is None:
+        num_threads = 0 if device.type == "cpu" else min(8, max(1, cores - 1))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        threads = min(threads, max(1, cores - num_threads))
+    return num_threads, threads
 
 
 def options_of(opt: argparse.Namespace) -> dict:
@@ -231,8 +249,6 @@ class Trainer:
             opt.dataroot = str(datasets.ensure_synthetic())
             if self.dist.main:
                 self.dist.barrier()
-            self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
-                     f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
         elif not Path(opt.dataroot).is_dir():
             raise DataError(datasets.missing_dataroot_message(opt.dataroot))
         state = None
@@ -273,6 +289,16 @@ class Trainer:
             if opt.norm == "batch":
                 for net in model.nets().values():
                     torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        workers, threads = choose_parallelism(opt.num_threads, device, self.dist.local_world)
+        n_params = sum(p.numel() for p in model.netG_A.parameters())
+        ranks = f" x {self.dist.world} ranks" if self.dist.enabled else ""
+        chosen = "" if opt.num_threads is None else " from --num_threads"
+        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks} "
+                 f"(torch threads: {threads}, data-loading workers: {workers}{chosen}{' per rank' if ranks else ''}); "
+                 f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
+        if opt.builtin:
+            self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
+                     f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
         run = Run(opt.epoch_count, opt.seed)
         if state is not None:
             model.load_training_state(state["model"])
@@ -298,12 +324,10 @@ class Trainer:
             write_options(opt, self.dir / "train_opt.txt")
             with open(log_path, "a") as f:
                 f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
-        n_params = sum(p.numel() for p in model.netG_A.parameters())
-        ranks = f" x {self.dist.world} ranks" if self.dist.enabled else ""
-        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks}; "
-                 f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
 
         last_epoch = opt.n_epochs + opt.n_epochs_decay
+        self.workers, threads_before = workers, torch.get_num_threads()
+        torch.set_num_threads(threads)
         self._install_signal_handlers()
         try:
             while run.epoch <= last_epoch:
@@ -326,6 +350,7 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            torch.set_num_threads(threads_before)  # for callers of main() in the same process
             self.dist.close()
         if self.dist.main and not opt.no_html and outcome != "finished":
             self._write_page(model, run, run.epoch)
@@ -357,8 +382,7 @@ class Trainer:
             if world > 1 and len(chunk) < size:
                 chunk = chunk + (plan * size)[:size - len(chunk)]
             batches.append(chunk[self.dist.rank::world] if world > 1 else chunk)
-        workers = min(opt.num_threads, os.cpu_count() or 1)  # more workers than cores only slows loading
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                                              collate_fn=collate_batch,
                                              pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
         last_epoch = opt.n_epochs + opt.n_epochs_decay

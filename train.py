@@ -180,6 +180,7 @@ class Trainer:
         self.opt = opt
         self.dir = Path(opt.checkpoints_dir) / opt.name
         self.state_path = self.dir / "latest_state.pth"
+        self.log_path = self.dir / "loss_log.txt"
         self.stop_signal: str | None = None
         self.dist = Dist()
         self.saved_steps = -1  # run.steps at the last save, so a stop right after one does not save twice
@@ -204,7 +205,8 @@ class Trainer:
             return
         state = {"format": "minicycle-train-state/1", "options": options_of(self.opt), "run": run.state(),
                  "model": model.training_state(), "pools_by_rank": pools, "rng": {"torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                 "log_bytes": self.log_path.stat().st_size if self.log_path.exists() else 0}
         tmp_target = self.state_path.with_name("latest_state.next.pth")
         atomic_save(state, tmp_target)
         if self.state_path.exists():
@@ -319,9 +321,11 @@ class Trainer:
             self.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
         self.dist.broadcast_nets(list(model.nets().values()))
 
-        log_path = self.dir / "loss_log.txt"
+        log_path = self.log_path
         if self.dist.main:
             write_options(opt, self.dir / "train_opt.txt")
+            if state is not None:
+                self._cut_log(state.get("log_bytes"))
             with open(log_path, "a") as f:
                 f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
 
@@ -461,6 +465,15 @@ class Trainer:
         order = {k: i for i, k in enumerate(model.visuals)}
         ordered = [(e, sorted(fs, key=lambda n: order.get(n[9:-4], 99))) for e, fs in rows.items()]
         training_page(web, self.opt.name, ordered, run.history)
+
+    def _cut_log(self, size: int | None) -> None:
+        """Drop the loss_log.txt lines written after the state being resumed was saved (by a run stopped or
+        killed later, or when an older state is resumed), so that each iteration's line appears once."""
+        if size is None or not self.log_path.exists():
+            return
+        data = self.log_path.read_bytes()
+        if len(data) > size:
+            write_text_atomic(self.log_path, data[:size].decode("utf-8", errors="replace"))
 
     def _prepare_dir(self) -> None:
         try:

@@ -14,6 +14,7 @@ import errno
 import io
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -414,6 +415,27 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(trained, tmp_path,
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.glob("latest_*.pth")}
     assert after == before
     assert stray_files(run) == []
+
+
+def logged_iterations(log: str) -> list[tuple[int, int]]:
+    return [(int(e), int(i)) for e, i in re.findall(r"^\(epoch: (\d+), iters: (\d+),", log, re.M)]
+
+
+def test_resume_from_an_older_state_logs_each_iteration_once(dataroot, tmp_path, torch_path):
+    """Lines logged after the resumed state was saved (here: iteration 5, when the newest state is lost and
+    the one of iteration 4 is resumed) are cut from loss_log.txt before the run goes on."""
+    common = ["--dataroot", str(dataroot), "--print_freq", "1", "--save_latest_freq", "2"]
+    assert run_train(common + ["--max_steps", "5"], tmp_path) == 0
+    run = tmp_path / "t"
+    assert logged_iterations((run / "loss_log.txt").read_text()) == [(1, i) for i in range(1, 6)]
+    (run / "latest_state.pth").unlink()  # resumes latest_state.prev.pth: iteration 4
+    assert run_train(common + ["--max_steps", "7", "--continue_train"], tmp_path) == 0
+    log = (run / "loss_log.txt").read_text()
+    assert logged_iterations(log) == [(1, i) for i in range(1, 8)]
+    assert log.count("================ Training Loss (") == 2  # the resume is marked
+    # resuming the newest state cuts nothing
+    assert run_train(common + ["--max_steps", "8", "--continue_train"], tmp_path) == 0
+    assert logged_iterations((run / "loss_log.txt").read_text()) == [(1, i) for i in range(1, 9)]
 
 
 def test_ranks_with_different_weights_stop_in_one_line(dataroot, tmp_path, capsys, monkeypatch, torch_path):

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -105,6 +106,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     explicit = {x.dest for x in parser._actions if given & set(x.option_strings)}
     opt.builtin = opt.dataroot is None
     opt._explicit = sorted(explicit)  # underscore: not an option, not saved; resume needs to know it
+    opt._argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command
     if opt.builtin:
         for k, v in BUILTIN_PRESET.items():
             if k not in explicit:
@@ -142,6 +144,12 @@ def choose_parallelism(num_threads: int | None, device: torch.device, ranks_here
     if device.type == "cpu":
         threads = min(threads, max(1, cores - num_threads))
     return num_threads, threads
+
+
+def resume_command(argv: list[str], nproc: int) -> str:
+    """The command that resumes this run, shell-quoted so that paths with spaces survive copy and paste."""
+    launcher = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else ["python"]
+    return shlex.join(launcher + ["train.py"] + [a for a in argv if a != "--continue_train"] + ["--continue_train"])
 
 
 def options_of(opt: argparse.Namespace) -> dict:
@@ -360,10 +368,10 @@ class Trainer:
             self._write_page(model, run, run.epoch)
         if not self.dist.main:
             return 0
-        resume = "python train.py " + " ".join(a for a in sys.argv[1:] if a != "--continue_train")
+        resume = resume_command(opt._argv, self.dist.local_world if self.dist.enabled else 1)
         if outcome == "signal":
             print(f"stopped by {self.stop_signal} at epoch {run.epoch}, iteration {run.steps}; state saved in "
-                  f"{self.dir}. Resume with: {resume} --continue_train")
+                  f"{self.dir}. Resume with: {resume}")
         elif outcome == "max_steps":
             print(f"reached --max_steps {opt.max_steps}; state saved in {self.dir} (resume with --continue_train "
                   f"and a larger --max_steps)")

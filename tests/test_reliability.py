@@ -15,6 +15,7 @@ import io
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -342,7 +343,7 @@ def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_finishes_step_saves_and_resumes_exactly(sig, dataroot, tmp_path, torch_path):
-    ckpt = tmp_path / "ckpt"
+    ckpt = tmp_path / "check points"  # the printed resume command must survive a space in a path
     common = TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(ckpt), "--name", "t",
                      "--pool_size", "3", "--print_freq", "2"]
     proc = start_training(common + ["--max_steps", "100000"], tmp_path)
@@ -358,12 +359,14 @@ def test_signal_finishes_step_saves_and_resumes_exactly(sig, dataroot, tmp_path,
     assert "Traceback" not in err
     stop = [s for s in out.splitlines() if s.startswith("stopped by")]
     assert len(stop) == 1 and f"stopped by {sig.name} at epoch 1, iteration" in stop[0], out
-    assert "Resume with: python train.py " in stop[0] and stop[0].endswith("--continue_train")
+    resume = shlex.split(stop[0].split("Resume with: ", 1)[1])
+    assert resume == ["python", "train.py", *common, "--max_steps", "100000", "--continue_train"], stop[0]
     steps = load_file(ckpt / "t" / "latest_state.pth")["run"]["steps"]
     assert f"iteration {steps};" in stop[0] and steps >= 1
     assert_nets_load_strictly(ckpt / "t")
-    # the resumed run continues from that step, and equals an uninterrupted run bitwise
-    assert train.main(common + ["--max_steps", str(steps + 2), "--continue_train"]) == 0
+    # the printed command resumes from that step, and equals an uninterrupted run bitwise
+    resume[resume.index("--max_steps") + 1] = str(steps + 2)
+    assert train.main(resume[2:]) == 0
     assert train.main(common + ["--max_steps", str(steps + 2), "--name", "straight"]) == 0
     a, b = load_file(ckpt / "t" / "latest_state.pth"), load_file(ckpt / "straight" / "latest_state.pth")
     assert a["run"]["steps"] == b["run"]["steps"] == steps + 2

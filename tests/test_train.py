@@ -1,6 +1,7 @@
 """train.py and infer.py through their real entry points, on tiny images."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,14 @@ def test_builtin_preset_only_fills_unset_flags():
     opt = train.parse_options(["--dataroot", "x"])
     assert not opt.builtin and opt.ngf == 64 and opt.crop_size == 256 and opt.name == "experiment_name"
     assert train.parse_options([]).num_threads is None  # the workers are chosen for the device, preset or not
+
+
+def test_resume_command_is_quoted_for_the_shell():
+    argv = ["--dataroot", "my data/h2z", "--name=it's", "--continue_train", "--max_steps", "9"]
+    one, two = train.resume_command(argv, 1), train.resume_command(argv, 2)
+    assert shlex.split(one) == ["python", "train.py", "--dataroot", "my data/h2z", "--name=it's", "--max_steps", "9",
+                                "--continue_train"]
+    assert shlex.split(two) == ["torchrun", "--nproc_per_node", "2"] + shlex.split(one)[1:]
 
 
 def test_workers_and_threads_follow_the_device_and_the_cores(monkeypatch):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
-from minicycle.data import DataError, ImageFolder, image_to_tensor, tensor_to_image
+from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
 from minicycle.report import results_page, save_image_atomic
 
 
@@ -133,7 +133,8 @@ def translate(opt: argparse.Namespace) -> int:
         raise DataError("--batch_size and --load_size must be positive")
     ckpt, source, truth, name = resolve(opt)
     net = build_generator(opt, ckpt, device)
-    images = ImageFolder(source, channels=net.input_nc, max_images=opt.num_test or float("inf"))
+    paths = ImageFolder(source).paths
+    limit = opt.num_test or float("inf")
 
     if opt.output:
         out_dir, img_dir = Path(opt.output), Path(opt.output)
@@ -169,8 +170,17 @@ def translate(opt: argparse.Namespace) -> int:
                 baselines.append(np.abs(np.asarray(img.resize(fake.size, Image.BICUBIC), dtype=np.float64) - t).mean())
         pending.clear()
 
-    for i in range(len(images)):
-        img, path = images[i]
+    done, unreadable = 0, []
+    for path in paths:
+        if done == limit:
+            break
+        try:
+            img = load_image(path, net.input_nc)
+        except DataError as e:
+            print(f"infer.py: warning: {e}; skipping it", file=sys.stderr)
+            unreadable.append(path)
+            continue
+        done += 1
         if opt.preprocess == "resize":
             img = img.resize((opt.load_size, opt.load_size), Image.BICUBIC)
         x = image_to_tensor(img)
@@ -180,9 +190,12 @@ def translate(opt: argparse.Namespace) -> int:
     if pending:
         flush()
 
+    if not done:
+        raise DataError(f"none of the {len(unreadable)} images in {source} can be read")
     if not opt.output:
         results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows)
-    print(f"translated {len(images)} images {opt.direction} with {ckpt} -> {out_dir}")
+    skipped = f" ({len(unreadable)} unreadable, skipped)" if unreadable else ""
+    print(f"translated {done} images {opt.direction} with {ckpt} -> {out_dir}{skipped}")
     if errors:
         print(f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  "
               f"(identity baseline: {np.mean(baselines):.2f}) over {len(errors)} images")

@@ -786,9 +786,30 @@ def test_infer_bad_paths_one_line(tmp_path, capsys, torch_path):
     expect_error(capsys, lambda: infer.main(["--name", "nothing_here", "--checkpoints_dir", str(tmp_path),
                                              "--input", str(tmp_path / "in")]),
                  "infer.py", 1, "latest_net_G_A.pth", "not found")
-    (tmp_path / "in" / "broken.png").write_bytes(b"nope")
-    expect_error(capsys, lambda: infer.main(base + ["--output", str(tmp_path / "out")]), "infer.py", 1,
-                 "broken.png")
+
+
+def test_infer_skips_unreadable_images(tmp_path, capsys, torch_path):
+    g = save_generator(tmp_path / "g.pth")
+    folder = image_folder(tmp_path / "in", {"b.png": noise(32, 32, 0), "c.png": noise(32, 32, 1)})
+    (folder / "a_truncated.png").write_bytes((folder / "b.png").read_bytes()[:60])
+    (folder / "broken.png").write_bytes(b"nope")
+    capsys.readouterr()
+    assert infer.main(["--checkpoint", str(g), "--input", str(folder), "--output", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    warnings = err.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("infer.py: warning: cannot read image") for w in warnings), err
+    assert "a_truncated.png" in warnings[0] and "broken.png" in warnings[1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "c.png"]
+    assert "translated 2 images" in out and "2 unreadable, skipped" in out
+    # --num_test counts translations, not files: the first file is unreadable, yet one image is translated
+    assert infer.main(["--checkpoint", str(g), "--input", str(folder), "--output", str(tmp_path / "one"),
+                       "--num_test", "1"]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["b.png"]
+    # nothing readable: one line, exit 1
+    for f in ("b.png", "c.png"):
+        (folder / f).unlink()
+    expect_error(capsys, lambda: infer.main(["--checkpoint", str(g), "--input", str(folder)]),
+                 "infer.py", 1, "none of the 2 images in", str(folder))
 
 
 def test_infer_resize_to_size_not_divisible_by_4(tmp_path, torch_path):

@@ -124,6 +124,19 @@ def resolve(opt: argparse.Namespace) -> tuple[Path, Path, Path | None, str]:
     return ckpt, source, truth, name
 
 
+def read_truth(folder: Path | None, name: str, like: Image.Image) -> Image.Image | None:
+    """The correct translation of input `name` from the truth folder, in `like`'s mode and size;
+    None when there is none (or it cannot be read, with a warning)."""
+    if folder is None or not (folder / name).is_file():
+        return None
+    try:
+        target = load_image(folder / name, 3 if like.mode == "RGB" else 1)
+    except DataError as e:
+        print(f"infer.py: warning: {e}; no error measured for {name}", file=sys.stderr)
+        return None
+    return target.resize(like.size, Image.BICUBIC)
+
+
 def translate(opt: argparse.Namespace) -> int:
     if opt.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
@@ -159,15 +172,20 @@ def translate(opt: argparse.Namespace) -> int:
             stem = Path(path).stem
             if opt.output:
                 save_image_atomic(fake, img_dir / f"{stem}.png")
-            else:
-                save_image_atomic(img, img_dir / f"{stem}_real.png")
-                save_image_atomic(fake, img_dir / f"{stem}_fake.png")
+                continue
+            save_image_atomic(img, img_dir / f"{stem}_real.png")
+            save_image_atomic(fake, img_dir / f"{stem}_fake.png")
+            target = read_truth(truth, Path(path).name, fake)
+            if target is None:
                 rows.append((stem, [("real", f"images/{stem}_real.png"), ("fake", f"images/{stem}_fake.png")]))
-            if truth is not None and (truth / Path(path).name).exists():
-                target = Image.open(truth / Path(path).name).convert(fake.mode).resize(fake.size, Image.BICUBIC)
-                t = np.asarray(target, dtype=np.float64)
-                errors.append(np.abs(np.asarray(fake, dtype=np.float64) - t).mean())
-                baselines.append(np.abs(np.asarray(img.resize(fake.size, Image.BICUBIC), dtype=np.float64) - t).mean())
+                continue
+            t = np.asarray(target, dtype=np.float64)
+            errors.append(np.abs(np.asarray(fake, dtype=np.float64) - t).mean())
+            baselines.append(np.abs(np.asarray(img.resize(fake.size, Image.BICUBIC), dtype=np.float64) - t).mean())
+            save_image_atomic(target, img_dir / f"{stem}_truth.png")
+            rows.append((stem, [(f"real (identity error {baselines[-1]:.1f})", f"images/{stem}_real.png"),
+                                (f"fake (error {errors[-1]:.1f})", f"images/{stem}_fake.png"),
+                                ("truth", f"images/{stem}_truth.png")]))
         pending.clear()
 
     done, unreadable = 0, []
@@ -192,13 +210,14 @@ def translate(opt: argparse.Namespace) -> int:
 
     if not done:
         raise DataError(f"none of the {len(unreadable)} images in {source} can be read")
+    score = (f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  (identity baseline: "
+             f"{np.mean(baselines):.2f}) over {len(errors)} images") if errors else ""
     if not opt.output:
-        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows)
+        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows, summary=score)
     skipped = f" ({len(unreadable)} unreadable, skipped)" if unreadable else ""
     print(f"translated {done} images {opt.direction} with {ckpt} -> {out_dir}{skipped}")
-    if errors:
-        print(f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  "
-              f"(identity baseline: {np.mean(baselines):.2f}) over {len(errors)} images")
+    if score:
+        print(score)
     return 0
 
 

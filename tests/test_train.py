@@ -1,6 +1,7 @@
 """train.py and infer.py through their real entry points, on tiny images."""
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -57,6 +58,14 @@ def test_end_to_end_scripts(dataroot, tmp_path):
     assert "error vs truth" in out.stdout and "identity baseline" in out.stdout
     res = results / "e2e" / "test_latest"
     assert (res / "index.html").is_file() and len(list((res / "images").glob("*_fake.png"))) == 4
+    # the page shows the truth beside real and fake, each image's error, and the mean
+    page = (res / "index.html").read_text()
+    assert len(list((res / "images").glob("*_truth.png"))) == 4 and page.count("_truth.png'") == 4
+    errors = [float(e) for e in re.findall(r"fake \(error ([\d.]+)\)", page)]
+    assert len(errors) == 4 and len(re.findall(r"real \(identity error [\d.]+\)", page)) == 4
+    mean = re.search(r"error vs truth \(0-255\): ([\d.]+)", out.stdout).group(1)
+    assert f"error vs truth (0-255): {mean}" in page
+    assert abs(sum(errors) / 4 - float(mean)) <= 0.05
 
 
 def test_saved_generators_use_official_keys_and_round_trip(dataroot, tmp_path, torch_path):

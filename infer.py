@@ -19,7 +19,7 @@ from PIL import Image
 
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
-from minicycle.data import DataError, ImageFolder, image_to_tensor, tensor_to_image
+from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
 from minicycle.report import results_page, save_image_atomic
 
 
@@ -124,6 +124,19 @@ def resolve(opt: argparse.Namespace) -> tuple[Path, Path, Path | None, str]:
     return ckpt, source, truth, name
 
 
+def read_truth(folder: Path | None, name: str, like: Image.Image) -> Image.Image | None:
+    """The correct translation of input `name` from the truth folder, in `like`'s mode and size;
+    None when there is none (or it cannot be read, with a warning)."""
+    if folder is None or not (folder / name).is_file():
+        return None
+    try:
+        target = load_image(folder / name, 3 if like.mode == "RGB" else 1)
+    except DataError as e:
+        print(f"infer.py: warning: {e}; no error measured for {name}", file=sys.stderr)
+        return None
+    return target.resize(like.size, Image.BICUBIC)
+
+
 def translate(opt: argparse.Namespace) -> int:
     if opt.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
@@ -133,7 +146,8 @@ def translate(opt: argparse.Namespace) -> int:
         raise DataError("--batch_size and --load_size must be positive")
     ckpt, source, truth, name = resolve(opt)
     net = build_generator(opt, ckpt, device)
-    images = ImageFolder(source, channels=net.input_nc, max_images=opt.num_test or float("inf"))
+    paths = ImageFolder(source).paths
+    limit = opt.num_test or float("inf")
 
     if opt.output:
         out_dir, img_dir = Path(opt.output), Path(opt.output)
@@ -158,19 +172,33 @@ def translate(opt: argparse.Namespace) -> int:
             stem = Path(path).stem
             if opt.output:
                 save_image_atomic(fake, img_dir / f"{stem}.png")
-            else:
-                save_image_atomic(img, img_dir / f"{stem}_real.png")
-                save_image_atomic(fake, img_dir / f"{stem}_fake.png")
+                continue
+            save_image_atomic(img, img_dir / f"{stem}_real.png")
+            save_image_atomic(fake, img_dir / f"{stem}_fake.png")
+            target = read_truth(truth, Path(path).name, fake)
+            if target is None:
                 rows.append((stem, [("real", f"images/{stem}_real.png"), ("fake", f"images/{stem}_fake.png")]))
-            if truth is not None and (truth / Path(path).name).exists():
-                target = Image.open(truth / Path(path).name).convert(fake.mode).resize(fake.size, Image.BICUBIC)
-                t = np.asarray(target, dtype=np.float64)
-                errors.append(np.abs(np.asarray(fake, dtype=np.float64) - t).mean())
-                baselines.append(np.abs(np.asarray(img.resize(fake.size, Image.BICUBIC), dtype=np.float64) - t).mean())
+                continue
+            t = np.asarray(target, dtype=np.float64)
+            errors.append(np.abs(np.asarray(fake, dtype=np.float64) - t).mean())
+            baselines.append(np.abs(np.asarray(img.resize(fake.size, Image.BICUBIC), dtype=np.float64) - t).mean())
+            save_image_atomic(target, img_dir / f"{stem}_truth.png")
+            rows.append((stem, [(f"real (identity error {baselines[-1]:.1f})", f"images/{stem}_real.png"),
+                                (f"fake (error {errors[-1]:.1f})", f"images/{stem}_fake.png"),
+                                ("truth", f"images/{stem}_truth.png")]))
         pending.clear()
 
-    for i in range(len(images)):
-        img, path = images[i]
+    done, unreadable = 0, []
+    for path in paths:
+        if done == limit:
+            break
+        try:
+            img = load_image(path, net.input_nc)
+        except DataError as e:
+            print(f"infer.py: warning: {e}; skipping it", file=sys.stderr)
+            unreadable.append(path)
+            continue
+        done += 1
         if opt.preprocess == "resize":
             img = img.resize((opt.load_size, opt.load_size), Image.BICUBIC)
         x = image_to_tensor(img)
@@ -180,12 +208,16 @@ def translate(opt: argparse.Namespace) -> int:
     if pending:
         flush()
 
+    if not done:
+        raise DataError(f"none of the {len(unreadable)} images in {source} can be read")
+    score = (f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  (identity baseline: "
+             f"{np.mean(baselines):.2f}) over {len(errors)} images") if errors else ""
     if not opt.output:
-        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows)
-    print(f"translated {len(images)} images {opt.direction} with {ckpt} -> {out_dir}")
-    if errors:
-        print(f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  "
-              f"(identity baseline: {np.mean(baselines):.2f}) over {len(errors)} images")
+        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows, summary=score)
+    skipped = f" ({len(unreadable)} unreadable, skipped)" if unreadable else ""
+    print(f"translated {done} images {opt.direction} with {ckpt} -> {out_dir}{skipped}")
+    if score:
+        print(score)
     return 0
 
 

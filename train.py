@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -23,14 +24,14 @@ from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, caused_by, load_file
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
-from minicycle.distributed import Dist, fingerprint
+from minicycle.distributed import Dist, RanksDisagree, fingerprint
 from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
 from minicycle.report import save_image_atomic, training_page, write_text_atomic
 
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
 # Any flag given explicitly wins over these.
 BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=16, ndf=16,
-                      n_epochs=4, n_epochs_decay=3, batch_size=1, num_threads=0, print_freq=100,
+                      n_epochs=4, n_epochs_decay=3, batch_size=1, print_freq=100,
                       save_epoch_freq=4)
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
       choices=("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"))
     a("--no_flip", action="store_true", default=False, help="no random horizontal flips")
     a("--serial_batches", action="store_true", default=False, help="take images in order, pair A[i] with B[i]")
-    a("--num_threads", type=int, default=4, help="data loading worker processes")
+    a("--num_threads", type=int, default=None,
+      help="data loading worker processes (default: 0 on a CPU, where the step needs every core; "
+           "up to 8 on a GPU, one core per rank left to drive it)")
     a("--max_dataset_size", type=float, default=float("inf"), help="use at most this many images per domain")
     a("--phase", default="train", help="subfolder prefix: <phase>A, <phase>B")
     a("--continue_train", action="store_true", default=False, help="resume the run in checkpoints_dir/name")
@@ -107,6 +110,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     explicit = {x.dest for x in parser._actions if given & set(x.option_strings)}
     opt.builtin = opt.dataroot is None
     opt._explicit = sorted(explicit)  # underscore: not an option, not saved; resume needs to know it
+    opt._argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command
     if opt.builtin:
         for k, v in BUILTIN_PRESET.items():
             if k not in explicit:
@@ -115,7 +119,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
                  "save_epoch_freq", "save_latest_freq", "input_nc", "output_nc", "n_layers_D"):
         if getattr(opt, flag) < (0 if flag == "n_epochs_decay" else 1):
             raise SystemExit(f"train.py: error: --{flag} must be positive, got {getattr(opt, flag)}")
-    if opt.n_epochs < 0 or opt.num_threads < 0 or opt.pool_size < 0:
+    if opt.n_epochs < 0 or (opt.num_threads or 0) < 0 or opt.pool_size < 0:
         raise SystemExit("train.py: error: --n_epochs, --num_threads and --pool_size must be >= 0")
     if opt.max_steps is not None and opt.max_steps < 1:
         raise SystemExit(f"train.py: error: --max_steps must be >= 1, got {opt.max_steps}")
@@ -134,6 +138,28 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
+
+
+def choose_parallelism(num_threads: int | None, device: torch.device, ranks_here: int) -> tuple[int, int]:
+    """(data-loading workers, torch intra-op threads) for one rank. An explicit --num_threads wins.
+    On a CPU, loading a training image costs a small fraction of a step and a worker process takes
+    cores from the step's threads: images load in the main process. On a GPU, workers load the next
+    batches while the device computes, with one of the rank's cores left to drive the device.
+    Torch's thread count is only ever lowered: to the cores the workers leave free."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, cpus // ranks_here)
+    if num_threads is None:
+        num_threads = 0 if device.type == "cpu" else min(8, max(1, cores - 1))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        threads = min(threads, max(1, cores - num_threads))
+    return num_threads, threads
+
+
+def resume_command(argv: list[str], nproc: int) -> str:
+    """The command that resumes this run, shell-quoted so that paths with spaces survive copy and paste."""
+    launcher = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else ["python"]
+    return shlex.join(launcher + ["train.py"] + [a for a in argv if a != "--continue_train"] + ["--continue_train"])
 
 
 def options_of(opt: argparse.Namespace) -> dict:
@@ -172,6 +198,7 @@ class Trainer:
         self.opt = opt
         self.dir = Path(opt.checkpoints_dir) / opt.name
         self.state_path = self.dir / "latest_state.pth"
+        self.log_path = self.dir / "loss_log.txt"
         self.stop_signal: str | None = None
         self.dist = Dist()
         self.saved_steps = -1  # run.steps at the last save, so a stop right after one does not save twice
@@ -188,14 +215,17 @@ class Trainer:
         Under torchrun every rank calls this (to hand over its image pools); rank 0 writes."""
         pools = self.dist.gather({"A": model.fake_A_pool.state_dict(), "B": model.fake_B_pool.state_dict()})
         prints = self.dist.gather(fingerprint(model.nets()))
-        if any(p != prints[0] for p in prints):
-            raise RuntimeError(f"ranks hold different weights ({prints}); refusing to save a diverged run")
+        differ = [k for i, k in enumerate(model.nets()) if len({p[i] for p in prints}) > 1]
+        if differ:
+            raise RanksDisagree(f"the ranks hold different {', '.join(differ)} weights; refusing to save a "
+                                f"diverged run (the last saved checkpoint in {self.dir} is intact)")
         self.saved_steps = run.steps
         if not self.dist.main:
             return
         state = {"format": "minicycle-train-state/1", "options": options_of(self.opt), "run": run.state(),
                  "model": model.training_state(), "pools_by_rank": pools, "rng": {"torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                 "log_bytes": self.log_path.stat().st_size if self.log_path.exists() else 0}
         tmp_target = self.state_path.with_name("latest_state.next.pth")
         atomic_save(state, tmp_target)
         if self.state_path.exists():
@@ -242,8 +272,6 @@ class Trainer:
             opt.dataroot = str(datasets.ensure_synthetic())
             if self.dist.main:
                 self.dist.barrier()
-            self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
-                     f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
         elif not Path(opt.dataroot).is_dir():
             raise DataError(datasets.missing_dataroot_message(opt.dataroot))
         state = None
@@ -269,8 +297,8 @@ class Trainer:
                             f"with --netD {opt.netD} accepts")
         self._prepare_dir()
 
-        if opt.seed is None:
-            opt.seed = random.SystemRandom().randrange(2**31)
+        if opt.seed is None:  # rank 0 draws it; every rank needs it for the same init and data plan
+            opt.seed = self.dist.broadcast(random.SystemRandom().randrange(2**31) if self.dist.main else None)
         torch.manual_seed(opt.seed)
         cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
         model = CycleGAN(cfg, device, amp)
@@ -289,6 +317,16 @@ class Trainer:
             if opt.norm == "batch":
                 for net in model.nets().values():
                     torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        workers, threads = choose_parallelism(opt.num_threads, device, self.dist.local_world)
+        n_params = sum(p.numel() for p in model.netG_A.parameters())
+        ranks = f" x {self.dist.world} ranks" if self.dist.enabled else ""
+        chosen = "" if opt.num_threads is None else " from --num_threads"
+        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks} "
+                 f"(torch threads: {threads}, data-loading workers: {workers}{chosen}{' per rank' if ranks else ''}); "
+                 f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
+        if opt.builtin:
+            self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
+                     f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
         run = Run(opt.epoch_count, opt.seed)
         if state is not None:
             model.load_training_state(state["model"])
@@ -307,18 +345,19 @@ class Trainer:
             for k, net in model.nets().items():
                 load_into(net, self.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
             self.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
+        self.dist.broadcast_nets(list(model.nets().values()))
 
-        log_path = self.dir / "loss_log.txt"
+        log_path = self.log_path
         if self.dist.main:
             write_options(opt, self.dir / "train_opt.txt")
+            if state is not None:
+                self._cut_log(state.get("log_bytes"))
             with open(log_path, "a") as f:
                 f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
-        n_params = sum(p.numel() for p in model.netG_A.parameters())
-        ranks = f" x {self.dist.world} ranks" if self.dist.enabled else ""
-        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks}; "
-                 f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
 
         last_epoch = opt.n_epochs + opt.n_epochs_decay
+        self.workers, threads_before = workers, torch.get_num_threads()
+        torch.set_num_threads(threads)
         self._install_signal_handlers()
         try:
             while run.epoch <= last_epoch:
@@ -341,15 +380,16 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            torch.set_num_threads(threads_before)  # for callers of main() in the same process
             self.dist.close()
         if self.dist.main and not opt.no_html and outcome != "finished":
             self._write_page(model, run, run.epoch)
         if not self.dist.main:
             return 0
-        resume = "python train.py " + " ".join(a for a in sys.argv[1:] if a != "--continue_train")
+        resume = resume_command(opt._argv, self.dist.local_world if self.dist.enabled else 1)
         if outcome == "signal":
             print(f"stopped by {self.stop_signal} at epoch {run.epoch}, iteration {run.steps}; state saved in "
-                  f"{self.dir}. Resume with: {resume} --continue_train")
+                  f"{self.dir}. Resume with: {resume}")
         elif outcome == "max_steps":
             print(f"reached --max_steps {opt.max_steps}; state saved in {self.dir} (resume with --continue_train "
                   f"and a larger --max_steps)")
@@ -372,8 +412,7 @@ class Trainer:
             if world > 1 and len(chunk) < size:
                 chunk = chunk + (plan * size)[:size - len(chunk)]
             batches.append(chunk[self.dist.rank::world] if world > 1 else chunk)
-        workers = min(opt.num_threads, os.cpu_count() or 1)  # more workers than cores only slows loading
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                                              collate_fn=collate_batch,
                                              pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
         last_epoch = opt.n_epochs + opt.n_epochs_decay
@@ -473,6 +512,15 @@ class Trainer:
         ordered = [(e, sorted(fs, key=lambda n: order.get(n[9:-4], 99))) for e, fs in rows.items()]
         training_page(web, self.opt.name, ordered, run.history)
 
+    def _cut_log(self, size: int | None) -> None:
+        """Drop the loss_log.txt lines written after the state being resumed was saved (by a run stopped or
+        killed later, or when an older state is resumed), so that each iteration's line appears once."""
+        if size is None or not self.log_path.exists():
+            return
+        data = self.log_path.read_bytes()
+        if len(data) > size:
+            write_text_atomic(self.log_path, data[:size].decode("utf-8", errors="replace"))
+
     def _prepare_dir(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -517,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_options(argv)
     try:
         return Trainer(opt).run()
-    except (DataError, CheckpointError, FloatingPointError, ValueError) as e:
+    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree) as e:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]

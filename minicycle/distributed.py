@@ -9,11 +9,16 @@ DDP's per-forward bookkeeping does not allow without unused-parameter searches. 
 all-reduce per optimizer step is what DDP would send, minus the overlap with backward.
 """
 
+import itertools
 import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks hold different weights, so data parallel training went wrong; a one-line message."""
 
 
 class Dist:
@@ -23,6 +28,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks on this machine
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +64,31 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return (t / self.world).tolist()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_nets(self, nets: list[nn.Module]) -> None:
+        """Overwrite every rank's parameters and buffers with rank 0's, as DistributedDataParallel does
+        when it wraps a model, so the ranks start identical however the weights were made or loaded."""
+        if not self.enabled:
+            return
+        tensors = [t for net in nets for t in itertools.chain(net.parameters(), net.buffers())]
+        with torch.no_grad():
+            # One flat broadcast per dtype (BatchNorm counts batches in int64), in the same order on every rank.
+            for dtype in dict.fromkeys(t.dtype for t in tensors):
+                group = [t for t in tensors if t.dtype == dtype]
+                flat = torch.cat([t.reshape(-1) for t in group])
+                dist.broadcast(flat, src=0)
+                offset = 0
+                for t in group:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""

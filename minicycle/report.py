@@ -79,10 +79,14 @@ def training_page(web_dir: Path, name: str, rows: list[tuple[int, list[str]]],
     write_text_atomic(web_dir / "index.html", "\n".join(out))
 
 
-def results_page(out_dir: Path, title: str, rows: list[tuple[str, list[tuple[str, str]]]]) -> None:
-    """results/NAME/test_latest/index.html: one row per input, `rows` = (name, [(label, image path)])."""
+def results_page(out_dir: Path, title: str, rows: list[tuple[str, list[tuple[str, str]]]], summary: str = "") -> None:
+    """results/NAME/test_latest/index.html: `summary` (e.g. the mean error), then one row per input,
+    `rows` = (name, [(label, image path)])."""
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{STYLE}</style></head><body><h2>{html.escape(title)}</h2><table>"]
+           f"<style>{STYLE}</style></head><body><h2>{html.escape(title)}</h2>"]
+    if summary:
+        out.append(f"<p>{html.escape(summary)}</p>")
+    out.append("<table>")
     for name, images in rows:
         out.append(f"<tr><td>{html.escape(name)}</td>")
         for label, path in images:

@@ -14,6 +14,8 @@ import errno
 import io
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -31,6 +33,7 @@ import infer
 import train
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, load_file, load_into
+from minicycle.distributed import Dist
 from minicycle.model import CycleGAN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,7 +372,7 @@ def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_finishes_step_saves_and_resumes_exactly(sig, dataroot, tmp_path, torch_path):
-    ckpt = tmp_path / "ckpt"
+    ckpt = tmp_path / "check points"  # the printed resume command must survive a space in a path
     common = TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(ckpt), "--name", "t",
                      "--pool_size", "3", "--print_freq", "2"]
     proc = start_training(common + ["--max_steps", "100000"], tmp_path)
@@ -385,12 +388,14 @@ def test_signal_finishes_step_saves_and_resumes_exactly(sig, dataroot, tmp_path,
     assert "Traceback" not in err
     stop = [s for s in out.splitlines() if s.startswith("stopped by")]
     assert len(stop) == 1 and f"stopped by {sig.name} at epoch 1, iteration" in stop[0], out
-    assert "Resume with: python train.py " in stop[0] and stop[0].endswith("--continue_train")
+    resume = shlex.split(stop[0].split("Resume with: ", 1)[1])
+    assert resume == ["python", "train.py", *common, "--max_steps", "100000", "--continue_train"], stop[0]
     steps = load_file(ckpt / "t" / "latest_state.pth")["run"]["steps"]
     assert f"iteration {steps};" in stop[0] and steps >= 1
     assert_nets_load_strictly(ckpt / "t")
-    # the resumed run continues from that step, and equals an uninterrupted run bitwise
-    assert train.main(common + ["--max_steps", str(steps + 2), "--continue_train"]) == 0
+    # the printed command resumes from that step, and equals an uninterrupted run bitwise
+    resume[resume.index("--max_steps") + 1] = str(steps + 2)
+    assert train.main(resume[2:]) == 0
     assert train.main(common + ["--max_steps", str(steps + 2), "--name", "straight"]) == 0
     a, b = load_file(ckpt / "t" / "latest_state.pth"), load_file(ckpt / "straight" / "latest_state.pth")
     assert a["run"]["steps"] == b["run"]["steps"] == steps + 2
@@ -442,6 +447,40 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(trained, tmp_path,
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.glob("latest_*.pth")}
     assert after == before
     assert stray_files(run) == []
+
+
+def logged_iterations(log: str) -> list[tuple[int, int]]:
+    return [(int(e), int(i)) for e, i in re.findall(r"^\(epoch: (\d+), iters: (\d+),", log, re.M)]
+
+
+def test_resume_from_an_older_state_logs_each_iteration_once(dataroot, tmp_path, torch_path):
+    """Lines logged after the resumed state was saved (here: iteration 5, when the newest state is lost and
+    the one of iteration 4 is resumed) are cut from loss_log.txt before the run goes on."""
+    common = ["--dataroot", str(dataroot), "--print_freq", "1", "--save_latest_freq", "2"]
+    assert run_train(common + ["--max_steps", "5"], tmp_path) == 0
+    run = tmp_path / "t"
+    assert logged_iterations((run / "loss_log.txt").read_text()) == [(1, i) for i in range(1, 6)]
+    (run / "latest_state.pth").unlink()  # resumes latest_state.prev.pth: iteration 4
+    assert run_train(common + ["--max_steps", "7", "--continue_train"], tmp_path) == 0
+    log = (run / "loss_log.txt").read_text()
+    assert logged_iterations(log) == [(1, i) for i in range(1, 8)]
+    assert log.count("================ Training Loss (") == 2  # the resume is marked
+    # resuming the newest state cuts nothing
+    assert run_train(common + ["--max_steps", "8", "--continue_train"], tmp_path) == 0
+    assert logged_iterations((run / "loss_log.txt").read_text()) == [(1, i) for i in range(1, 9)]
+
+
+def test_ranks_with_different_weights_stop_in_one_line(dataroot, tmp_path, capsys, monkeypatch, torch_path):
+    """The check before every save: a second rank whose weights differ stops the run with one line."""
+    real = Dist.gather
+
+    def with_a_diverged_rank(self, obj):
+        return real(self, obj) + [[v + 1 for v in obj] if isinstance(obj, list) else obj]
+
+    monkeypatch.setattr(Dist, "gather", with_a_diverged_rank)
+    expect_error(capsys, lambda: run_train(["--dataroot", str(dataroot), "--max_steps", "2"], tmp_path),
+                 "train.py", 1, "ranks hold different G_A, G_B, D_A, D_B weights", "refusing to save", str(tmp_path))
+    assert not (tmp_path / "t" / "latest_state.pth").exists()
 
 
 def test_huge_lr_diverges_without_saving_nan_weights(dataroot, tmp_path, capsys, torch_path):
@@ -776,9 +815,30 @@ def test_infer_bad_paths_one_line(tmp_path, capsys, torch_path):
     expect_error(capsys, lambda: infer.main(["--name", "nothing_here", "--checkpoints_dir", str(tmp_path),
                                              "--input", str(tmp_path / "in")]),
                  "infer.py", 1, "latest_net_G_A.pth", "not found")
-    (tmp_path / "in" / "broken.png").write_bytes(b"nope")
-    expect_error(capsys, lambda: infer.main(base + ["--output", str(tmp_path / "out")]), "infer.py", 1,
-                 "broken.png")
+
+
+def test_infer_skips_unreadable_images(tmp_path, capsys, torch_path):
+    g = save_generator(tmp_path / "g.pth")
+    folder = image_folder(tmp_path / "in", {"b.png": noise(32, 32, 0), "c.png": noise(32, 32, 1)})
+    (folder / "a_truncated.png").write_bytes((folder / "b.png").read_bytes()[:60])
+    (folder / "broken.png").write_bytes(b"nope")
+    capsys.readouterr()
+    assert infer.main(["--checkpoint", str(g), "--input", str(folder), "--output", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    warnings = err.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("infer.py: warning: cannot read image") for w in warnings), err
+    assert "a_truncated.png" in warnings[0] and "broken.png" in warnings[1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "c.png"]
+    assert "translated 2 images" in out and "2 unreadable, skipped" in out
+    # --num_test counts translations, not files: the first file is unreadable, yet one image is translated
+    assert infer.main(["--checkpoint", str(g), "--input", str(folder), "--output", str(tmp_path / "one"),
+                       "--num_test", "1"]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["b.png"]
+    # nothing readable: one line, exit 1
+    for f in ("b.png", "c.png"):
+        (folder / f).unlink()
+    expect_error(capsys, lambda: infer.main(["--checkpoint", str(g), "--input", str(folder)]),
+                 "infer.py", 1, "none of the 2 images in", str(folder))
 
 
 def test_infer_resize_to_size_not_divisible_by_4(tmp_path, torch_path):

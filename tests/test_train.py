@@ -1,6 +1,8 @@
 """train.py and infer.py through their real entry points, on tiny images."""
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +58,14 @@ def test_end_to_end_scripts(dataroot, tmp_path):
     assert "error vs truth" in out.stdout and "identity baseline" in out.stdout
     res = results / "e2e" / "test_latest"
     assert (res / "index.html").is_file() and len(list((res / "images").glob("*_fake.png"))) == 4
+    # the page shows the truth beside real and fake, each image's error, and the mean
+    page = (res / "index.html").read_text()
+    assert len(list((res / "images").glob("*_truth.png"))) == 4 and page.count("_truth.png'") == 4
+    errors = [float(e) for e in re.findall(r"fake \(error ([\d.]+)\)", page)]
+    assert len(errors) == 4 and len(re.findall(r"real \(identity error [\d.]+\)", page)) == 4
+    mean = re.search(r"error vs truth \(0-255\): ([\d.]+)", out.stdout).group(1)
+    assert f"error vs truth (0-255): {mean}" in page
+    assert abs(sum(errors) / 4 - float(mean)) <= 0.05
 
 
 def test_saved_generators_use_official_keys_and_round_trip(dataroot, tmp_path, torch_path):
@@ -97,6 +107,55 @@ def test_builtin_preset_only_fills_unset_flags():
     assert opt.crop_size == 32 and opt.name == "synthetic"
     opt = train.parse_options(["--dataroot", "x"])
     assert not opt.builtin and opt.ngf == 64 and opt.crop_size == 256 and opt.name == "experiment_name"
+    assert train.parse_options([]).num_threads is None  # the workers are chosen for the device, preset or not
+
+
+def test_resume_command_is_quoted_for_the_shell():
+    argv = ["--dataroot", "my data/h2z", "--name=it's", "--continue_train", "--max_steps", "9"]
+    one, two = train.resume_command(argv, 1), train.resume_command(argv, 2)
+    assert shlex.split(one) == ["python", "train.py", "--dataroot", "my data/h2z", "--name=it's", "--max_steps", "9",
+                                "--continue_train"]
+    assert shlex.split(two) == ["torchrun", "--nproc_per_node", "2"] + shlex.split(one)[1:]
+
+
+def test_workers_and_threads_follow_the_device_and_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(16)
+        assert train.choose_parallelism(None, cpu, 1) == (0, 16)  # CPU: the step gets every core
+        assert train.choose_parallelism(None, cpu, 2) == (0, 8)  # two ranks on the machine share them
+        assert train.choose_parallelism(3, cpu, 1) == (3, 13)  # explicit workers win, and take their cores
+        assert train.choose_parallelism(None, cuda, 1) == (8, 16)  # GPU: workers feed it, one core drives it
+        assert train.choose_parallelism(None, cuda, 4) == (3, 16)
+        assert train.choose_parallelism(None, cuda, 16) == (1, 16)
+        assert train.choose_parallelism(0, cuda, 1) == (0, 16)
+        torch.set_num_threads(2)
+        assert train.choose_parallelism(None, cpu, 1) == (0, 2)  # torch's count is never raised
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_first_line_says_the_workers_and_threads_used(dataroot, tmp_path, capsys, monkeypatch, torch_path):
+    workers = []
+    real = torch.utils.data.DataLoader
+
+    def loader(*args, **kwargs):
+        workers.append(kwargs["num_workers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", loader)
+    i = TINY.index("--num_threads")
+    default = TINY[:i] + TINY[i + 2:] + ["--dataroot", str(dataroot), "--max_steps", "1"]
+    capsys.readouterr()
+    assert train.main(default + ["--checkpoints_dir", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("training resnet_6blocks ") and workers == [0], first
+    assert f"on cpu (torch threads: {torch.get_num_threads()}, data-loading workers: 0);" in first
+    assert train.main(default + ["--checkpoints_dir", str(tmp_path / "b"), "--num_threads", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "data-loading workers: 1 from --num_threads)" in first and workers == [0, 1], first
 
 
 def test_infer_native_size_any_shape(tmp_path, torch_path):

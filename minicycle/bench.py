@@ -6,6 +6,7 @@ compiled with CUDA graphs.
     python -m minicycle.bench --channels_last         # model and inputs in channels_last
     python -m minicycle.bench --profile-dir DIR       # + a torch.profiler summary of one iteration each
     python -m minicycle.bench --cpu                   # CPU: train.py's step against a plain eager loop
+    python -m minicycle.bench --plain-loop 300        # CPU: the plain loop alone, to time against train.py
     python -m minicycle.bench --quick                 # tiny model on the CPU: checks the harness itself
     python -m minicycle.bench ... --out FILE.md       # also write the markdown to FILE.md
 
@@ -68,6 +69,7 @@ import gc
 import itertools
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -81,7 +83,9 @@ import torch.nn as nn
 
 from kernels import bench as kb
 from kernels.runtime import use_triton
+from minicycle import datasets
 from minicycle.cuda_graph import GraphedStep
+from minicycle.data import image_to_tensor, load_image
 from minicycle.model import LOSS_NAMES, Config, CycleGAN, GANLoss
 from minicycle.networks import set_fused
 from minicycle.pool import ImagePool
@@ -354,13 +358,14 @@ def plain_step(nets: dict[str, nn.Module], opt_G: torch.optim.Optimizer, opt_D: 
     loss_D_B.backward()
     opt_D.step()
     losses = (loss_D_A, loss_G_A, loss_cycle_A, loss_idt_A, loss_D_B, loss_G_B, loss_cycle_B, loss_idt_B)
-    return [float(v) for v in losses]
+    return [v.item() for v in losses]
 
 
-def cpu_steppers(cfg: Config) -> dict[str, Callable[[torch.Tensor, torch.Tensor], list[float] | None]]:
+def cpu_steppers(cfg: Config, variants: Sequence[str] = CPU_VARIANTS
+                 ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], list[float] | None]]:
     """Each CPU variant's step, freshly built from the same seed (same weights)."""
     steppers = {}
-    for variant in CPU_VARIANTS:
+    for variant in variants:
         torch.manual_seed(cfg.seed)
         model = CycleGAN(cfg)
         for net in model.nets().values():
@@ -423,6 +428,20 @@ def bench_cpu(iters: int, rounds: int) -> tuple[list[list[str]], str]:
     return rows, note
 
 
+def plain_loop(iters: int) -> None:
+    """The yardstick for `python train.py --max_steps ITERS` as a whole process: the plain loop of the
+    official layers, at train.py's preset, on the built-in dataset's training images loaded up front;
+    random pairs, no logging or saving."""
+    root = datasets.ensure_synthetic()
+    A, B = ([image_to_tensor(load_image(p, 3))[None] for p in sorted((root / f"train{side}").glob("*.png"))]
+            for side in "AB")
+    step = cpu_steppers(Config(**QUICKSTART), ["plain loop"])["plain loop"]
+    rng = random.Random(0)
+    for i in range(iters):
+        losses = step(A[i % len(A)], B[rng.randrange(len(B))])
+    print(f"plain loop: {iters} iterations; last losses {', '.join(f'{v:.3f}' for v in losses)}")
+
+
 CPU_LEGEND = (
     "The quick-start configuration (resnet_6blocks, ngf 16, ndf 16, 32×32, batch 1, pool 50, identity 0.5), "
     "on 16 preloaded image pairs; iterations/s = median over rounds in which the variants take turns. No data "
@@ -438,6 +457,9 @@ CPU_LEGEND = (
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minicycle.bench", description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="CPU mode: train.py's step against a plain eager loop")
+    p.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS",
+                   help="only run the plain loop ITERS iterations on the built-in dataset: the whole-process "
+                        "yardstick for `python train.py --max_steps ITERS`")
     p.add_argument("--quick", action="store_true",
                    help="tiny model on the CPU to check the harness; not a performance measurement")
     p.add_argument("--variants", type=kb.csv_list(VARIANTS), default=list(VARIANTS),
@@ -478,6 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prog = "python -m minicycle.bench"
+    if args.plain_loop:
+        plain_loop(args.plain_loop)
+        return 0
     if args.cpu:
         if use_triton(torch.empty(0)):
             print("python -m minicycle.bench: error: --cpu times the PyTorch path that train.py takes on a CPU; "

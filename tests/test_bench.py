@@ -109,6 +109,14 @@ def test_cpu_mode_compares_the_step_with_a_plain_loop(tmp_path):
     assert [r[3] for r in rows[1:]] == ["identical"] * 3
 
 
+def test_plain_loop_yardstick_trains_on_the_builtin_dataset(capsys, cpu_threads):
+    assert model_bench.main(["--plain-loop", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("plain loop: 2 iterations; last losses ")
+    losses = [float(v) for v in line.split("last losses ")[1].split(", ")]
+    assert len(losses) == len(model_bench.LOSS_NAMES) and all(0 < v < 100 for v in losses)
+
+
 def test_quick_ops_through_the_triton_interpreter():
     """The same harness with ours running the Triton kernels (interpreter) at batch 1."""
     proc = run_bench(["--quick", "--batch", "1"], interpret="1")

@@ -452,6 +452,10 @@ def instance_norm_relu(
         return y
 
     y = F.instance_norm(x, eps=eps)
+    if y.requires_grad:
+        # torch 2.13's CPU instance_norm backward is wrong when the incoming gradient is channels_last
+        # (seen at batch 1, as a channels_last model's next conv hands it): give it a contiguous one.
+        y.register_hook(torch.Tensor.contiguous)
     if activation:
         y = F.leaky_relu(y, negative_slope) if negative_slope else F.relu(y)
     return y

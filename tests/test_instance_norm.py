@@ -224,6 +224,22 @@ def test_interpret_off_takes_pytorch_path(torch_path, launches):
     torch.testing.assert_close(y, F.leaky_relu(F.instance_norm(x, eps=1e-5), 0.2))
 
 
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("x_kind", ["nchw", "channels_last"])
+def test_pytorch_path_backward_with_a_channels_last_gradient_at_batch_1(torch_path, x_kind, act):
+    """torch 2.13's own CPU instance_norm backward is wrong at batch 1 when dy is channels_last (as the
+    residual add of a channels_last ResNet block hands it); the op's PyTorch path must still be right."""
+    activation, slope = act
+    torch.manual_seed(0)
+    x = layout(torch.randn(1, 6, 5, 7), x_kind).requires_grad_(True)
+    dy = torch.randn(1, 6, 5, 7)
+    y = instance_norm_relu(x, negative_slope=slope, activation=activation)
+    y.backward(dy.contiguous(memory_format=torch.channels_last))
+    x64, y64, _, _ = reference(x, 1e-5, slope, activation)
+    y64.backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("max_block", [4096, 8])
 def test_channels_last_is_not_copied(launches, monkeypatch, max_block):
     monkeypatch.setattr(inorm, "_MAX_BLOCK", max_block)

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_test", type=int, default=None, help="translate at most this many images (default 50 with --dataroot)")
     a("--batch_size", type=int, default=1)
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    a("--channels_last", action="store_true", default=None,
+      help="generator and images in torch.channels_last (default: on with CUDA, off on a CPU)")
+    a("--no_channels_last", dest="channels_last", action="store_false", help="generator and images in NCHW")
     return p
 
 
@@ -146,6 +149,9 @@ def translate(opt: argparse.Namespace) -> int:
         raise DataError("--batch_size and --load_size must be positive")
     ckpt, source, truth, name = resolve(opt)
     net = build_generator(opt, ckpt, device)
+    use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
+    fmt = torch.channels_last if use_cl else torch.contiguous_format
+    net.to(memory_format=fmt)
     paths = ImageFolder(source).paths
     limit = opt.num_test or float("inf")
 
@@ -165,6 +171,7 @@ def translate(opt: argparse.Namespace) -> int:
     def flush() -> None:
         x = torch.stack([t for t, _, _ in pending]).to(device)
         x, h, w = pad_to_multiple(x, net.multiple)
+        x = x.contiguous(memory_format=fmt)
         with torch.no_grad():
             y = net(x)[..., :h, :w].float().cpu()
         for (_, img, path), out in zip(pending, y):

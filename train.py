@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cuda_graph", action="store_true", default=False,
       help="capture the whole iteration once as a CUDA graph and replay it (far fewer host launches; "
            "losses are read back every --print_freq images)")
+    a("--channels_last", action="store_true", default=None,
+      help="nets and images in torch.channels_last, the layout the Triton convs are shaped for "
+           "(default: on with CUDA, off on a CPU)")
+    a("--no_channels_last", dest="channels_last", action="store_false", help="nets and images in NCHW")
     return p
 
 
@@ -233,7 +237,7 @@ class Trainer:
         os.replace(tmp_target, self.state_path)
         for label in ["latest"] + ([epoch_label] if epoch_label else []):
             for k, net in model.nets().items():
-                atomic_save({n: t.detach().cpu() for n, t in net.state_dict().items()},
+                atomic_save({n: t.detach().cpu().contiguous() for n, t in net.state_dict().items()},
                             self.dir / f"{label}_net_{k}.pth")
 
     def load_latest_state(self) -> dict:
@@ -266,6 +270,8 @@ class Trainer:
         # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
         torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
+        if opt.channels_last is None:
+            opt.channels_last = device.type == "cuda"
         if opt.builtin:
             if not self.dist.main:
                 self.dist.barrier()  # rank 0 generates the dataset first
@@ -321,7 +327,8 @@ class Trainer:
         n_params = sum(p.numel() for p in model.netG_A.parameters())
         ranks = f" x {self.dist.world} ranks" if self.dist.enabled else ""
         chosen = "" if opt.num_threads is None else " from --num_threads"
-        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks} "
+        layout = ", channels_last" if opt.channels_last else ""
+        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks}{layout} "
                  f"(torch threads: {threads}, data-loading workers: {workers}{chosen}{' per rank' if ranks else ''}); "
                  f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
         if opt.builtin:
@@ -346,6 +353,8 @@ class Trainer:
                 load_into(net, self.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
             self.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
         self.dist.broadcast_nets(list(model.nets().values()))
+        if opt.channels_last:
+            model.set_memory_format(torch.channels_last)
 
         log_path = self.log_path
         if self.dist.main:

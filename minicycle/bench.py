@@ -124,7 +124,7 @@ def build(variant: str, cfg: Config, device: torch.device, amp: torch.dtype | No
     torch.manual_seed(cfg.seed)
     model = CycleGAN(cfg, device, amp=amp)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.set_memory_format(torch.channels_last)  # as train.py --channels_last: weights, Adam moments, pools
     for net in model.nets().values():
         set_fused(net, variant.startswith("ours"))
         if variant in ("compile", "reduce-overhead"):

@@ -67,7 +67,7 @@ class GraphedStep:
         if len(real_A) != self.batch_size or len(real_B) != self.batch_size:
             self._say("batch", f"a batch of {len(real_A)}, not {self.batch_size}: such steps run without the graph")
             plan_t = torch.tensor(plan, dtype=torch.int64, device=device)
-            return self._body(real_A.to(device), real_B.to(device), plan_t)
+            return self._body(self.model.place(real_A), self.model.place(real_B), plan_t)
         s = self.static if "A" in self.static else self._setup_static(real_A, real_B, len(plan))
         s["A"].copy_(real_A, non_blocking=True)
         s["B"].copy_(real_B, non_blocking=True)
@@ -109,7 +109,9 @@ class GraphedStep:
 
     def _setup_static(self, real_A: torch.Tensor, real_B: torch.Tensor, plan_size: int) -> dict[str, torch.Tensor]:
         device = self.model.device
-        self.static |= {"A": torch.empty_like(real_A, device=device), "B": torch.empty_like(real_B, device=device),
+        fmt = self.model.memory_format
+        self.static |= {"A": torch.empty_like(real_A, device=device, memory_format=fmt),
+                        "B": torch.empty_like(real_B, device=device, memory_format=fmt),
                         "plan": torch.empty(plan_size, dtype=torch.int64, device=device)}
         return self.static
 
@@ -117,8 +119,9 @@ class GraphedStep:
         n_A, n_B = len(real_A), len(real_B)
 
         def pools(fake_B: torch.Tensor, fake_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return (self.pool_B.apply(fake_B, plan[:5 * n_A]),
-                    self.pool_A.apply(fake_A, plan[5 * n_A:5 * (n_A + n_B)]))
+            fmt = self.model.memory_format  # as CycleGAN's own pools hand them to D
+            return (self.pool_B.apply(fake_B, plan[:5 * n_A]).contiguous(memory_format=fmt),
+                    self.pool_A.apply(fake_A, plan[5 * n_A:5 * (n_A + n_B)]).contiguous(memory_format=fmt))
 
         losses = self.model.step(real_A, real_B, pools, graph_safe=True)
         self.static["losses"].index_copy_(0, plan[-1:], losses[None])

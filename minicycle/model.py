@@ -119,6 +119,7 @@ class CycleGAN(nn.Module):
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.visuals: dict[str, torch.Tensor] = {}
+        self.memory_format = torch.contiguous_format  # see set_memory_format
         self.capturable = False  # Adam's form; see set_capturable
         self.world = 1  # data-parallel ranks whose gradients are averaged before each step (train.py sets it)
 
@@ -129,13 +130,33 @@ class CycleGAN(nn.Module):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                               cache_enabled=cache)
 
+    def set_memory_format(self, fmt: torch.memory_format) -> None:
+        """Hold the nets' 4-d weights, their Adam moments and the inputs (see place) in `fmt`.
+        torch.channels_last puts channels innermost, the layout the Triton convs are shaped for on
+        CUDA (16-byte loads along K). Values, state_dict keys and saved files do not change."""
+        self.memory_format = fmt
+        for net in self.nets().values():
+            net.to(memory_format=fmt)  # in place: the optimizers keep the same Parameter objects
+        for opt in (self.optimizer_G, self.optimizer_D):
+            for state in opt.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dim() == 4:
+                        state[k] = v.contiguous(memory_format=fmt)
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """An input batch on the model's device, in its memory format."""
+        return x.to(self.device, memory_format=self.memory_format)
+
     def optimize(self, real_A: torch.Tensor, real_B: torch.Tensor) -> dict[str, float]:
         """One iteration in the official order: forward, G step (D frozen), then D step."""
-        losses = self.step(real_A.to(self.device), real_B.to(self.device), self._query_pools)
+        losses = self.step(self.place(real_A), self.place(real_B), self._query_pools)
         return dict(zip(LOSS_NAMES, losses.tolist()))  # one device sync
 
     def _query_pools(self, fake_B: torch.Tensor, fake_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fake_B_pool.query(fake_B), self.fake_A_pool.query(fake_A)
+        # In the model's memory format whatever the pool holds (a resumed pool's images are contiguous).
+        fmt = self.memory_format
+        return (self.fake_B_pool.query(fake_B).contiguous(memory_format=fmt),
+                self.fake_A_pool.query(fake_A).contiguous(memory_format=fmt))
 
     def step(self, real_A: torch.Tensor, real_B: torch.Tensor, pools: PoolFn, graph_safe: bool = False) -> torch.Tensor:
         """The iteration on device tensors, with no host sync: returns the 8 losses (LOSS_NAMES order)
@@ -223,8 +244,9 @@ class CycleGAN(nn.Module):
         return self.optimizer_G.param_groups[0]["lr"]
 
     def training_state(self) -> dict:
-        """Everything an exact resume needs besides the counters and RNGs (train.py adds those)."""
-        return {
+        """Everything an exact resume needs besides the counters and RNGs (train.py adds those).
+        Tensors in the default memory format, whatever set_memory_format chose."""
+        return _contiguous({
             "nets": {k: v.state_dict() for k, v in self.nets().items()},
             "optimizer_G": self.optimizer_G.state_dict(),
             "optimizer_D": self.optimizer_D.state_dict(),
@@ -232,7 +254,7 @@ class CycleGAN(nn.Module):
             "scaler": self.scaler.state_dict(),
             "fake_A_pool": self.fake_A_pool.state_dict(),
             "fake_B_pool": self.fake_B_pool.state_dict(),
-        }
+        })
 
     def load_training_state(self, state: dict) -> None:
         for k, net in self.nets().items():
@@ -244,4 +266,16 @@ class CycleGAN(nn.Module):
         self.scaler.load_state_dict(state["scaler"])
         self.fake_A_pool.load_state_dict(state["fake_A_pool"], self.device)
         self.fake_B_pool.load_state_dict(state["fake_B_pool"], self.device)
+        self.set_memory_format(self.memory_format)  # the loaded Adam moments too
         self.set_capturable(self.capturable)
+
+
+def _contiguous(obj):
+    """`obj` (nested dicts and lists) with every tensor in the default memory format."""
+    if torch.is_tensor(obj):
+        return obj.contiguous()
+    if isinstance(obj, dict):
+        return {k: _contiguous(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_contiguous(v) for v in obj)
+    return obj

@@ -65,10 +65,12 @@ def test_device_pool_adopts_a_loaded_pool_and_saves_the_old_format():
     assert torch.equal(device_pool.apply(x, torch.tensor(device_pool.plan(1))), old.query(x))
 
 
-def run_steps(graphed: bool, sizes: list[int], amp: torch.dtype | None = None, **cfg) -> tuple[CycleGAN, list]:
+def run_steps(graphed: bool, sizes: list[int], amp: torch.dtype | None = None,
+              fmt: torch.memory_format = torch.contiguous_format, **cfg) -> tuple[CycleGAN, list]:
     """A fresh tiny model trained on len(sizes) random batches (sizes[i] images), through optimize or GraphedStep."""
     torch.manual_seed(0)
     model = CycleGAN(Config(ngf=4, ndf=4, netG="resnet_6blocks", **cfg), amp=amp)
+    model.set_memory_format(fmt)
     stepper = GraphedStep(model, max(sizes), graph=False) if graphed else None
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -85,7 +87,8 @@ def run_steps(graphed: bool, sizes: list[int], amp: torch.dtype | None = None, *
 
 @pytest.mark.parametrize("sizes,cfg", [([1] * 5, dict(pool_size=2)),
                                        ([3, 3, 1, 3, 3], dict(pool_size=2)),  # a short batch runs eagerly
-                                       ([2] * 4, dict(pool_size=0, lambda_identity=0.0))])
+                                       ([2] * 4, dict(pool_size=0, lambda_identity=0.0)),
+                                       ([1] * 5, dict(pool_size=2, fmt=torch.channels_last))])
 def test_eager_twin_matches_optimize_bit_for_bit(sizes, cfg, torch_path):
     ref, ref_losses = run_steps(False, sizes, **cfg)
     twin, twin_losses = run_steps(True, sizes, **cfg)

@@ -1,5 +1,6 @@
 """The training objective's parts: ImagePool semantics, LR schedule per epoch, GAN losses, one step."""
 
+import io
 import random
 
 import pytest
@@ -118,3 +119,51 @@ def test_bf16_autocast_steps_stay_finite(torch_path):
         losses = model.optimize(torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1)
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_channels_last_trains_as_nchw_saves_the_default_layout_and_resumes_exactly(torch_path):
+    """set_memory_format(channels_last): the same losses up to fp32 rounding (NHWC convolutions sum in
+    another order), weights and Adam moments held channels_last, the saved state in the default
+    layout, and a resume from it continuing bit for bit."""
+    def build(fmt: torch.memory_format) -> CycleGAN:
+        torch.manual_seed(0)
+        m = CycleGAN(Config(ngf=4, ndf=4, netG="resnet_6blocks", pool_size=2))
+        m.set_memory_format(fmt)
+        return m
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [tuple(torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1 for _ in "AB") for _ in range(4)]
+    ref, cl = build(torch.contiguous_format), build(torch.channels_last)
+    for a, b in batches[:2]:
+        want, got = ref.optimize(a, b), cl.optimize(a, b)
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    weights = [p for p in cl.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert sum(not p.is_contiguous() for p in weights) > len(weights) // 2
+    moments = [v for o in (cl.optimizer_G, cl.optimizer_D) for s in o.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() == 4]
+    assert len(moments) == 2 * len(weights) and all(v.is_contiguous(memory_format=torch.channels_last)
+                                                    for v in moments)
+    state = cl.training_state()
+    assert all(t.is_contiguous() for t in _tensors(state))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    resumed = build(torch.channels_last)
+    resumed.load_training_state(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for o in (resumed.optimizer_G,)
+               for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() == 4)
+    for a, b in batches[2:]:
+        assert resumed.optimize(a, b) == cl.optimize(a, b)
+    for x, y in zip(_tensors(resumed.training_state()), _tensors(cl.training_state())):
+        assert torch.equal(x, y)

@@ -158,6 +158,49 @@ def test_first_line_says_the_workers_and_threads_used(dataroot, tmp_path, capsys
     assert "data-loading workers: 1 from --num_threads)" in first and workers == [0, 1], first
 
 
+def test_channels_last_trains_saves_default_layout_files_and_resumes_exactly(dataroot, tmp_path, capsys,
+                                                                             torch_path):
+    """--channels_last (off by default on a CPU): the first line and train_opt.txt say it, the net
+    files hold default-layout tensors that load strictly, and --continue_train continues bit for bit."""
+    common = ["--dataroot", str(dataroot), "--max_dataset_size", "4", "--channels_last"]
+    capsys.readouterr()
+    assert run_train(common + ["--max_steps", "2"], tmp_path / "resumed") == 0
+    assert "on cpu, channels_last (" in capsys.readouterr().out.splitlines()[0]
+    opts = (tmp_path / "resumed" / "t" / "train_opt.txt").read_text()
+    assert re.search(r"channels_last: True\s+\[default: None\]", opts)
+    files = {k: torch.load(tmp_path / "resumed" / "t" / f"latest_net_{k}.pth", weights_only=True)
+             for k in ("G_A", "D_A")}
+    assert all(t.is_contiguous() for sd in files.values() for t in sd.values())
+    networks.define_G(3, 3, 4, "resnet_6blocks").load_state_dict(files["G_A"], strict=True)
+    assert run_train(common + ["--max_steps", "4", "--continue_train"], tmp_path / "resumed") == 0
+    assert run_train(common + ["--max_steps", "4"], tmp_path / "straight") == 0
+    assert_same_tensors(all_state(tmp_path / "straight")["model"], all_state(tmp_path / "resumed")["model"])
+    capsys.readouterr()
+    assert run_train(common[:-1] + ["--max_steps", "1"], tmp_path / "default") == 0
+    assert "on cpu (" in capsys.readouterr().out.splitlines()[0]
+    opts = (tmp_path / "default" / "t" / "train_opt.txt").read_text()
+    assert re.search(r"channels_last: False\s+\[default: None\]", opts)
+
+
+def test_infer_channels_last_translates_as_nchw(tmp_path, torch_path):
+    import numpy as np
+    from PIL import Image
+    torch.manual_seed(0)
+    g = networks.define_G(3, 3, 4, "resnet_6blocks")
+    networks.init_weights(g, "normal", 0.02)
+    torch.save(g.state_dict(), tmp_path / "g.pth")
+    (tmp_path / "in").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (29, 35, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in" / "x.png")
+    outs = []
+    for flag in ("--channels_last", "--no_channels_last"):
+        out = tmp_path / flag.strip("-")
+        assert infer.main(["--checkpoint", str(tmp_path / "g.pth"), "--input", str(tmp_path / "in"), "--output",
+                           str(out), "--preprocess", "none", flag]) == 0
+        outs.append(np.asarray(Image.open(out / "x.png"), dtype=np.int16))
+    assert outs[0].shape == (29, 35, 3) and np.abs(outs[0] - outs[1]).max() <= 1
+
+
 def test_infer_native_size_any_shape(tmp_path, torch_path):
     """--preprocess none keeps each image's exact size, even when not divisible by 4."""
     from PIL import Image

@@ -137,10 +137,12 @@ def _copies(event) -> bool:
     return any(child.name in COPIES or _copies(child) for child in event.cpu_children)
 
 
-def build(variant: str, cfg: Config) -> Callable[[torch.Tensor, torch.Tensor], object]:
+def build(variant: str, cfg: Config, channels_last: bool = False) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """One training iteration of the given build, as a function of (real_A, real_B)."""
     torch.manual_seed(cfg.seed)
     model = CycleGAN(cfg)
+    if channels_last:
+        model.set_memory_format(torch.channels_last)  # as train.py on CUDA
     for opt in (model.optimizer_G, model.optimizer_D):
         for group in opt.param_groups:
             group["foreach"] = True
@@ -154,8 +156,8 @@ def build(variant: str, cfg: Config) -> Callable[[torch.Tensor, torch.Tensor], o
     return model.optimize
 
 
-def count_iteration(variant: str, cfg: Config, size: int) -> Count:
-    step = build(variant, cfg)
+def count_iteration(variant: str, cfg: Config, size: int, channels_last: bool = False) -> Count:
+    step = build(variant, cfg, channels_last)
     gen = torch.Generator().manual_seed(0)
     real_A, real_B = (torch.rand(1, cfg.input_nc, size, size, generator=gen) * 2 - 1 for _ in "AB")
     with triton_launches_recorded():
@@ -187,6 +189,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--netG", default="resnet_9blocks")
     p.add_argument("--ngf", type=int, default=64, help="also --ndf")
     p.add_argument("--size", type=int, default=256, help="image height and width")
+    p.add_argument("--channels_last", action="store_true",
+                   help="model and inputs in channels_last (train.py's CUDA default)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -211,10 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = Config(netG=args.netG, ngf=args.ngf, ndf=args.ngf)
     counts = {}
     for variant in args.variants:
-        counts[variant] = count_iteration(variant, cfg, args.size)
+        counts[variant] = count_iteration(variant, cfg, args.size, args.channels_last)
         print(markdown_table(COLUMNS, [row(variant, counts[variant])]).splitlines()[-1], file=sys.stderr, flush=True)
     what = (f"{args.netG} G ×2, basic D ×2, ngf=ndf={args.ngf}, {args.size}×{args.size}, batch 1, identity loss, "
-            f"pool 50; IN split threshold {kernels.instance_norm._MAX_BLOCK} elements")
+            f"pool 50{'; channels_last' if args.channels_last else ''}; "
+            f"IN split threshold {kernels.instance_norm._MAX_BLOCK} elements")
     parts = [header(torch.device("cpu"), "python -m minicycle.launches", argv,
                     "minicycle: kernel launches per training iteration"),
              f"## One steady-state iteration ({what})",

@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_bench import table
 
 from minicycle import launches
+from minicycle.model import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +59,11 @@ def test_bad_arguments():
     for args in (["--variants", "fast"], ["--size", "30"]):
         with pytest.raises(SystemExit):
             launches.parse_args(args)
+
+
+def test_channels_last_builds_the_model_as_train_py_on_cuda():
+    step = launches.build("ours", Config(ngf=4, ndf=4, netG="resnet_6blocks"), channels_last=True)
+    model = step.__self__
+    assert model.memory_format == torch.channels_last
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    assert launches.parse_args(["--channels_last"]).channels_last and not launches.parse_args([]).channels_last

@@ -1,7 +1,7 @@
 """Everything a session with a GPU should measure, in one command: python -m minicycle.gpu_suite OUTDIR.
 
     python -m minicycle.gpu_suite --list                   # the plan: slices, their commands and budgets
-    python -m minicycle.gpu_suite OUTDIR                   # every slice, one after the other (~20 minutes)
+    python -m minicycle.gpu_suite OUTDIR                   # every slice, one after the other (~25 minutes)
     python -m minicycle.gpu_suite OUTDIR --slice check     # one slice (each fits a 10-minute command limit)
     python -m minicycle.gpu_suite OUTDIR --summary         # only the summary of what OUTDIR holds
 
@@ -14,15 +14,17 @@ Slices (each step's markdown and log go to OUTDIR, and OUTDIR/summary.md is rewr
               generator's shapes, batch 1 and 4, fp32 and bf16, ours / eager / torch.compile, each
               row also a correctness check on fresh random inputs; channels_last rows too (ours and
               eager only: torch.compile recompiles for every row, and the budget is for NCHW)
-    model-b1  the training-iteration table (python -m minicycle.bench) at batch 1, fp32 and bf16:
+    model-b1  the training-iteration table (python -m minicycle.bench) at batch 1, fp32 and bf16, NCHW:
               eager / compile / reduce-overhead / ours / ours+graph, peak memory, and a torch.profiler
               summary of one iteration each (GPU busy time against wall time, kernels, launch calls,
-              top kernels); then channels_last under bf16, without the compiled variants
-    model-b4  the same at batch 4 (NCHW)
+              top kernels)
+    model-cl  the same in channels_last, the layout train.py runs on CUDA (eager / ours / ours+graph):
+              batch 1 in bf16 and fp32, batch 4 in bf16
+    model-b4  batch 4, NCHW, fp32 and bf16, every variant
 
 Every step has a budget (seconds after which it starts no new row; rows left out are listed as
 skipped, with the command that runs them) and a hard timeout, so a slice stays under 9 minutes
-and the whole suite near 20 on an H100. Nothing here is a GPU number until a GPU ran it.
+and the whole suite near 25 on an H100. Nothing here is a GPU number until a GPU ran it.
 """
 
 import argparse
@@ -68,8 +70,14 @@ SLICES: dict[str, list[Step]] = {
     "model-b1": [
         _bench("model-b1-fp32", "minicycle.bench", "--batch 1 --amp fp32 --profile-dir {out}/profiles", 150, 240),
         _bench("model-b1-bf16", "minicycle.bench", "--batch 1 --amp bf16 --profile-dir {out}/profiles", 120, 200),
+    ],
+    "model-cl": [
         _bench("model-b1-bf16-channels_last", "minicycle.bench", "--batch 1 --amp bf16 --channels_last "
-               "--variants eager,ours,ours+graph --profile-dir {out}/profiles", 40, 90),
+               "--variants eager,ours,ours+graph --profile-dir {out}/profiles", 60, 120),
+        _bench("model-b1-fp32-channels_last", "minicycle.bench", "--batch 1 --amp fp32 --channels_last "
+               "--variants eager,ours,ours+graph --profile-dir {out}/profiles", 60, 120),
+        _bench("model-b4-bf16-channels_last", "minicycle.bench", "--batch 4 --amp bf16 --channels_last "
+               "--variants eager,ours,ours+graph", 60, 120),
     ],
     "model-b4": [
         _bench("model-b4-fp32", "minicycle.bench", "--batch 4 --amp fp32 --profile-dir {out}/profiles", 150, 260),

@@ -386,6 +386,9 @@ class Trainer:
                 self.say(f"end of epoch {epoch}/{last_epoch}{more}")
             else:
                 outcome = "finished"
+            # Under torchrun, tear the group down only once every rank is past its last collective (a rank
+            # that tore down right after its part of the last gather aborted in gloo once, in CI).
+            self.dist.barrier()
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

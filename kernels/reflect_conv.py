@@ -189,7 +189,9 @@ def _strip_index(qh, qw, H, W, P):
     return tl.where(top, qh * Wp + qw, tl.where(bottom, (qh - H) * Wp + qw, side))
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW"],
+# The autotuner caches its pick per key: the channel strides in it keep NCHW and channels_last
+# picks apart (their pruned config sets differ), where one process runs both layouts.
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "sxc"],
                  prune_configs_by={"early_config_prune": _prune_conv})
 @triton.heuristics({"EVEN_K": lambda a: a["C"] % a["BK"] == 0})
 @triton.jit
@@ -352,7 +354,8 @@ def _pack_kernel(
     tl.store(xp + offs, v, mask=n < N)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "ROWS_PER_SPLIT"],
+@triton.autotune(configs=_WGRAD_CONFIGS,
+                 key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "ROWS_PER_SPLIT", "sxc", "sdc"],
                  prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.heuristics({"EVEN_K": lambda a: a["OW"] % a["BK"] == 0})
 @triton.jit

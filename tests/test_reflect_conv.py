@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -314,3 +315,28 @@ def test_resnet_generator_end_to_end(monkeypatch):
     assert grads_triton.keys() == grads_torch.keys()
     for name, g in grads_triton.items():
         torch.testing.assert_close(g.cpu(), grads_torch[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_autotune_keys_tell_layouts_apart():
+    """The autotuner caches its pick per key. A launch whose operands are NCHW prunes to other
+    configs than one whose channels are contiguous, so a pick made for one layout must not be
+    reused for the other of the same shape in one process: the keys must differ wherever a
+    channel stride does."""
+    from kernels.inspect import LAYOUTS, layer_launches
+
+    launches = {}
+    for layout in ("nchw", "channels_last"):
+        passes = ("fwd", "dgrad", "wgrad")
+        for pass_name, launch in layer_launches("conv3x3", 1, torch.bfloat16, LAYOUTS[layout], passes):
+            tuner = getattr(rc, launch.name)
+            if isinstance(tuner, triton.runtime.Autotuner):
+                named = {**dict(zip(tuner.arg_names, launch.args)), **launch.kwargs}
+                channel_strides = tuple(named[k] for k in ("sxc", "sdc") if k in named)
+                key = tuple(named[k] for k in tuner.keys)
+                launches.setdefault((pass_name, launch.name), []).append((channel_strides, key))
+    differing = 0
+    for (pass_name, name), [(nchw_strides, nchw_key), (cl_strides, cl_key)] in launches.items():
+        if nchw_strides != cl_strides:
+            differing += 1
+            assert nchw_key != cl_key, (pass_name, name)
+    assert differing == 3  # fwd, dgrad, wgrad

@@ -4,6 +4,7 @@
     python -m kernels.inspect --json     # the same rows as a JSON list
     python -m kernels.inspect --layers conv3x3 --batch 1 --dtypes bf16 --layouts nchw,channels_last
     python -m kernels.inspect --compile-only   # only compile, on every core, into Triton's cache
+    python -m kernels.inspect --jit-replay     # the launches through Triton's JIT: what it compiles, how long
 
 No GPU is needed. For each layer, the op's host code runs on CPU tensors of the layer's real
 shape and strides with every kernel launch intercepted (recorded, not run). Each recorded
@@ -29,10 +30,9 @@ From each cubin, cuobjdump reads:
 
 These are facts about the code the compiler generates, not timings. Compiles run in parallel
 (one process per core) and land in Triton's cache, so a second run is fast. They are keyed as the
-JIT keys them (tests/test_inspect.py runs the launches through the JIT), so on a GPU machine
+JIT keys them (--jit-replay runs the launches through the JIT itself), so on a GPU machine
 --compile-only warms the cache: the autotuner, which compiles one config at a time, then compiles
-nothing (the JIT compiles the 296 kernels of all layers, batch 1 and 4, fp32 and bf16, both layouts,
-in 138 s one at a time on a 2-core CPU; after --compile-only, 92 s on both cores, it finds each in 1 s).
+nothing (--jit-replay counts it; timings in BENCHMARKS.md).
 """
 
 import argparse
@@ -51,6 +51,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -58,6 +59,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver as triton_driver
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import kernels.instance_norm as inorm
@@ -192,17 +194,22 @@ def _jit_fn(module: str, name: str) -> JITFunction:
     return obj
 
 
-def specialise(launch: Launch, config: triton.Config | None) -> Job:
-    """The compile the JIT would do for this launch (and config), via Triton's own binder."""
+def _jit_kwargs(launch: Launch, config: triton.Config | None) -> dict:
+    """The keyword arguments the JITFunction gets: the launch's, the config's, the heuristics'."""
     fn = _jit_fn(launch.module, launch.name)
-    kwargs = dict(launch.kwargs)
-    if config is not None:
-        kwargs.update(config.all_kwargs())
+    kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
     obj = getattr(importlib.import_module(launch.module), launch.name)
     while not isinstance(obj, JITFunction):  # heuristics compute constexprs from the arguments
         for name, rule in getattr(obj, "values", {}).items():
             kwargs[name] = rule({**dict(zip(fn.arg_names, launch.args)), **kwargs})
         obj = obj.fn
+    return kwargs
+
+
+def specialise(launch: Launch, config: triton.Config | None) -> Job:
+    """The compile the JIT would do for this launch (and config), via Triton's own binder."""
+    fn = _jit_fn(launch.module, launch.name)
+    kwargs = _jit_kwargs(launch, config)
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(*launch.args, **kwargs)
@@ -320,6 +327,44 @@ def _analyse_in_worker(job: Job, compile_only: bool = False) -> dict:
         raise
     except Exception as e:  # the compiler rejected it: report, do not stop the other rows
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]}
+
+
+# ----------------------------------------------------------------------------------- JIT replay
+
+
+class _H100Driver:
+    """As much of Triton's CUDA driver as the JIT asks before a launch: one sm_90 device."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return TARGET
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
+               passes: tuple[str, ...] = PASSES) -> tuple[int, int]:
+    """Every launch and config through the JIT itself, as on an H100: JITFunction.run(warmup=True)
+    specialises, keys, looks in Triton's cache and compiles on a miss, but launches nothing.
+    Returns (launch configs, kernels it compiled): 0 compiled after --compile-only."""
+    launches = [launch for layer in layers for batch in batches for dtype in dtypes for layout in layouts
+                for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes)]
+    cache = Path(triton.knobs.cache.dir)
+    before = set(cache.glob("*"))
+    runs = 0
+    with mock.patch.object(triton_driver, "_active", _H100Driver()):
+        for launch in launches:
+            for config in _configs(launch):
+                _jit_fn(launch.module, launch.name).run(*launch.args, grid=(1,), warmup=True,
+                                                         **_jit_kwargs(launch, config))
+                runs += 1
+    return runs, len(set(cache.glob("*")) - before)
 
 
 # ----------------------------------------------------------------------------------- report
@@ -456,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-only", action="store_true",
                    help="only compile (into Triton's cache, where a GPU's JIT then finds every kernel the "
                         "layers launch: run it on the GPU machine before timing anything) and say how many")
+    p.add_argument("--jit-replay", action="store_true",
+                   help="run every launch through Triton's JIT as on an H100 (compiling what is not in its "
+                        "cache, launching nothing) and say how many kernels it compiled, and in how long")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("kernels.inspect: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "
@@ -463,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.monotonic()
     try:
+        if args.jit_replay:
+            _tool("ptxas")
+            runs, compiled = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes))
+            print(f"the JIT ran {runs} launch configs and compiled {compiled} kernels (the rest were in Triton's "
+                  f"cache, {triton.knobs.cache.dir}) in {time.monotonic() - start:.1f} s")
+            return 0
         rows = report(args.layers, args.batch, args.dtypes, args.layouts, max(1, args.jobs), tuple(args.passes),
                       args.compile_only)
     except ToolMissing as e:

@@ -11,6 +11,7 @@ interpreter on for everything else).
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,64 +101,25 @@ def test_refuses_to_run_under_the_interpreter(capsys):
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
 
-# Run in a subprocess with TRITON_INTERPRET=0 (the real JIT): each launch the layers make goes
-# through JITFunction.run(warmup=True), which specialises, keys and compiles exactly as on a GPU,
-# against a stand-in driver that reports an H100 (sm_90). It prints how many kernels it compiled.
-_JIT_SCRIPT = """
-import glob, os, sys
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
-import kernels.inspect as ki
-
-class H100:
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_active_torch_device(self): return torch.device("cpu")
-
-cache = os.environ["TRITON_CACHE_DIR"]
-before = set(glob.glob(cache + "/*"))
-launches = [launch for layer in sys.argv[1].split(",")
-            for _, launch in ki.layer_launches(layer, 1, torch.bfloat16, torch.channels_last, ("fwd",))]
-driver.set_active(H100())
-runs = 0
-for launch in launches:
-    for config in ki._configs(launch):
-        kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
-        fn, obj = ki._jit_fn(launch.module, launch.name), getattr(sys.modules[launch.module], launch.name)
-        while not isinstance(obj, JITFunction):  # heuristics' constexprs
-            kwargs.update({k: rule({**dict(zip(fn.arg_names, launch.args)), **kwargs})
-                           for k, rule in getattr(obj, "values", {}).items()})
-            obj = obj.fn
-        fn.run(*launch.args, grid=(1,), warmup=True, **kwargs)
-        runs += 1
-print(runs, len(set(glob.glob(cache + "/*")) - before))
-"""
-
 
 def test_the_jit_finds_what_compile_only_compiled(tmp_path):
     """--compile-only keys each kernel as the JIT will on the GPU, so a GPU run finds all of them in
     Triton's cache (the GPU suite warms it on every core before timing anything); and the compile
-    report's specialisations are the JIT's own."""
-    layers = "conv3x3,in64"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": str(ROOT)}
-    warm = subprocess.run([sys.executable, "-m", "kernels.inspect", "--compile-only", "--layers", layers,
-                           "--batch", "1", "--dtypes", "bf16", "--passes", "fwd"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if "skipped" in warm.stderr:
-        pytest.skip(warm.stderr.strip())
-    assert warm.returncode == 0 and "0 errors" in warm.stdout, warm.stdout + warm.stderr[-3000:]
+    report's specialisations are the JIT's own. --jit-replay runs the real JIT, as on an H100."""
+    args = ["--layers", "conv3x3,in64", "--batch", "1", "--dtypes", "bf16", "--passes", "fwd"]
 
-    def jit(cache: Path) -> tuple[int, int]:
-        run = subprocess.run([sys.executable, "-c", _JIT_SCRIPT, layers], cwd=ROOT,
-                             env={**env, "TRITON_CACHE_DIR": str(cache)}, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-3000:]
-        runs, compiled = map(int, run.stdout.split())
-        return runs, compiled
+    def inspect(cache: str, *flags: str) -> str:
+        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / cache)}
+        run = subprocess.run([sys.executable, "-m", "kernels.inspect", *flags, *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+        if "skipped" in run.stderr:
+            pytest.skip(run.stderr.strip())
+        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+        return run.stdout
 
-    runs, compiled = jit(tmp_path / "cache")
+    assert "0 errors" in inspect("warm", "--compile-only")
+    replay = re.compile(r"the JIT ran (\d+) launch configs and compiled (\d+) kernels")
+    runs, compiled = map(int, replay.search(inspect("warm", "--jit-replay")).groups())
     assert runs >= 6 and compiled == 0
-    assert jit(tmp_path / "cold") == (runs, runs)  # the same launches with an empty cache: each one compiled
+    # The same launches with an empty cache: the JIT compiles each one.
+    assert tuple(map(int, replay.search(inspect("cold", "--jit-replay")).groups())) == (runs, runs)

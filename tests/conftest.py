@@ -12,6 +12,10 @@ settings.register_profile("minicycle", deadline=None, print_blob=True)
 settings.load_profile("minicycle")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: subprocess and tool tests; pytest -m 'not slow' skips them")
+
+
 @pytest.fixture
 def torch_path(monkeypatch):
     """Run kernels.* through the plain PyTorch path (fast model tests on CPU)."""

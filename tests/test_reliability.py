@@ -1,4 +1,4 @@
-"""Issue 6, reliability: no lost work, exact resume, and a one-line answer to every bad input.
+"""Reliability: no lost work, exact resume, and a one-line answer to every bad input.
 
 Covered elsewhere, not repeated here: the bitwise resume across an epoch boundary with batch size 1
 (test_train.test_resume_is_exact), native-size inference on a size not divisible by 4

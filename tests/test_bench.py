@@ -36,6 +36,7 @@ def table(md: str, first_column: str) -> tuple[list[str], list[list[str]]]:
     return block[0], block[2:]
 
 
+@pytest.mark.slow
 def test_quick_ops_write_the_report(tmp_path):
     out = tmp_path / "x.md"
     proc = run_bench(["--quick", "--layouts", "nchw,channels_last", "--out", str(out)], interpret="0")
@@ -74,6 +75,7 @@ def test_budget_skips_rows_and_keeps_the_report_valid(tmp_path):
     assert [r[5] for r in rows] == ["skipped (--budget 0 s spent)"] * 2
 
 
+@pytest.mark.slow
 def test_quick_model_runs_every_variant_and_writes_the_report(tmp_path):
     out, profiles = tmp_path / "m.md", tmp_path / "prof"
     proc = run_bench(["--quick", "--profile-dir", str(profiles), "--out", str(out)], "0", "minicycle.bench")
@@ -96,6 +98,7 @@ def test_quick_model_runs_every_variant_and_writes_the_report(tmp_path):
     assert len(prof_rows) == 6 and len(list(profiles.glob("*.txt"))) == 6
 
 
+@pytest.mark.slow
 def test_cpu_mode_compares_the_step_with_a_plain_loop(tmp_path):
     proc = run_bench(["--cpu", "--iters", "2", "--rounds", "1"], "0", "minicycle.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,6 +120,7 @@ def test_plain_loop_yardstick_trains_on_the_builtin_dataset(capsys, cpu_threads)
     assert len(losses) == len(model_bench.LOSS_NAMES) and all(0 < v < 100 for v in losses)
 
 
+@pytest.mark.slow
 def test_quick_ops_through_the_triton_interpreter():
     """The same harness with ours running the Triton kernels (interpreter) at batch 1."""
     proc = run_bench(["--quick", "--batch", "1"], interpret="1")

@@ -43,6 +43,7 @@ def _randn(*shape: int, seed: int = 0, layout: str = "nchw") -> torch.Tensor:
 # (fake vs real shapes, dtypes and strides) and test_aot_dispatch_dynamic.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_instance_norm(layout):
     x = _randn(2, 3, 4, 5, layout=layout).requires_grad_()
@@ -51,6 +52,7 @@ def test_opcheck_instance_norm(layout):
     opcheck(OPS.instance_norm_act_backward, (dy, x.detach(), mu, rstd, 0.2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("layout", "bias"), [("nchw", True), ("channels_last", False)])
 def test_opcheck_reflect_conv2d(layout, bias):
     x = _randn(1, 2, 4, 5, layout=layout).requires_grad_()
@@ -59,6 +61,7 @@ def test_opcheck_reflect_conv2d(layout, bias):
     opcheck(OPS.reflect_conv2d, (x, w, b, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, False)])
 def test_opcheck_reflect_conv2d_backward(needs, layout):
@@ -98,6 +101,7 @@ def _grads(fn, *inputs):
     return loss.detach(), [t.grad for t in leaves]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_compiled_function_matches_eager(layout):
     x = _randn(2, 3, 5, 6, layout=layout)
@@ -132,6 +136,7 @@ def test_compiled_without_bias_and_frozen_weight():
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_resnet_generator_matches_eager():
     from minicycle.networks import ResnetGenerator
 

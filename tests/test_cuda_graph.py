@@ -136,6 +136,7 @@ def train_run(args: list[str], ckpt, name: str = "t") -> int:
     return train.main(TINY + ["--checkpoints_dir", str(ckpt), "--name", name] + args)
 
 
+@pytest.mark.slow
 def test_train_with_cuda_graph_flag_matches_and_resumes_exactly(dataroot, tmp_path, torch_path, capsys):
     """On the CPU --cuda_graph runs the graph-ready step eagerly: the same weights, Adam state, pools
     and loss history as a run without it, bit for bit, and an interrupted run resumes exactly."""

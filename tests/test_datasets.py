@@ -78,6 +78,7 @@ def test_synthetic_second_call_is_noop(synthetic):
     assert (synthetic / "trainA" / "0000.png").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_synthetic_regenerates_incomplete_or_stale(tmp_path, synthetic):
     root = tmp_path / "synthetic"
     root.mkdir()
@@ -183,6 +184,7 @@ def run_cli(*args, cwd):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_cli_synthetic_and_errors(tmp_path):
     r = run_cli("synthetic", "--root", str(tmp_path / "d"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -25,6 +25,7 @@ def test_refuses_without_a_gpu_in_one_line(tmp_path, capsys):
     assert err.startswith("python -m minicycle.gpu_suite: error: PyTorch sees no CUDA GPU") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_summary_reads_the_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     threads = torch.get_num_threads()

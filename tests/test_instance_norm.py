@@ -127,18 +127,21 @@ def run_problem(p):
         assert y.stride() == p["x"].stride()  # same memory format as the input
 
 
+@pytest.mark.slow
 @settings(max_examples=40)
 @given(p=problems(torch.float32))
 def test_fp32_matches_reference(p):
     run_problem(p)
 
 
+@pytest.mark.slow
 @settings(max_examples=25)
 @given(p=problems(torch.float16))
 def test_fp16_matches_reference(p):
     run_problem(p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_block", [4096, 8])
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 def test_bf16_matches_reference(max_block, kind):
@@ -203,6 +206,7 @@ def counts(record):
     return {name: len(args) for name, args in record.items()}
 
 
+@pytest.mark.slow
 def test_triton_path_runs(launches, monkeypatch):
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
     instance_norm_relu(x).sum().backward()
@@ -240,6 +244,7 @@ def test_pytorch_path_backward_with_a_channels_last_gradient_at_batch_1(torch_pa
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_block", [4096, 8])
 def test_channels_last_is_not_copied(launches, monkeypatch, max_block):
     monkeypatch.setattr(inorm, "_MAX_BLOCK", max_block)
@@ -255,6 +260,7 @@ def test_channels_last_is_not_copied(launches, monkeypatch, max_block):
     assert all(args[0].data_ptr() == x.data_ptr() for args in launched)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_block", [4096, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_is_deterministic(max_block, dtype):
@@ -285,6 +291,7 @@ def test_split_and_single_paths_agree():
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_block", [4096, 8])
 @pytest.mark.parametrize("value", [0.0, 3.0, 1e3 + 0.1])
 def test_constant_plane_gives_zeros(max_block, value):

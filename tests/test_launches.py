@@ -30,6 +30,7 @@ def small():
     return count(["--size", "32", "--ngf", "4", "--variants", "eager,ours,graph-ready"])
 
 
+@pytest.mark.slow
 def test_counts_add_up_and_ours_launches_triton_kernels(small):
     rows, text = small
     assert list(rows) == ["eager", "ours", "graph-ready"]
@@ -47,6 +48,7 @@ def test_counts_add_up_and_ours_launches_triton_kernels(small):
     assert "_fwd_partial_kernel" in ours  # the 256² layers' split path, at 32² with a scaled threshold
 
 
+@pytest.mark.slow
 def test_eager_counts_do_not_depend_on_size_or_channels(small):
     """The official layers launch the same kernels at any size and width. (Ours may not: a kernel can
     pick its path from the channel count, which is why the recorded counts are at the paper's config.)"""

@@ -1,6 +1,7 @@
 """Architectures against the official layer lists: parameter counts, state_dict keys, loading
 official-layout files (with stale InstanceNorm keys), and the fused forward vs plain nn layers."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -67,6 +68,7 @@ def test_dropout_moves_second_conv_to_index_6():
     assert "model.23.weight" in keys  # final conv of resnet_6blocks
 
 
+@pytest.mark.slow
 def test_discriminator_keys_and_output():
     d = networks.define_D(3, 64, "basic")
     assert list(d.state_dict()) == [f"model.{i}.{p}" for i in (0, 2, 5, 8, 11) for p in ("weight", "bias")]

@@ -348,6 +348,7 @@ def test_continue_train_with_corrupt_latest_resumes_from_prev(trained, tmp_path,
     assert load_file(run / "latest_state.pth")["run"]["steps"] == 4
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_at_inference_is_named(tmp_path, capsys):
     g = tmp_path / "g.pth"
     torch.save(networks.define_G(3, 3, 4, "resnet_6blocks").state_dict(), g)
@@ -370,6 +371,7 @@ def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_finishes_step_saves_and_resumes_exactly(sig, dataroot, tmp_path, torch_path):
     ckpt = tmp_path / "check points"  # the printed resume command must survive a space in a path
@@ -402,6 +404,7 @@ def test_signal_finishes_step_saves_and_resumes_exactly(sig, dataroot, tmp_path,
     assert_same_tensors(a["model"], b["model"])
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once_and_keeps_a_loadable_state(dataroot, tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = start_training(TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(ckpt), "--name", "t",
@@ -495,6 +498,7 @@ def test_huge_lr_diverges_without_saving_nan_weights(dataroot, tmp_path, capsys,
     assert_nets_load_strictly(tmp_path / "t")
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_batch2_shuffled_with_pool_is_exact(dataroot, tmp_path, torch_path):
     """Batch 2 over 7 images (a short last batch), shuffled order, random B pairing, flips, a pool of 3."""
     common = ["--dataroot", str(dataroot), "--max_dataset_size", "7", "--batch_size", "2", "--pool_size", "3",
@@ -510,6 +514,7 @@ def test_resume_mid_epoch_batch2_shuffled_with_pool_is_exact(dataroot, tmp_path,
     assert_same_tensors(a["model"], b["model"])
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_always_resumes_exactly(dataroot, tmp_path, torch_path):
     """Fault injection: kill -9 at seeded random moments (saving after every image, so most kills land
     in or near a save), resume each time; every time a state loads and the run has progressed; the
@@ -559,6 +564,7 @@ def test_sigkill_at_random_moments_always_resumes_exactly(dataroot, tmp_path, to
 # ============================================================================================
 
 
+@pytest.mark.slow
 def test_missing_dataroot_official_name_says_how_to_download(tmp_path):
     out = script("train.py", ["--dataroot", str(tmp_path / "horse2zebra")], tmp_path)
     assert out.returncode == 1
@@ -646,6 +652,7 @@ def test_unknown_flag_values_exit_2_in_one_line(flags, needle, capsys):
         expect_error(capsys, lambda: infer.main(flags), "infer.py", 2, flags[0])
 
 
+@pytest.mark.slow
 def test_unknown_flag_value_real_entry_point(tmp_path):
     out = script("train.py", ["--netG", "foo"], tmp_path)
     assert out.returncode == 2 and out.stdout == ""
@@ -663,6 +670,7 @@ def test_device_cuda_without_gpu(tmp_path, capsys):
                                              "--device", "cuda"]), "infer.py", 1, "--device cuda")
 
 
+@pytest.mark.slow
 def test_all_corrupt_domain_with_loader_workers_is_one_line(tmp_path):
     """The error raised inside a DataLoader worker process is still one line, not a worker traceback."""
     root = setup_all_corrupt(tmp_path / "data")
@@ -708,6 +716,7 @@ def odd_mode_images(seed: int) -> dict[str, Image.Image]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [3, 1])
 def test_odd_image_modes_train_end_to_end(channels, tmp_path, torch_path, recwarn):
     root = tmp_path / "data"

@@ -34,6 +34,7 @@ def all_state(ckpt: Path, name: str = "t") -> dict:
     return load_file(ckpt / name / "latest_state.pth")
 
 
+@pytest.mark.slow
 def test_end_to_end_scripts(dataroot, tmp_path):
     """python train.py ... then python infer.py ..., as a user runs them."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -79,6 +80,7 @@ def test_saved_generators_use_official_keys_and_round_trip(dataroot, tmp_path, t
     assert full["run"]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_resume_is_exact(dataroot, tmp_path, torch_path):
     """N steps, stop, --continue_train to N+M == N+M uninterrupted steps, bitwise (weights, Adam state,
     pools, counters). Crosses an epoch boundary (6 images per epoch) and fills the pools."""

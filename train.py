@@ -25,7 +25,8 @@ from minicycle.checkpoint import CheckpointError, atomic_save, caused_by, load_f
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
 from minicycle.distributed import Dist, RanksDisagree, fingerprint
-from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
+from minicycle.model import LOSS_NAMES, Config, CycleGAN
+from minicycle.optim import LR_POLICIES
 from minicycle.report import save_image_atomic, training_page, write_text_atomic
 
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
@@ -307,8 +308,7 @@ class Trainer:
             opt.seed = self.dist.broadcast(random.SystemRandom().randrange(2**31) if self.dist.main else None)
         torch.manual_seed(opt.seed)
         cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
-        model = CycleGAN(cfg, device, amp)
-        model.world = self.dist.world
+        model = CycleGAN(cfg, device, amp, world=self.dist.world)
         if opt.compile:
             for net in model.nets().values():
                 net.compile()  # in place: parameters and state_dict keys stay those of the plain module

@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
-from minicycle.model import Config, CycleGAN, GANLoss, linear_lr_factor
+from minicycle.model import Config, CycleGAN
+from minicycle.objective import GANLoss
+from minicycle.optim import linear_lr_factor
 from minicycle.pool import ImagePool
 
 

@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".t
 SIZE = 299
 DIMS = 2048
 CACHE_FORMAT = "minicycle-fid-1"
+GRAM_LIMIT = 6000  # images in both sets together: the joint KID kernel matrix then takes at most 288 MB
 
 
 class FidError(ValueError):
@@ -162,11 +163,15 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return mean_term + float(np.sum(ra**2) + np.sum(rb**2)) - 2 * cross
 
 
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD² of two equal-size samples with KID's kernel k(u, v) = (u·v / d + 1)³:
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's kernel k(u, v) = (u·v / d + 1)³ between the rows of x and y."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+    """Unbiased MMD² of two samples of size m from their kernel matrices:
     (Σ_{i≠j} k(xᵢ, xⱼ) + Σ_{i≠j} k(yᵢ, yⱼ)) / (m(m − 1)) − 2 Σ_{i,j} k(xᵢ, yⱼ) / m²."""
-    m, d = x.shape
-    kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    m = len(kxx)
     within = kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)
     return float(within / (m * (m - 1)) - 2 * kxy.sum() / m**2)
 
@@ -174,12 +179,24 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 def kernel_inception_distance(feats_a: np.ndarray, feats_b: np.ndarray, subsets: int = 100,
                               max_subset: int = 1000, seed: int = 0) -> tuple[float, float]:
     """KID (Bińkowski et al. 2018): mean and standard deviation of `mmd2_unbiased` over `subsets` pairs of
-    subsets of size min(n_a, n_b, max_subset), each drawn without replacement (seeded, so repeatable)."""
+    subsets of size min(n_a, n_b, max_subset), each drawn without replacement (seeded, so repeatable).
+    Up to GRAM_LIMIT images in all, the kernel is computed once for all pairs and each subset reads its
+    blocks; above, per subset (n² memory)."""
     a, b = feats_a.astype(np.float64), feats_b.astype(np.float64)
     m = min(len(a), len(b), max_subset)
     rng = np.random.default_rng(seed)
-    values = [mmd2_unbiased(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
-              for _ in range(subsets)]
+    draws = [(rng.choice(len(a), m, replace=False), rng.choice(len(b), m, replace=False)) for _ in range(subsets)]
+    joint = np.concatenate([a, b])
+    gram = polynomial_kernel(joint, joint) if len(joint) <= GRAM_LIMIT else None
+    values = []
+    for ia, ib in draws:
+        if gram is not None:
+            ja, jb = ia, len(a) + ib
+            blocks = gram[np.ix_(ja, ja)], gram[np.ix_(jb, jb)], gram[np.ix_(ja, jb)]
+        else:
+            x, y = a[ia], b[ib]
+            blocks = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+        values.append(mmd2_unbiased(*blocks))
     return float(np.mean(values)), float(np.std(values))
 
 

@@ -16,6 +16,7 @@ The weights are not shipped: `resolve_weights` finds or downloads them.
 """
 
 import hashlib
+import http.client
 import io
 import os
 import tempfile
@@ -224,7 +225,8 @@ def load_weights(path: Path) -> tuple[FIDInceptionV3, str]:
 
 
 def check_layout(path: Path, state: object, layout: dict[str, tuple[int, ...]]) -> None:
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise WeightsError(f"{path}: not a state_dict of tensors, so not {WEIGHTS_NAME}")
     keys = {k for k in state if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(layout.keys() - keys), sorted(keys - layout.keys())
@@ -267,18 +269,19 @@ def resolve_weights(given: str | None) -> Path:
     """The weights file: `given` (--inception), else $MINICYCLE_INCEPTION, else torch's hub cache, else
     downloaded there by `download` (looked up when called, so tests replace it). When that fails:
     WeightsMissing saying what to fetch, from where, and where to put it."""
-    given = given or os.environ.get("MINICYCLE_INCEPTION")
-    if given:
-        if not Path(given).is_file():
-            raise WeightsMissing(f"{given}: Inception weights file not found (get it from {WEIGHTS_URL})")
-        return Path(given)
+    env = os.environ.get("MINICYCLE_INCEPTION")
+    if given or env:
+        path, source = (given, "--inception") if given else (env, "MINICYCLE_INCEPTION")
+        if not Path(path).is_file():
+            raise WeightsMissing(f"{source} {path}: Inception weights file not found (download: {WEIGHTS_URL})")
+        return Path(path)
     dest = hub_path()
     if dest.is_file():
         return dest
     try:
         download(WEIGHTS_URL, dest)
-    except OSError as e:  # URLError, timeouts, HTTP errors, a full disk
-        reason = getattr(e, "reason", None) or e.strerror or e
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, HTTP errors, a cut-off read, a full disk
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise WeightsMissing(f"Inception weights {WEIGHTS_NAME} not found and not downloadable ({reason}): "
                              f"fetch {WEIGHTS_URL} and save it as {dest}, or pass --inception FILE") from None
     return dest

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class Inception:
                 x = read_image(path)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 reason = " ".join(str(e).split()) or type(e).__name__
-                tqdm.write(f"fid: warning: cannot read image {path}: {reason}; skipping it", file=sys.stderr)
+                tqdm.write(f"minicycle.fid: warning: cannot read image {path}: {reason}; skipping it", file=sys.stderr)
                 skipped.append(path)
                 continue
             batch.append(inception_input(x[None]))
@@ -119,28 +120,40 @@ def folder_features(folder: Path, inception: Inception, cache: Path | None) -> t
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, inception.sha256, stats]).encode()).hexdigest()
     where = hashlib.sha256(f"{folder.resolve()}\0{inception.sha256}".encode()).hexdigest()[:24]
     file = cache / f"{where}.npz" if cache else None
-    if file and file.is_file():
-        try:
-            with np.load(file, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    skipped = [str(s) for s in z["skipped"]]
-                    for name in skipped:
-                        print(f"fid: warning: cannot read image {folder / name}; skipping it", file=sys.stderr)
-                    return z["features"], skipped
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is rebuilt below
+    hit = read_cache(file, key) if file else None
+    if hit is not None:
+        for name in hit[1]:
+            print(f"minicycle.fid: warning: cannot read image {folder / name}; skipping it", file=sys.stderr)
+        return hit
     feats, bad = inception.features(paths, desc=str(folder))
     skipped = [p.name for p in bad]
     if file:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".npz", dir=file.parent)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, key=np.array(key), features=feats, skipped=np.array(skipped, dtype=str))
-            os.replace(tmp, file)
-        except OSError as e:
-            print(f"fid: warning: cannot write the feature cache {file} ({e.strerror or e})", file=sys.stderr)
+        write_cache(file, key, feats, skipped)
     return feats, skipped
+
+
+def read_cache(file: Path, key: str) -> tuple[np.ndarray, list[str]] | None:
+    """Features and skipped names stored under `key`; None when absent, stale or damaged (then rebuilt)."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            return (z["features"], [str(s) for s in z["skipped"]]) if str(z["key"]) == key else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def write_cache(file: Path, key: str, feats: np.ndarray, skipped: list[str]) -> None:
+    """Atomically (temp file, then rename); a cache that cannot be written is only a warning."""
+    tmp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".npz", dir=file.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, key=np.array(key), features=feats, skipped=np.array(skipped, dtype=str))
+        os.replace(tmp, file)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        print(f"minicycle.fid: warning: cannot write the feature cache {file} ({e.strerror or e})", file=sys.stderr)
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
@@ -208,7 +221,7 @@ def score(feats_a: np.ndarray, feats_b: np.ndarray, name_a: str = "A", name_b: s
             raise FidError(f"{name}: {len(feats)} readable image(s); FID and KID need at least 2 per set")
     few = min(len(feats_a), len(feats_b))
     if few < DIMS:
-        print(f"fid: note: {few} images < {DIMS} feature dimensions, so a covariance is singular; the FID is "
+        print(f"minicycle.fid: note: {few} images < {DIMS} feature dimensions, so a covariance is singular; the FID is "
               f"still exact for these images, but it shrinks as images are added: compare FIDs over equal counts",
               file=sys.stderr)
     kid_mean, kid_std = kernel_inception_distance(feats_a, feats_b)

@@ -520,6 +520,17 @@ def test_cache_extracts_a_folder_once_until_a_file_changes(tmp_path, monkeypatch
     assert runs == [3, 3, 3, 4]
     fid.folder_features(folder, stub(), cache)
     assert runs == [3, 3, 3, 4]
+    for damaged in cache.glob("*.npz"):
+        damaged.write_bytes(b"PK\x03\x04 cut short")
+    fid.folder_features(folder, stub(), cache)
+    assert runs == [3, 3, 3, 4, 4]
+
+
+def test_unwritable_cache_is_a_warning(tmp_path, capsys):
+    folder = rgb_folder(tmp_path / "f", 2, seed=0)
+    (tmp_path / "file").write_text("")
+    feats, _ = fid.folder_features(folder, stub(), tmp_path / "file" / "cache")
+    assert feats.shape == (2, 2048) and "warning: cannot write the feature cache" in capsys.readouterr().err
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path, capsys):

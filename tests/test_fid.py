@@ -265,6 +265,7 @@ def reference_features(model, paths: list[Path]) -> np.ndarray:
                          for p in paths])
 
 
+@pytest.mark.slow  # two Inception nets on 8 images: ~15 s on 2 cores
 def test_features_match_pytorch_fid(net, reference, folders):
     paths = [p for folder in folders for p in fid.list_images(folder)]
     ours, skipped = net.features(paths, desc="test")

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from minicycle import datasets, networks
+from minicycle import datasets, fid, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
 from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
+from minicycle.inception import WeightsError, WeightsMissing, resolve_weights
 from minicycle.report import results_page, save_image_atomic
 
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint", help="any generator state_dict file, e.g. an official pretrained .pth")
     a("--input", help="one image or a folder of images, instead of --dataroot")
     a("--output", help="write each input's translation alone to OUTPUT/<stem>.png")
+    a("--fid", action="store_true", help="FID and KID of the translations against the target domain's real "
+      "images (DIR/testB for AtoB, testA for BtoA; needs --dataroot); translates the whole test set by default")
+    a("--inception", help="with --fid: the FID Inception weights file (default as in python -m minicycle.fid)")
     a("--netG", choices=networks.GENERATORS, help="default: read from the checkpoint")
     a("--ngf", type=int, help="default: read from the checkpoint")
     a("--norm", choices=networks.NORMS, help="default: read from the checkpoint")
@@ -123,7 +127,8 @@ def resolve(opt: argparse.Namespace) -> tuple[Path, Path, Path | None, str]:
         source = Path(opt.dataroot) / f"{opt.phase}{suffix}"
         truth = datasets.truth_folder(opt.dataroot, opt.direction)
         if opt.num_test is None:
-            opt.num_test = float("inf") if builtin else 50  # official default 50; the built-in test set whole
+            # official default 50; the built-in test set whole, and the whole test set for FID as papers do
+            opt.num_test = float("inf") if builtin or opt.fid else 50
     return ckpt, source, truth, name
 
 
@@ -140,6 +145,18 @@ def read_truth(folder: Path | None, name: str, like: Image.Image) -> Image.Image
     return target.resize(like.size, Image.BICUBIC)
 
 
+def fid_target(opt: argparse.Namespace) -> Path | None:
+    """With --fid: the real images of the target domain, DIR/<phase>B for AtoB (<phase>A for BtoA)."""
+    if not opt.fid:
+        return None
+    if opt.input:
+        raise DataError("--fid needs --dataroot (it compares the translations with DIR/testB or testA); to compare "
+                        "--output's folder with other images: python -m minicycle.fid OUTPUT_DIR REAL_DIR")
+    target = Path(opt.dataroot) / f"{opt.phase}{'B' if opt.direction == 'AtoB' else 'A'}"
+    fid.list_images(target)
+    return target
+
+
 def translate(opt: argparse.Namespace) -> int:
     if opt.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
@@ -148,6 +165,8 @@ def translate(opt: argparse.Namespace) -> int:
     if opt.batch_size < 1 or (opt.load_size is not None and opt.load_size < 1):
         raise DataError("--batch_size and --load_size must be positive")
     ckpt, source, truth, name = resolve(opt)
+    fid_dir = fid_target(opt)
+    weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early
     net = build_generator(opt, ckpt, device)
     use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
     fmt = torch.channels_last if use_cl else torch.contiguous_format
@@ -165,7 +184,7 @@ def translate(opt: argparse.Namespace) -> int:
     except OSError as e:
         raise DataError(f"cannot write to {img_dir} ({e.strerror or e})") from None
 
-    rows, errors, baselines = [], [], []
+    rows, errors, baselines, fakes = [], [], [], []
     pending: list[tuple[torch.Tensor, Image.Image, str]] = []
 
     def flush() -> None:
@@ -177,6 +196,7 @@ def translate(opt: argparse.Namespace) -> int:
         for (_, img, path), out in zip(pending, y):
             fake = tensor_to_image(out)
             stem = Path(path).stem
+            fakes.append(img_dir / (f"{stem}.png" if opt.output else f"{stem}_fake.png"))
             if opt.output:
                 save_image_atomic(fake, img_dir / f"{stem}.png")
                 continue
@@ -219,22 +239,36 @@ def translate(opt: argparse.Namespace) -> int:
         raise DataError(f"none of the {len(unreadable)} images in {source} can be read")
     score = (f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  (identity baseline: "
              f"{np.mean(baselines):.2f}) over {len(errors)} images") if errors else ""
+    distances = fid_of(fakes, fid_dir, weights, device) if fid_dir else ""
     if not opt.output:
-        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows, summary=score)
+        summary = "; ".join(s for s in (score, distances) if s)
+        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows, summary=summary)
     skipped = f" ({len(unreadable)} unreadable, skipped)" if unreadable else ""
     print(f"translated {done} images {opt.direction} with {ckpt} -> {out_dir}{skipped}")
-    if score:
-        print(score)
+    for line in (score, distances):
+        if line:
+            print(line)
     return 0
+
+
+def fid_of(fakes: list[Path], target: Path, weights: Path, device: torch.device) -> str:
+    """FID and KID of the written translations against the real images in `target` (whose features are
+    cached), by minicycle.fid's protocol, as one line for the console and the results page."""
+    inception = fid.Inception.load(weights, device)
+    feats, _ = inception.features(fakes, desc="translations")
+    real, _ = fid.folder_features(target, inception, fid.cache_dir())
+    result = fid.score(feats, real, name_a="translations", name_b=str(target))
+    return (f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f}: "
+            f"{result['n_a']} translations vs {result['n_b']} images of {target}")
 
 
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(argv)
     try:
         return translate(opt)
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, fid.FidError, WeightsError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, WeightsMissing) else 1
 
 
 if __name__ == "__main__":

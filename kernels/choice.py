@@ -29,8 +29,8 @@ pseudo-random output gradient dy:
                           Triton backward needs the Triton forward's saved statistics)
 
 A conv whose passes disagree runs as the custom op minicycle::reflect_conv2d_chosen (opaque to
-torch.compile, like the Triton op); all-Triton and all-PyTorch ones call kernels.reflect_conv2d or
-F.pad + F.conv2d, exactly as `triton` and the official model do.
+torch.compile, like the Triton op); an all-Triton one calls kernels.reflect_conv2d, exactly as
+`triton` does, and an all-PyTorch one F.pad + F.conv2d, as the official layers do.
 
 Decisions are kept per process and, timed ones, in a JSON file (MINICYCLE_KERNEL_CACHE: a path, or
 "off"; default ~/.cache/minicycle/kernel_choice.json, or under $XDG_CACHE_HOME), in a section per
@@ -287,7 +287,9 @@ def forward(path: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     """conv2d(reflect_pad(x, p), w) + b, in x's memory format."""
     if path == TRITON:
         return rc._conv_fwd(x, w, b, p)
-    return F.conv2d(F.pad(x, (p,) * 4, mode="reflect") if p else x, w, b).contiguous(memory_format=_format(x))
+    with _no_autocast(x):
+        y = F.conv2d(F.pad(x, (p,) * 4, mode="reflect") if p else x, w, b)
+    return y.contiguous(memory_format=_format(x))
 
 
 def dgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int) -> torch.Tensor:
@@ -297,9 +299,10 @@ def dgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int)
         return rc._conv_dgrad(dy, w, x, p)
     N, C, H, W = x.shape
     padded = torch.empty((N, C, H + 2 * p, W + 2 * p), dtype=x.dtype, device=x.device, memory_format=_format(x))
-    g = torch.ops.aten.convolution_backward(dy, padded, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                            [True, False, False])[0]
-    dx = torch.ops.aten.reflection_pad2d_backward(g, x, [p] * 4) if p else g
+    with _no_autocast(x):
+        g = torch.ops.aten.convolution_backward(dy, padded, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                [True, False, False])[0]
+        dx = torch.ops.aten.reflection_pad2d_backward(g, x, [p] * 4) if p else g
     return dx.contiguous(memory_format=_format(x))
 
 
@@ -308,9 +311,10 @@ def wgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int,
     """(dw in w's memory format, db), each None where not needed."""
     if path == TRITON:
         return (rc._conv_wgrad(dy, w, x, p) if need_w else None), (rc._conv_dbias(dy, x.dtype) if need_b else None)
-    padded = F.pad(x, (p,) * 4, mode="reflect") if p else x
-    _, dw, db = torch.ops.aten.convolution_backward(dy, padded, w, [w.shape[0]] if need_b else None, [1, 1], [0, 0],
-                                                    [1, 1], False, [0, 0], 1, [False, need_w, need_b])
+    with _no_autocast(x):
+        padded = F.pad(x, (p,) * 4, mode="reflect") if p else x
+        _, dw, db = torch.ops.aten.convolution_backward(dy, padded, w, [w.shape[0]] if need_b else None, [1, 1],
+                                                        [0, 0], [1, 1], False, [0, 0], 1, [False, need_w, need_b])
     return (dw.contiguous(memory_format=_format(w)) if need_w else None), (db if need_b else None)
 
 
@@ -320,6 +324,12 @@ def pytorch_norm(x: torch.Tensor, eps: float, slope: float, activation: bool) ->
     if not activation:
         return y
     return F.leaky_relu(y, slope) if slope else F.relu(y)
+
+
+def _no_autocast(x: torch.Tensor):
+    """The operands are in the autocast dtype already (as the Triton op casts them); CPU autocast would
+    run the pad in fp32."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _format(t: torch.Tensor) -> torch.memory_format:
@@ -408,7 +418,7 @@ def reflect_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if PYTORCH not in paths:
         return kernels.reflect_conv2d(x, weight, bias, padding=padding)
     if TRITON not in paths:
-        return F.conv2d(F.pad(x, (padding,) * 4, mode="reflect") if padding else x, weight, bias)
+        return forward(PYTORCH, x, weight, bias, padding)
     return _chosen(x, weight, bias, padding, *paths)  # training: (fwd, dgrad, wgrad), some of each
 
 

@@ -92,6 +92,14 @@ class Decision:
     def pytorch_name(self, cuda: bool = True) -> str:
         return "cuDNN" if self.op.startswith("conv") and cuda else "PyTorch"
 
+    def verdict(self, i: int, cuda: bool = True) -> str:
+        """Pass i's path and why, in a few words: 'Triton, by 1.42x', 'cuDNN, by 1.30x', 'cuDNN (why)'."""
+        name = "Triton" if self.paths[i] == TRITON else self.pytorch_name(cuda)
+        if self.ms is None:
+            return f"{name} ({self.why})"
+        t, p = self.ms[i]
+        return f"{name}, by {max(t, p) / max(min(t, p), 1e-9):.2f}x"
+
     def reason(self, i: int) -> str:
         """Why pass i takes PyTorch."""
         if self.ms is None:
@@ -111,7 +119,7 @@ class Chooser:
         self.decisions: dict[tuple, Decision] = {}
         self.used: set[tuple] = set()
         self.unreported: list[tuple] = []
-        self.loaded: set[str] = set()  # devices whose cache section is in self.paths
+        self.loaded: set[torch.device] = set()  # devices whose cache section is in self.paths
         self.seconds = 0.0  # spent deciding since the last report
 
     def applies(self, x: torch.Tensor) -> bool:
@@ -119,22 +127,27 @@ class Chooser:
 
     # ---- the lookup ----------------------------------------------------------------------------
     def conv_paths(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple[str, ...]:
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
-        key = (str(x.device), "conv" if grad else "conv_fwd", str(x.dtype), tuple(x.shape), tuple(x.stride()),
-               tuple(w.shape), tuple(w.stride()), b is not None, padding, *_cudnn_flags())
+        key = _conv_key(x, w, b, padding)
         return self._paths(key, x, lambda: self._decide_conv(key, x, w, b, padding))
 
     def norm_paths(self, x: torch.Tensor, eps: float, slope: float, activation: bool) -> tuple[str, ...]:
-        grad = torch.is_grad_enabled() and x.requires_grad
-        key = (str(x.device), "norm" if grad else "norm_fwd", str(x.dtype), tuple(x.shape), tuple(x.stride()), eps,
-               slope, activation)
+        key = _norm_key(x, eps, slope, activation)
         return self._paths(key, x, lambda: self._decide_norm(key, x, eps, slope, activation))
+
+    def conv_decision(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> Decision:
+        """The decision for these conv inputs (made now if new), as the layers would take it."""
+        self.conv_paths(x, w, b, padding)
+        return self.decisions[_conv_key(x, w, b, padding)]
+
+    def norm_decision(self, x: torch.Tensor, eps: float, slope: float, activation: bool) -> Decision:
+        self.norm_paths(x, eps, slope, activation)
+        return self.decisions[_norm_key(x, eps, slope, activation)]
 
     def _paths(self, key: tuple, x: torch.Tensor, decide: Callable[[], Decision]) -> tuple[str, ...]:
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self.paths.get(key, (TRITON,) * len(PASSES[key[1]]))
         if key[0] not in self.loaded:
-            self.load(x.device, report=False)
+            self.load(key[0], report=False)
         if key not in self.paths:
             start = time.perf_counter()
             decision = decide()
@@ -207,7 +220,7 @@ class Chooser:
 
     def _fall_back(self, key: tuple, dev: devices.Device, why: str) -> Decision:
         decision = Decision(key[1], _label(key), dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
-        print(f"kernels: {decision.pytorch_name(key[0].startswith('cuda'))} for {decision.label}: {why}",
+        print(f"kernels: {decision.pytorch_name(key[0].type == 'cuda')} for {decision.label}: {why}",
               file=sys.stderr, flush=True)
         return decision
 
@@ -220,14 +233,15 @@ class Chooser:
     def load(self, device: torch.device, report: bool = True) -> int:
         """Take this device's decisions from the cache file (before torch.compile traces, which looks
         decisions up but never makes them); report=True lists them in the next report()."""
-        name = str(device)
-        self.loaded.add(name)
+        if device.type == "cuda" and device.index is None:  # train.py's torch.device("cuda"): the tensors' index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.loaded.add(device)
         entries = _read(self.cache_file).get(self._section(device), []) if self.cache_file else []
         dev = self.facts(device)
         n = 0
         for entry in entries:
             try:
-                key = (name, *(tuple(e) if isinstance(e, list) else e for e in entry["key"]))
+                key = (device, *(tuple(e) if isinstance(e, list) else e for e in entry["key"]))
                 paths, ms = tuple(entry["paths"]), tuple(tuple(m) for m in entry["ms"])
                 ok = key[1] in PASSES and len(paths) == len(ms) == len(PASSES[key[1]])
             except (KeyError, TypeError, IndexError):
@@ -246,7 +260,7 @@ class Chooser:
         """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""
         if self.cache_file is None:
             return
-        section = self._section(torch.device(key[0]))
+        section = self._section(key[0])
         try:
             data = _read(self.cache_file)
             entries = [e for e in data.get(section, []) if e.get("key") != list(_jsonable(key[1:]))]
@@ -267,7 +281,7 @@ class Chooser:
             return None
         keys, self.unreported = self.unreported, []
         seconds, self.seconds = self.seconds, 0.0
-        found = [(self.decisions[k], k[0].startswith("cuda")) for k in keys]
+        found = [(self.decisions[k], k[0].type == "cuda") for k in keys]
         choices = [(d, i, cuda) for d, cuda in found for i in range(len(d.paths))]
         slower = [f"{d.pytorch_name(cuda)} for {d.label}{' ' + PASSES[d.op][i] if d.op != 'norm' else ''} "
                   f"({d.reason(i)})" for d, i, cuda in choices if d.paths[i] == PYTORCH]
@@ -459,6 +473,19 @@ def describe(mode: str, device: torch.device) -> str:
 # ---- helpers --------------------------------------------------------------------------------------
 
 
+def _conv_key(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple:
+    """(device, op, dtype, x shape and strides, w shape and strides, bias, padding, cuDNN flags); the op
+    is 'conv' when a gradient will be needed (three passes), else 'conv_fwd'."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+    return (x.device, "conv" if grad else "conv_fwd", str(x.dtype), x.shape, x.stride(), w.shape, w.stride(),
+            b is not None, padding, *_cudnn_flags())
+
+
+def _norm_key(x: torch.Tensor, eps: float, slope: float, activation: bool) -> tuple:
+    grad = torch.is_grad_enabled() and x.requires_grad
+    return (x.device, "norm" if grad else "norm_fwd", str(x.dtype), x.shape, x.stride(), eps, slope, activation)
+
+
 def _cudnn_flags() -> tuple[bool, bool]:
     """What the PyTorch conv's speed and precision depend on: TF32, and cuDNN's own benchmark."""
     return bool(torch.backends.cudnn.allow_tf32), bool(torch.backends.cudnn.benchmark)
@@ -523,7 +550,7 @@ def _reason(e: BaseException) -> str:
 
 
 def _jsonable(key: tuple) -> tuple:
-    return tuple(list(e) if isinstance(e, tuple) else e for e in key)
+    return tuple(list(e) if isinstance(e, tuple) else e for e in key)  # torch.Size is a tuple too
 
 
 def _read(path: Path) -> dict:

@@ -354,3 +354,38 @@ def test_infer_kernels_pytorch_translates_as_the_default(tmp_path, monkeypatch):
                            str(tmp_path / mode), "--preprocess", "none", "--kernels", mode]) == 0
         outs.append((tmp_path / mode / "x.png").read_bytes())
     assert outs[0] == outs[1]
+
+
+# ----------------------------------------------------------------------------- the benchmarks say it
+
+
+def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
+    from kernels import bench
+    from minicycle.gpu_suite import tables
+
+    stand_in(monkeypatch, {**TRITON_FASTER, "dgrad": (3.0, 1.0), "fwd+bwd": (1.0, 4.0)})
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--batch", "1", "--dtypes", "fp32", "--out", str(tmp_path / "ops.md")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --quick uses one thread
+    (cols, rows), = tables((tmp_path / "ops.md").read_text())
+    takes = {(r[0], r[1]): r[cols.index("auto takes")] for r in rows}
+    assert takes == {("IN+ReLU", "fwd"): "Triton, by 4.00x", ("IN+ReLU", "bwd"): "Triton, by 4.00x",
+                     ("reflect conv", "fwd"): "Triton, by 2.00x", ("reflect conv", "dgrad"): "PyTorch, by 3.00x",
+                     ("reflect conv", "wgrad"): "Triton, by 2.00x"}
+
+
+def test_model_bench_rows_name_the_kernels_flag(monkeypatch, tmp_path):
+    from minicycle import bench as model_bench
+    from minicycle.gpu_suite import tables
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    try:
+        assert model_bench.main(["--quick", "--batch", "1", "--variants", "eager,ours", "--iters", "1",
+                                 "--kernels", "triton", "--out", str(tmp_path / "model.md")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (_, rows), = tables((tmp_path / "model.md").read_text())
+    assert [r[0] for r in rows] == ["eager", "ours (triton)"]

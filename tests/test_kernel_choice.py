@@ -230,6 +230,24 @@ def test_no_cache_file_when_off(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- torch.compile, CUDA graphs
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_the_mixed_conv_ops(layout):
+    """The custom ops of a conv whose passes disagree: schema, autograd registration, fake impls (the
+    outputs' strides in both layouts) and AOT dispatch, as tests/test_compile.py checks the Triton ops."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4, 5, generator=g).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(3, 2, 3, 3, generator=g).contiguous(memory_format=layout).requires_grad_()
+    b = torch.randn(3, generator=g).requires_grad_()
+    dy = torch.randn(1, 3, 4, 5, generator=g).contiguous(memory_format=layout)
+    ops = torch.ops.minicycle
+    torch.library.opcheck(ops.reflect_conv2d_chosen, (x, w, b, 1, "triton", "pytorch", "triton"))
+    torch.library.opcheck(ops.reflect_conv2d_chosen, (x, w, b, 1, "pytorch", "triton", "pytorch"))
+    for paths in (("pytorch", "triton"), ("triton", "pytorch")):
+        torch.library.opcheck(ops.reflect_conv2d_chosen_backward, (dy, x.detach(), w.detach(), 1, True, True, True,
+                                                                   *paths))
+
+
 def _conv_norm(x, w, b):
     return choice.instance_norm_relu(choice.reflect_conv2d(x, w, b, padding=1), negative_slope=0.2)
 

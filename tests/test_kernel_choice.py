@@ -276,6 +276,21 @@ def test_torch_compile_uses_the_decisions_and_never_measures(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_torch_compile_takes_the_cache_files_decisions_when_loaded_first(monkeypatch, tmp_path):
+    """train.py --compile: load() before the nets are traced, so the trace uses the last run's decisions."""
+    table = {**TRITON_FASTER, "wgrad": (2.0, 1.0)}
+    x, w, b, _ = conv_inputs()
+    stand_in(monkeypatch, table, cache_file=tmp_path / "c.json")
+    eager = _conv_norm(x, w, b)  # an earlier run decides
+    chooser, timer = stand_in(monkeypatch, table, cache_file=tmp_path / "c.json")
+    assert choice.load(x.device) == 2
+    out, ops = _compiled_ops(_conv_norm, x, w, b)
+    assert "minicycle.reflect_conv2d_chosen.default" in ops and timer.calls == []
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert chooser.report().endswith(f"(2 of 2 from {tmp_path / 'c.json'})")
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_the_first_step_makes_every_decision(monkeypatch):
     """--cuda_graph captures the fourth step: the warm-up steps before it have made every decision."""
@@ -347,6 +362,20 @@ def test_train_kernels_pytorch_is_the_official_layers_bit_for_bit(dataroot, tmp_
     assert "; kernels: PyTorch (no Triton without a GPU); " in runs["auto"]
     states = [load_file(tmp_path / m / "latest_state.pth")["model"] for m in runs]
     assert_same_tensors(states[0], states[1])
+
+
+@pytest.mark.slow
+def test_train_prints_what_auto_chose_after_the_first_iteration(dataroot, tmp_path, monkeypatch, capsys):
+    stand_in(monkeypatch, PYTORCH_FASTER)  # CPU tensors as if on a GPU; decided PyTorch: fast steps after
+    args = TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(tmp_path), "--netD", "pixel", "--ngf", "2",
+                   "--ndf", "2", "--load_size", "8", "--crop_size", "8", "--print_freq", "1"]
+    capsys.readouterr()
+    assert train.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    chosen = [i for i, line in enumerate(lines) if line.startswith("kernels: ")]
+    assert len(chosen) == 1 and chosen[0] <= 2, lines  # once, right after the first iteration
+    assert re.match(r"kernels: Triton for 0 of \d+ \(op, shape, pass\) choices, PyTorch for conv 7x7 3->2 @ "
+                    r"1x8x8 fp32 fwd \(Triton 2\.0x slower\), ", lines[chosen[0]]), lines[chosen[0]]
 
 
 def test_the_flag_rejects_other_values_in_one_line(capsys):

@@ -236,7 +236,7 @@ class Chooser:
         if device.type == "cuda" and device.index is None:  # train.py's torch.device("cuda"): the tensors' index
             device = torch.device("cuda", torch.cuda.current_device())
         self.loaded.add(device)
-        entries = _read(self.cache_file).get(self._section(device), []) if self.cache_file else []
+        entries = _entries(_read(self.cache_file), self._section(device)) if self.cache_file else []
         dev = self.facts(device)
         n = 0
         for entry in entries:
@@ -260,19 +260,18 @@ class Chooser:
         """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""
         if self.cache_file is None:
             return
-        section = self._section(key[0])
+        section, key_json = self._section(key[0]), list(_jsonable(key[1:]))
+        data = _read(self.cache_file)
+        entries = [e for e in _entries(data, section) if e.get("key") != key_json]
+        data[section] = entries + [{"key": key_json, "paths": list(decision.paths),
+                                    "ms": [list(m) for m in decision.ms]}]
+        tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
         try:
-            data = _read(self.cache_file)
-            entries = [e for e in data.get(section, []) if e.get("key") != list(_jsonable(key[1:]))]
-            entries.append({"key": list(_jsonable(key[1:])), "paths": list(decision.paths),
-                            "ms": [list(m) for m in decision.ms]})
-            data[section] = entries
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data) + "\n")
             os.replace(tmp, self.cache_file)
         except OSError:
-            pass
+            tmp.unlink(missing_ok=True)
 
     # ---- the summary ---------------------------------------------------------------------------
     def report(self) -> str | None:
@@ -528,7 +527,7 @@ def _forward_backward(impl: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     with torch.enable_grad():
         xi = x.detach().requires_grad_()
         y = impl(xi)
-        (dx,) = torch.autograd.grad(y, xi, dy)
+        (dx,) = torch.autograd.grad(y, xi, dy.to(y.dtype))  # CPU autocast runs PyTorch's norm in fp32
     return y.detach(), dx
 
 
@@ -560,6 +559,11 @@ def _read(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _entries(data: dict, section: str) -> list[dict]:
+    entries = data.get(section)
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 @functools.cache

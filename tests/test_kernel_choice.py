@@ -122,8 +122,10 @@ def test_autocast_decides_for_the_autocast_dtype(monkeypatch):
     x, w, b, _ = conv_inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = choice.reflect_conv2d(x, w, b, padding=1)
-    assert y.dtype == torch.bfloat16 and [k[2] for k in chooser.paths] == ["torch.bfloat16"]
+        z = choice.instance_norm_relu(y)
+    assert y.dtype == torch.bfloat16 and [k[2] for k in chooser.paths] == ["torch.bfloat16"] * 2
     torch.testing.assert_close(y.float(), eager_conv(x, w, b), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(z.float(), F.relu(F.instance_norm(eager_conv(x, w, b))), rtol=3e-2, atol=3e-2)
 
 
 # ----------------------------------------------------------------------------- fallbacks

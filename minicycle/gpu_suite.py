@@ -206,8 +206,8 @@ def summary(out: Path) -> str:
         skipped = sum(1 for cols, rows in tables(md.read_text()) if cols[:1] == ["op"] for r in rows
                       if r[5].startswith("skipped"))
         takes = [r[cols.index("auto takes")].split(" ")[0].rstrip(",") for cols, rows in tables(md.read_text())
-                 if "auto takes" in cols for r in rows if not r[5].startswith("skipped")]
-        picks = ", ".join(f"{name} {takes.count(name)}" for name in sorted(set(takes)))
+                 if "auto takes" in cols for r in rows]
+        picks = ", ".join(f"{name} {takes.count(name)}" for name in ("Triton", "cuDNN", "PyTorch") if name in takes)
         lines.append(f"- {md.stem}: {marks.count('✓')} rows ✓, {len(bad)} ✗{': ' + '; '.join(bad) if bad else ''}"
                      f"{f', {skipped} skipped (budget)' if skipped else ''}{f'; auto takes {picks}' if picks else ''}")
     lines += ["", "| batch | amp | layout | " + " | ".join(VARIANT_ORDER) + " |",

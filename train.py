@@ -461,9 +461,9 @@ class Trainer:
                 else:
                     self.graphed.step(batch["A"], batch["B"])
                     results = []
-                chosen = choice.report()  # what --kernels auto decided in this step, if it met new shapes
-                if chosen:
-                    self.say(chosen)
+                decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
+                if decided:
+                    self.say(decided)
                 n = taken[step]
                 before = run.images
                 run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n

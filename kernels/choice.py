@@ -115,11 +115,11 @@ class Chooser:
     def __init__(self, *, timer: Timer = device_ms, facts: Callable[[torch.device], devices.Device] = devices.of,
                  device_types: Sequence[str] = ("cuda",), cache_file: Path | None = None):
         self.timer, self.facts, self.device_types, self.cache_file = timer, facts, tuple(device_types), cache_file
-        self.paths: dict[tuple, tuple[str, ...]] = {}  # the lookup that the layers (and torch.compile) do
+        self.paths: dict[tuple, tuple[str, ...]] = {}  # the decisions in use: what the layers (and torch.compile) read
         self.decisions: dict[tuple, Decision] = {}
-        self.used: set[tuple] = set()
+        self.stored: dict[tuple, Decision] = {}  # read from the cache file, not used yet
+        self.loaded: set[torch.device] = set()  # devices whose cache section has been read
         self.unreported: list[tuple] = []
-        self.loaded: set[torch.device] = set()  # devices whose cache section is in self.paths
         self.seconds = 0.0  # spent deciding since the last report
 
     def applies(self, x: torch.Tensor) -> bool:
@@ -144,21 +144,26 @@ class Chooser:
         return self.decisions[_norm_key(x, eps, slope, activation)]
 
     def _paths(self, key: tuple, x: torch.Tensor, decide: Callable[[], Decision]) -> tuple[str, ...]:
+        paths = self.paths.get(key)  # the hot path: one look-up per layer call
+        if paths is not None:
+            return paths
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return self.paths.get(key, (TRITON,) * len(PASSES[key[1]]))
+            return (TRITON,) * len(PASSES[key[1]])  # nothing decided: the Triton op, as before
         if key[0] not in self.loaded:
-            self.load(key[0], report=False)
-        if key not in self.paths:
+            self._read_section(key[0])
+        decision = self.stored.pop(key, None)
+        if decision is None:
             start = time.perf_counter()
             decision = decide()
             self.seconds += time.perf_counter() - start
-            self.decisions[key], self.paths[key] = decision, decision.paths
             if decision.ms is not None:
                 self._save(key, decision)
-        if key not in self.used:
-            self.used.add(key)
-            self.unreported.append(key)
-        return self.paths[key]
+        self._use(key, decision)
+        return decision.paths
+
+    def _use(self, key: tuple, decision: Decision) -> None:
+        self.decisions[key], self.paths[key] = decision, decision.paths
+        self.unreported.append(key)
 
     # ---- deciding ------------------------------------------------------------------------------
     def _decide_conv(self, key: tuple, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -230,31 +235,33 @@ class Chooser:
         return (f"{dev.name} sm_{dev.arch} | torch {torch.__version__} | triton {triton.__version__} | "
                 f"cuDNN {torch.backends.cudnn.version()} | kernels {_sources_hash()}")
 
-    def load(self, device: torch.device, report: bool = True) -> int:
-        """Take this device's decisions from the cache file (before torch.compile traces, which looks
-        decisions up but never makes them); report=True lists them in the next report()."""
+    def load(self, device: torch.device) -> int:
+        """Use this device's decisions from the cache file from now on (torch.compile traces with the
+        decisions it finds and makes none); they are listed in the next report()."""
         if device.type == "cuda" and device.index is None:  # train.py's torch.device("cuda"): the tensors' index
             device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self.loaded:
+            self._read_section(device)
+        keys = [k for k in self.stored if k[0] == device]
+        for key in keys:
+            self._use(key, self.stored.pop(key))
+        return len(keys)
+
+    def _read_section(self, device: torch.device) -> None:
+        """The cache file's decisions for this device, into self.stored (used when a layer asks)."""
         self.loaded.add(device)
-        entries = _entries(_read(self.cache_file), self._section(device)) if self.cache_file else []
-        dev = self.facts(device)
-        n = 0
-        for entry in entries:
+        if self.cache_file is None:
+            return
+        name = self.facts(device).name
+        for entry in _entries(_read(self.cache_file), self._section(device)):
             try:
                 key = (device, *(tuple(e) if isinstance(e, list) else e for e in entry["key"]))
                 paths, ms = tuple(entry["paths"]), tuple(tuple(m) for m in entry["ms"])
                 ok = key[1] in PASSES and len(paths) == len(ms) == len(PASSES[key[1]])
             except (KeyError, TypeError, IndexError):
                 ok = False
-            if not ok or key in self.paths:
-                continue
-            self.paths[key] = paths
-            self.decisions[key] = Decision(key[1], _label(key), dev.name, paths, ms, cached=True)
-            n += 1
-            if report:
-                self.used.add(key)
-                self.unreported.append(key)
-        return n
+            if ok and key not in self.paths:
+                self.stored[key] = Decision(key[1], _label(key), name, paths, ms, cached=True)
 
     def _save(self, key: tuple, decision: Decision) -> None:
         """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""

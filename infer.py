@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kernels import choice
 from minicycle import datasets, fid, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
 from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels_last", action="store_true", default=None,
       help="generator and images in torch.channels_last (default: on with CUDA, off on a CPU)")
     a("--no_channels_last", dest="channels_last", action="store_false", help="generator and images in NCHW")
+    a("--kernels", default="auto", choices=choice.MODES,
+      help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured at first use; "
+           "triton: our Triton kernels always; pytorch: the official layers")
     return p
 
 
@@ -167,7 +171,7 @@ def translate(opt: argparse.Namespace) -> int:
     ckpt, source, truth, name = resolve(opt)
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early
-    net = build_generator(opt, ckpt, device)
+    net = networks.set_kernels(build_generator(opt, ckpt, device), opt.kernels)
     use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
     fmt = torch.channels_last if use_cl else torch.contiguous_format
     net.to(memory_format=fmt)
@@ -193,6 +197,9 @@ def translate(opt: argparse.Namespace) -> int:
         x = x.contiguous(memory_format=fmt)
         with torch.no_grad():
             y = net(x)[..., :h, :w].float().cpu()
+        chosen = choice.report()  # what --kernels auto decided for this batch's shapes, if they are new
+        if chosen:
+            print(chosen)
         for (_, img, path), out in zip(pending, y):
             fake = tensor_to_image(out)
             stem = Path(path).stem

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kernels import choice
 from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, caused_by, load_file
 from minicycle.cuda_graph import GraphedStep
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="nets and images in torch.channels_last, the layout the Triton convs are shaped for "
            "(default: on with CUDA, off on a CPU)")
     a("--no_channels_last", dest="channels_last", action="store_false", help="nets and images in NCHW")
+    a("--kernels", default="auto", choices=choice.MODES,
+      help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured and checked at first "
+           "use (on a CPU, as the ops decide); triton: our Triton kernels always; pytorch: the official layers")
     return p
 
 
@@ -309,7 +313,10 @@ class Trainer:
         torch.manual_seed(opt.seed)
         cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
         model = CycleGAN(cfg, device, amp, world=self.dist.world)
+        for net in model.nets().values():
+            networks.set_kernels(net, opt.kernels)
         if opt.compile:
+            choice.load(device)  # torch.compile traces with the decisions it finds, and makes none
             for net in model.nets().values():
                 net.compile()  # in place: parameters and state_dict keys stay those of the plain module
         if opt.cuda_graph:  # set up before the state is loaded: the pools are adopted at the first step
@@ -330,6 +337,7 @@ class Trainer:
         layout = ", channels_last" if opt.channels_last else ""
         self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks}{layout} "
                  f"(torch threads: {threads}, data-loading workers: {workers}{chosen}{' per rank' if ranks else ''}); "
+                 f"kernels: {choice.describe(opt.kernels, device)}; "
                  f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
         if opt.builtin:
             self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
@@ -453,6 +461,9 @@ class Trainer:
                 else:
                     self.graphed.step(batch["A"], batch["B"])
                     results = []
+                decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
+                if decided:
+                    self.say(decided)
                 n = taken[step]
                 before = run.images
                 run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n

@@ -9,7 +9,8 @@
 
 CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels, registered as
 torch.library custom ops so torch.compile keeps them in its graph; other CPU tensors run plain
-PyTorch. Each module explains its kernels' math.
+PyTorch. Each module explains its kernels' math. The generator does not call these directly by
+default: kernels/choice.py picks, per layer shape on CUDA, the faster of them and PyTorch's path.
 """
 
 from kernels.instance_norm import instance_norm_relu

@@ -59,6 +59,10 @@ Layouts (--layouts). nchw: contiguous tensors. channels_last: x, dy and the conv
 torch.channels_last, as a model converted with model.to(memory_format=torch.channels_last) and
 fed channels_last inputs would hold them; all three implementations get the same tensors.
 
+auto takes. Each row also says which path `--kernels auto` (kernels/choice.py) takes for that pass
+of a training layer with these inputs, by the choice's own code: its decision, measured after the
+row's timing (once per op and shape), or already made in this process or read from its cache file.
+
 Correctness. After timing, each row compares ours with eager on the benchmarked inputs:
 err = ||ours - eager|| / ||eager|| in float64, and the row gets a check mark when err is within
 TOLERANCES[(op, dtype)], a cross otherwise (NaN included). Any cross makes the exit status 1.
@@ -91,6 +95,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels
+from kernels import choice
 from kernels.runtime import use_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -196,6 +201,7 @@ class OpCase:
     args: tuple[torch.Tensor, ...]
     wrt: torch.Tensor | None  # None: time the forward; else the gradient w.r.t. this input
     dy: torch.Tensor | None
+    auto: Callable[[], str]  # which path --kernels auto takes for this pass (kernels.choice decides)
 
 
 def _pass_fn(impl: Callable[..., torch.Tensor], case: OpCase) -> Callable[[], torch.Tensor]:
@@ -218,7 +224,7 @@ def in_cases(batch: int, dtype: str, layout: str, device: torch.device,
         shape = f"({batch},{c},{h},{w})"
         for pass_name, work, wrt in (("fwd", 2 * nbytes, None), ("bwd", 3 * nbytes, x)):
             cases.append(OpCase("in", pass_name, shape, dtype, layout, work, "GB/s", ours_in_relu, eager_in_relu,
-                                (x,), wrt, dy))
+                                (x,), wrt, dy, lambda x=x: auto_norm(x)))
     return cases
 
 
@@ -240,8 +246,25 @@ def conv_cases(batch: int, dtype: str, layout: str, device: torch.device,
             wi = w.detach().requires_grad_(w_grad)
             wrt = None if pass_name == "fwd" else (xi if pass_name == "dgrad" else wi)
             cases.append(OpCase("conv", pass_name, shape, dtype, layout, flop, "TFLOP/s", ours, EagerReflectConv(p),
-                                (xi, wi, b), wrt, dy))
+                                (xi, wi, b), wrt, dy, lambda a=(x, w, b, p), n=pass_name: auto_conv(*a, n)))
     return cases
+
+
+def auto_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: int, pass_name: str) -> str:
+    """The path --kernels auto takes for this pass of a training conv: kernels.choice's own decision
+    (measured now on these inputs, or already made in this process or found in its cache file)."""
+    if not choice.CHOOSER.applies(x):
+        return "the ops' own (CPU)"
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()  # a training layer: all three passes
+    decision = choice.CHOOSER.conv_decision(x, w, b, padding)
+    return decision.verdict(choice.PASSES["conv"].index(pass_name), x.is_cuda).replace("|", "/")
+
+
+def auto_norm(x: torch.Tensor) -> str:
+    """The path --kernels auto takes for a training IN+ReLU on x (forward and backward, one choice)."""
+    if not choice.CHOOSER.applies(x):
+        return "the ops' own (CPU)"
+    return choice.CHOOSER.norm_decision(x.detach().requires_grad_(), EPS, 0.0, True).verdict(0).replace("|", "/")
 
 
 def _ours_conv(padding: int) -> Callable[..., torch.Tensor]:
@@ -284,6 +307,10 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
             times[variant] = f"n/a ({reason(e)})" if variant == "compile" else f"error ({reason(e)})"
     err = rel_err(outs["ours"], outs["eager"]) if "ours" in outs and "eager" in outs else math.nan
     ok = err <= TOLERANCES[(case.op, case.dtype)]
+    try:
+        auto = case.auto()  # after the row's timing, which its own measurement would disturb
+    except Exception as e:  # reported in its cell; the run goes on
+        auto = f"error ({reason(e)})"
 
     def us(v: float | str) -> str:
         return f"{v * 1e3:.1f}" if isinstance(v, float) else v
@@ -296,12 +323,12 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
     rate = _fmt_rate(case.work, t_ours, case.unit) if isinstance(t_ours, float) else "—"
     row = [OP_NAMES[case.op], case.pass_name, case.shape, case.dtype, case.layout,
            us(times["ours"]), us(times["eager"]), us(times["compile"]), ratio(times["eager"]), ratio(times["compile"]),
-           rate, f"{err:.1e}", "✓" if ok else "✗"]
+           rate, auto, f"{err:.1e}", "✓" if ok else "✗"]
     return row, ok
 
 
 OP_COLUMNS = ["op", "pass", "shape", "dtype", "layout", "ours µs", "eager µs", "compile µs", "eager/ours",
-              "compile/ours", "ours achieved", "err", "ok"]
+              "compile/ours", "ours achieved", "auto takes", "err", "ok"]
 
 
 def bench_ops(ops: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], batches: Sequence[int],
@@ -326,7 +353,7 @@ def bench_ops(ops: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str],
                     for case in cases:
                         if budget_s is not None and time.monotonic() - start > budget_s:
                             rows.append([OP_NAMES[case.op], case.pass_name, case.shape, case.dtype, case.layout,
-                                         f"skipped (--budget {budget_s:.0f} s spent)"] + ["—"] * 7)
+                                         f"skipped (--budget {budget_s:.0f} s spent)"] + ["—"] * 8)
                         else:
                             row, ok = run_op_case(case, device, compile_note)
                             rows.append(row)
@@ -407,8 +434,10 @@ OPS_LEGEND = (
     "Times are medians (µs). eager/ours, compile/ours: above 1× means ours is faster. ours achieved: "
     "IN+ReLU GB/s with bytes = 2·numel·itemsize (fwd: read x, write y) or 3·numel·itemsize (bwd: read x "
     "and dy, write dx); conv TFLOP/s with FLOP = 2·N·OH·OW·OC·C·KH·KW per pass (fwd, dgrad = dx only, "
-    "wgrad = dw only). err = ‖ours − eager‖/‖eager‖ on the benchmarked inputs; ok = within tolerance "
-    "(fp32 IN 1e-4, fp32/TF32 conv 5e-3, bf16 2e-2)."
+    "wgrad = dw only). auto takes: the path `--kernels auto` takes for this pass in a training layer, and by "
+    "how much it won: kernels.choice's own decision on these inputs (its do_bench medians; IN+ReLU forward and "
+    "backward are one choice), or the reason it takes PyTorch untimed. err = ‖ours − eager‖/‖eager‖ on the "
+    "benchmarked inputs; ok = within tolerance (fp32 IN 1e-4, fp32/TF32 conv 5e-3, bf16 2e-2)."
 )
 
 

@@ -4,6 +4,7 @@ compiled with CUDA graphs.
     python -m minicycle.bench                         # GPU: batch 1 and 4, fp32, every variant
     python -m minicycle.bench --amp bf16 --batch 1    # a slice, to fit a time limit
     python -m minicycle.bench --channels_last         # model and inputs in channels_last
+    python -m minicycle.bench --kernels triton        # ours with the Triton kernels everywhere (default: auto)
     python -m minicycle.bench --profile-dir DIR       # + a torch.profiler summary of one iteration each
     python -m minicycle.bench --cpu                   # CPU: train.py's step against a plain eager loop
     python -m minicycle.bench --plain-loop 300        # CPU: the plain loop alone, to time against train.py
@@ -20,11 +21,15 @@ built from the same seed (same weights, same inputs):
     compile          that eager model, each of the 4 nets net.compile(dynamic=False)
     reduce-overhead  the same with mode="reduce-overhead" (Inductor's CUDA graphs, what an expert tries
                      first); torch.compiler.cudagraph_mark_step_begin() before every iteration
-    ours             the fused Triton ops: CycleGAN.optimize as train.py runs it
+    ours             the fused ops: CycleGAN.optimize as train.py runs it, with --kernels (default auto:
+                     Triton or cuDNN per layer shape, as kernels/choice.py measures them at first use;
+                     triton: the Triton kernels everywhere); rows with --kernels triton or pytorch say
+                     so, e.g. "ours (triton)"
     ours+graph       ours as train.py --cuda_graph runs it: cuda_graph.GraphedStep, the whole iteration
                      captured once and replayed
 
-cudnn.benchmark is True for all of them, as train.py and the official code set it.
+cudnn.benchmark is True for all of them, as train.py and the official code set it. What --kernels
+auto chose (kernels.choice.report(), once per new set of shapes) is listed under the table.
 
 Timing: 5 warm-up iterations (the first compiles and autotunes; ours+graph runs 3 eagerly, then
 captures), then --iters iterations back to back between two device synchronisations; ms/iter is
@@ -82,8 +87,9 @@ import torch._dynamo
 import torch.nn as nn
 
 from kernels import bench as kb
+from kernels import choice
 from kernels.runtime import use_triton
-from minicycle import datasets
+from minicycle import datasets, networks
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import image_to_tensor, load_image
 from minicycle.model import LOSS_NAMES, Config, CycleGAN, GANLoss
@@ -119,14 +125,15 @@ class Result:
 
 
 def build(variant: str, cfg: Config, device: torch.device, amp: torch.dtype | None, batch: int,
-          channels_last: bool) -> tuple[CycleGAN, Callable[[torch.Tensor, torch.Tensor], None], Callable[[], list]]:
+          channels_last: bool, kernels: str = "auto"
+          ) -> tuple[CycleGAN, Callable[[torch.Tensor, torch.Tensor], None], Callable[[], list]]:
     """The model, one iteration step(real_A, real_B), and read() -> the losses of the steps since the last read."""
     torch.manual_seed(cfg.seed)
     model = CycleGAN(cfg, device, amp=amp)
     if channels_last:
         model.set_memory_format(torch.channels_last)  # as train.py --channels_last: weights, Adam moments, pools
     for net in model.nets().values():
-        set_fused(net, variant.startswith("ours"))
+        networks.set_kernels(net, kernels if variant.startswith("ours") else "pytorch")
         if variant in ("compile", "reduce-overhead"):
             net.compile(dynamic=False, mode="reduce-overhead" if variant == "reduce-overhead" else None)
     if variant == "ours+graph":
@@ -148,8 +155,9 @@ def build(variant: str, cfg: Config, device: torch.device, amp: torch.dtype | No
 
 
 def run_variant(variant: str, cfg: Config, device: torch.device, amp: torch.dtype | None, real_A: torch.Tensor,
-                real_B: torch.Tensor, iters: int, channels_last: bool, profile_to: Path | None) -> Result:
-    model, step, read = build(variant, cfg, device, amp, len(real_A), channels_last)
+                real_B: torch.Tensor, iters: int, channels_last: bool, profile_to: Path | None,
+                kernels: str = "auto") -> Result:
+    model, step, read = build(variant, cfg, device, amp, len(real_A), channels_last, kernels)
     step(real_A, real_B)
     losses = read()[0]  # the loss check; compiles, autotunes
     for _ in range(WARMUP - 1):
@@ -235,9 +243,11 @@ PROFILE_COLUMNS = ["variant", "layout", "batch", "amp", "GPU busy ms", "host op 
 def bench_model(variants: Sequence[str], batches: Sequence[int], amp_name: str, channels_last: bool,
                 device: torch.device, quick: bool, compile_note: str | None, iters: int,
                 profile_dir: Path | None, budget_s: float | None, rows: list[list[str]],
-                prof_rows: list[list[str]], on_row: Callable[[], None]) -> bool:
+                prof_rows: list[list[str]], on_row: Callable[[], None], kernels: str = "auto",
+                chosen: list[str] | None = None) -> bool:
     """Appends a model row (and a profile row) for each batch size and variant, calling on_row() after
-    each, so that a run cut short keeps what it measured; returns whether every check passed."""
+    each, so that a run cut short keeps what it measured; returns whether every check passed. The ours
+    variants run with --kernels `kernels`; what auto chose goes to `chosen` (kernels.choice.report())."""
     cfg = Config(ngf=4, ndf=4, netG="resnet_6blocks") if quick else Config()
     size = 32 if quick else 256
     amp = kb.DTYPES[amp_name] if amp_name != "fp32" else None
@@ -251,7 +261,8 @@ def bench_model(variants: Sequence[str], batches: Sequence[int], amp_name: str, 
             real_A, real_B = (t.contiguous(memory_format=torch.channels_last) for t in (real_A, real_B))
         ref: Result | None = None
         for variant in variants:
-            head = [variant, layout, str(batch), amp_name]
+            label = f"{variant} ({kernels})" if variant.startswith("ours") and kernels != "auto" else variant
+            head = [label, layout, str(batch), amp_name]
             skip = None
             if variant in ("compile", "reduce-overhead") and compile_note:
                 skip = compile_note
@@ -266,7 +277,7 @@ def bench_model(variants: Sequence[str], batches: Sequence[int], amp_name: str, 
             name = f"{variant.replace('+', '-')}-b{batch}-{amp_name}-{layout}.txt"
             try:
                 r = run_variant(variant, cfg, device, amp, real_A, real_B, iters, channels_last,
-                                profile_dir / name if profile_dir else None)
+                                profile_dir / name if profile_dir else None, kernels)
             except Exception as e:  # a failing variant is reported in its row; the run goes on
                 failed = variant.startswith("ours") or variant == "eager"
                 rows.append(head + [f"{'error' if failed else 'n/a'} ({kb.reason(e)})"] + ["—"] * 6
@@ -276,6 +287,9 @@ def bench_model(variants: Sequence[str], batches: Sequence[int], amp_name: str, 
                 continue
             finally:
                 _release(device)
+                line = choice.report()  # what --kernels auto decided in this variant (training and inference)
+                if line and chosen is not None:
+                    chosen.append(f"{label}, batch {batch}, {amp_name}, {layout}: {line}")
             if variant == "eager":
                 ref, delta, mark = r, "ref", "ref"
             elif ref is None:
@@ -467,6 +481,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=kb.batch_list, default=[1, 4], help="batch sizes (default 1,4)")
     p.add_argument("--amp", choices=tuple(kb.DTYPES), default="fp32", help="bf16: train under torch.autocast(bfloat16)")
     p.add_argument("--channels_last", action="store_true", help="model and inputs in torch.channels_last")
+    p.add_argument("--kernels", choices=choice.MODES, default="auto",
+                   help="what the ours variants run, as train.py --kernels (default auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include the compiled variants (default: yes, except with --quick)")
     p.add_argument("--iters", type=kb.positive_int, default=None,
@@ -524,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def report(rows: list[list[str]], prof_rows: list[list[str]], ok: bool = True) -> str:
         parts = [top, f"## Model: one training iteration and G_A inference ({what})",
                  kb.markdown_table(MODEL_COLUMNS, rows), MODEL_LEGEND]
+        if chosen:
+            parts += ["## What --kernels auto chose", "\n".join(f"- {line}" for line in chosen)]
         if prof_rows:
             parts += ["## Profile of one iteration", kb.markdown_table(PROFILE_COLUMNS, prof_rows), PROFILE_LEGEND]
         if not ok:
@@ -536,9 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[list[str]] = []
     prof_rows: list[list[str]] = []
+    chosen: list[str] = []
     ok = bench_model(args.variants, args.batch, args.amp, args.channels_last, device, args.quick, compile_note,
                      args.iters or (QUICK_ITERS if args.quick else ITERS), args.profile_dir, args.budget,
-                     rows, prof_rows, partial)
+                     rows, prof_rows, partial, args.kernels, chosen)
     kb.write_report(report(rows, prof_rows, ok), args.out)
     return 0 if ok else 1
 

@@ -16,8 +16,9 @@ host while it runs:
 - learning rates are Python floats in the captured Adam kernels: when the scheduler changes one
   (once an epoch at most), the step is captured again. Checkpoints and schedulers stay as they are.
 
-The first `warmup` steps run eagerly on a side stream (Triton's autotuner and cuDNN's benchmark
-time kernels then, which capture forbids), the next is captured, and the rest replay. A batch
+The first `warmup` steps run eagerly on a side stream (Triton's autotuner, cuDNN's benchmark and
+--kernels auto's choice between them, kernels/choice.py, time kernels then, which capture forbids;
+the capture looks the choices up), the next is captured, and the rest replay. A batch
 of another size (a short last batch) runs the same step eagerly; images of another size switch
 to the normal path for the rest of the run. Without a graph (off CUDA, and in the tests) every
 step runs eagerly: this "eager twin" gives CycleGAN.optimize's weights bit for bit in fp32 (under

@@ -1,7 +1,7 @@
 """Everything a session with a GPU should measure, in one command: python -m minicycle.gpu_suite OUTDIR.
 
     python -m minicycle.gpu_suite --list                   # the plan: slices, their commands and budgets
-    python -m minicycle.gpu_suite OUTDIR                   # every slice, one after the other (~25 minutes)
+    python -m minicycle.gpu_suite OUTDIR                   # every slice, one after the other (~30 minutes)
     python -m minicycle.gpu_suite OUTDIR --slice check     # one slice (each fits a 10-minute command limit)
     python -m minicycle.gpu_suite OUTDIR --summary         # only the summary of what OUTDIR holds
 
@@ -14,8 +14,9 @@ Slices (each step's markdown and log go to OUTDIR, and OUTDIR/summary.md is rewr
     Triton's cache, python -m kernels.inspect --compile-only: the JIT then finds them there)
     ops       the op tables (python -m kernels.bench): IN+ReLU and reflect conv, fwd and bwd, at the
               generator's shapes, batch 1 and 4, fp32 and bf16, ours / eager / torch.compile, each
-              row also a correctness check on fresh random inputs; channels_last rows too (ours and
-              eager only: torch.compile recompiles for every row, and the budget is for NCHW)
+              row also a correctness check on fresh random inputs and the path --kernels auto takes
+              (and by how much it won); channels_last rows too (ours and eager only: torch.compile
+              recompiles for every row, and the budget is for NCHW)
     model-b1  the training-iteration table (python -m minicycle.bench) at batch 1, fp32 and bf16, NCHW:
               eager / compile / reduce-overhead / ours / ours+graph, peak memory, and a torch.profiler
               summary of one iteration each (GPU busy time against wall time, kernels, launch calls,
@@ -23,10 +24,13 @@ Slices (each step's markdown and log go to OUTDIR, and OUTDIR/summary.md is rewr
     model-cl  the same in channels_last, the layout train.py runs on CUDA (eager / ours / ours+graph):
               batch 1 in bf16 and fp32, batch 4 in bf16
     model-b4  batch 4, NCHW, fp32 and bf16, every variant
+    model-triton  model-cl's rows again with --kernels triton (ours and ours+graph with the Triton
+              kernels everywhere, next to eager), against which model-cl's default --kernels auto is
+              read; each model report lists what auto chose
 
 Every step has a budget (seconds after which it starts no new row; rows left out are listed as
 skipped, with the command that runs them) and a hard timeout, so a slice stays under 9 minutes
-and the whole suite near 25 on an H100. Nothing here is a GPU number until a GPU ran it.
+and the whole suite near 30 on an H100. Nothing here is a GPU number until a GPU ran it.
 """
 
 import argparse
@@ -94,6 +98,15 @@ SLICES: dict[str, list[Step]] = {
         _warm("warm-b4", "--batch 4 --dtypes fp32,bf16 --layouts nchw", 60),
         _bench("model-b4-fp32", "minicycle.bench", "--batch 4 --amp fp32 --profile-dir {out}/profiles", 150, 240),
         _bench("model-b4-bf16", "minicycle.bench", "--batch 4 --amp bf16 --profile-dir {out}/profiles", 150, 240),
+    ],
+    "model-triton": [
+        _warm("warm-triton", "--batch 1,4 --dtypes fp32,bf16 --layouts channels_last", 60),
+        _bench("model-b1-bf16-channels_last-triton", "minicycle.bench", "--batch 1 --amp bf16 --channels_last "
+               "--kernels triton --variants eager,ours,ours+graph", 60, 120),
+        _bench("model-b1-fp32-channels_last-triton", "minicycle.bench", "--batch 1 --amp fp32 --channels_last "
+               "--kernels triton --variants eager,ours,ours+graph", 60, 120),
+        _bench("model-b4-bf16-channels_last-triton", "minicycle.bench", "--batch 4 --amp bf16 --channels_last "
+               "--kernels triton --variants eager,ours,ours+graph", 60, 120),
     ],
 }
 
@@ -192,8 +205,11 @@ def summary(out: Path) -> str:
                if r[-1] == "✗"]
         skipped = sum(1 for cols, rows in tables(md.read_text()) if cols[:1] == ["op"] for r in rows
                       if r[5].startswith("skipped"))
+        takes = [r[cols.index("auto takes")].split(" ")[0].rstrip(",") for cols, rows in tables(md.read_text())
+                 if "auto takes" in cols for r in rows]
+        picks = ", ".join(f"{name} {takes.count(name)}" for name in ("Triton", "cuDNN", "PyTorch") if name in takes)
         lines.append(f"- {md.stem}: {marks.count('✓')} rows ✓, {len(bad)} ✗{': ' + '; '.join(bad) if bad else ''}"
-                     f"{f', {skipped} skipped (budget)' if skipped else ''}")
+                     f"{f', {skipped} skipped (budget)' if skipped else ''}{f'; auto takes {picks}' if picks else ''}")
     lines += ["", "| batch | amp | layout | " + " | ".join(VARIANT_ORDER) + " |",
               "| --- | --- | --- | " + " | ".join(["---"] * len(VARIANT_ORDER)) + " |"]
     cells: dict[tuple[str, str, str], dict[str, str]] = {}
@@ -212,14 +228,14 @@ def summary(out: Path) -> str:
     for (batch, amp, layout), by_variant in sorted(cells.items()):
         lines.append(f"| {batch} | {amp} | {layout} | "
                      + " | ".join(by_variant.get(v, "—") for v in VARIANT_ORDER) + " |")
-    lines += ["", "Model cells: ms per training iteration (speed-up over eager).", ""] + busy
+    lines += ["", "Model cells: ms per training iteration (speed-up over eager); ours = --kernels auto.", ""] + busy
     missing = [s.name for steps in SLICES.values() for s in steps if not (out / f"{s.name}.log").exists()]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
-VARIANT_ORDER = ("eager", "compile", "reduce-overhead", "ours", "ours+graph")
+VARIANT_ORDER = ("eager", "compile", "reduce-overhead", "ours", "ours+graph", "ours (triton)", "ours+graph (triton)")
 
 
 def plan() -> str:

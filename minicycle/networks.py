@@ -3,9 +3,11 @@ pytorch-CycleGAN-and-pix2pix `models/networks.py`, so state_dict keys and parame
 and its pretrained `.pth` files load strictly.
 
 The layer lists are plain `nn` modules. `FusedSequential.forward` walks them and sends
-ReflectionPad2d+Conv2d pairs to `kernels.reflect_conv2d` and InstanceNorm2d(+ReLU/LeakyReLU) to
-`kernels.instance_norm_relu`; with `set_fused(net, False)` the same modules run one by one, which is
-exactly the official eager model (used as the reference in tests and benchmarks).
+ReflectionPad2d+Conv2d pairs to `reflect_conv2d` and InstanceNorm2d(+ReLU/LeakyReLU) to
+`instance_norm_relu`: those of `kernels.choice` (--kernels auto: on CUDA, Triton or PyTorch per
+layer shape, measured at first use) or of `kernels` (--kernels triton). With `set_fused(net, False)`
+(--kernels pytorch) the same modules run one by one, which is exactly the official eager model (used
+as the reference in tests and benchmarks).
 """
 
 import functools
@@ -15,6 +17,7 @@ import torch.nn as nn
 from torch.nn import init
 
 import kernels
+from kernels import choice
 
 GENERATORS = ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128")
 DISCRIMINATORS = ("basic", "n_layers", "pixel")
@@ -23,13 +26,16 @@ INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
 
 
 class FusedSequential(nn.Sequential):
-    """nn.Sequential whose forward fuses pad+conv and norm+activation into the Triton ops."""
+    """nn.Sequential whose forward fuses pad+conv and norm+activation into the Triton ops, or (auto)
+    into the path kernels.choice measured faster for each layer's inputs."""
 
     fused = True
+    auto = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
+        ops = choice if self.auto else kernels  # the same two functions, the same signatures
         layers = list(self)
         i = 0
         while i < len(layers):
@@ -37,15 +43,15 @@ class FusedSequential(nn.Sequential):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(layer, nn.ReflectionPad2d) and _is_plain_conv(nxt):
                 pad = layer.padding  # (left, right, top, bottom), all equal here
-                x = kernels.reflect_conv2d(x, nxt.weight, nxt.bias, padding=pad[0])
+                x = ops.reflect_conv2d(x, nxt.weight, nxt.bias, padding=pad[0])
                 i += 2
             elif isinstance(layer, nn.InstanceNorm2d) and not layer.affine and not layer.track_running_stats:
                 if isinstance(nxt, (nn.ReLU, nn.LeakyReLU)):
                     slope = nxt.negative_slope if isinstance(nxt, nn.LeakyReLU) else 0.0
-                    x = kernels.instance_norm_relu(x, eps=layer.eps, negative_slope=slope)
+                    x = ops.instance_norm_relu(x, eps=layer.eps, negative_slope=slope)
                     i += 2
                 else:
-                    x = kernels.instance_norm_relu(x, eps=layer.eps, activation=False)
+                    x = ops.instance_norm_relu(x, eps=layer.eps, activation=False)
                     i += 1
             else:
                 x = layer(x)
@@ -68,6 +74,17 @@ def set_fused(net: nn.Module, fused: bool) -> nn.Module:
     for m in net.modules():
         if isinstance(m, FusedSequential):
             m.fused = fused
+    return net
+
+
+def set_kernels(net: nn.Module, mode: str) -> nn.Module:
+    """--kernels: 'auto' (the measured choice per layer shape on CUDA; the ops' own rule on a CPU),
+    'triton' (the Triton ops always), 'pytorch' (the official layers: set_fused(net, False))."""
+    if mode not in choice.MODES:
+        raise ValueError(f"--kernels {mode!r}: choose one of {', '.join(choice.MODES)}")
+    for m in net.modules():
+        if isinstance(m, FusedSequential):
+            m.fused, m.auto = mode != "pytorch", mode == "auto"
     return net
 
 

@@ -1,0 +1,579 @@
+"""Which path the generator's layers take on a GPU: our Triton kernels or PyTorch's (cuDNN for the
+conv), measured at first use, as cudnn.benchmark measures cuDNN's own algorithms.
+
+    --kernels  what minicycle.networks.FusedSequential calls
+    auto       reflect_conv2d / instance_norm_relu below: on CUDA, per (op, shapes, dtype, strides,
+               device), the faster correct path, decided once; on a CPU, the ops (their own rule)
+    triton     kernels.reflect_conv2d / kernels.instance_norm_relu, always
+    pytorch    nothing here: set_fused(net, False) runs the official layers
+
+The first use of a key on CUDA (never while a CUDA graph is captured or torch.compile traces: there
+the decision already made is used, else the Triton op) decides, on the live inputs and a fixed
+pseudo-random output gradient dy:
+
+    1. take PyTorch without timing where Triton cannot profit: no Triton kernels for the dtype,
+       Triton unsupported (below sm_75), or, for the conv, no tensor-core dot for the dtype
+       (kernels.device: fp16 from sm_75, bf16 and TF32 from sm_80);
+    2. run every Triton pass once: an exception (OutOfResources, a compile error) means PyTorch;
+    3. compare each with PyTorch's: ||triton - pytorch|| / ||pytorch|| above TOLERANCES[dtype]
+       means PyTorch (never train on wrong numbers); 2 and 3 print one line, once per key;
+    4. time each pass both ways and keep the faster, per pass:
+
+           conv   fwd     conv2d(reflect_pad(x), w) + b
+                  dgrad   dx: Triton's _conv_dgrad, or aten.convolution_backward for the padded
+                          input's gradient, then aten.reflection_pad2d_backward folds it onto x
+                  wgrad   dw (and db): Triton's _conv_wgrad (+ _conv_dbias), or
+                          aten.convolution_backward on reflect_pad(x) (the pad is recomputed in
+                          the backward, and timed with it)
+           norm   fwd+bwd instance_norm + activation and its input gradient, as one choice (the
+                          Triton backward needs the Triton forward's saved statistics)
+
+A conv whose passes disagree runs as the custom op minicycle::reflect_conv2d_chosen (opaque to
+torch.compile, like the Triton op); an all-Triton one calls kernels.reflect_conv2d, exactly as
+`triton` does, and an all-PyTorch one F.pad + F.conv2d, as the official layers do.
+
+Decisions are kept per process and, timed ones, in a JSON file (MINICYCLE_KERNEL_CACHE: a path, or
+"off"; default ~/.cache/minicycle/kernel_choice.json, or under $XDG_CACHE_HOME), in a section per
+device name, torch, triton and cuDNN versions and a hash of the kernels' sources, so that a second
+run on the same machine measures nothing. report() gives the one-line summary a run prints.
+
+kernels/ stands alone: this file imports nothing from minicycle.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import kernels
+from kernels import device as devices
+from kernels import reflect_conv as rc
+from kernels.runtime import use_triton
+
+MODES = ("auto", "triton", "pytorch")
+# Per op, the passes decided one by one: training (some input requires grad), or forward only.
+PASSES = {"conv": ("fwd", "dgrad", "wgrad"), "conv_fwd": ("fwd",), "norm": ("fwd+bwd",), "norm_fwd": ("fwd",)}
+TRITON, PYTORCH = "triton", "pytorch"
+# The one tolerance per dtype: ||triton - pytorch|| / ||pytorch|| of every output and gradient at
+# first use. fp32: both sides may use TF32 products (10-bit mantissa); 16-bit: both round to it.
+TOLERANCES = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+WARMUP_MS, REP_MS = 10, 40  # do_bench's warm-up and timed span per (pass, path)
+SOURCES = ("reflect_conv.py", "instance_norm.py", "choice.py")  # a change in any of them decides anew
+
+Timer = Callable[[Callable[[], object], str, str], float]  # (fn, path, pass) -> ms
+
+
+def device_ms(fn: Callable[[], object], path: str, pass_name: str) -> float:
+    """Median ms of fn on the current CUDA stream: triton.testing.do_bench (CUDA events, L2 cleared)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+
+
+@dataclasses.dataclass
+class Decision:
+    op: str  # a key of PASSES
+    label: str  # e.g. "conv 7x7 3->64 @ 1x256x256 fp32"
+    device: str  # the device's name
+    paths: tuple[str, ...]  # per pass of PASSES[op]: TRITON or PYTORCH
+    ms: tuple[tuple[float, float], ...] | None = None  # per pass (Triton, PyTorch) medians, when timed
+    why: str = ""  # why PyTorch without timing, or after a failed launch or check
+    cached: bool = False  # read from the cache file
+
+    def pytorch_name(self, cuda: bool = True) -> str:
+        return "cuDNN" if self.op.startswith("conv") and cuda else "PyTorch"
+
+    def verdict(self, i: int, cuda: bool = True) -> str:
+        """Pass i's path and why, in a few words: 'Triton, by 1.42x', 'cuDNN, by 1.30x', 'cuDNN (why)'."""
+        name = "Triton" if self.paths[i] == TRITON else self.pytorch_name(cuda)
+        if self.ms is None:
+            return f"{name} ({self.why})"
+        t, p = self.ms[i]
+        return f"{name}, by {max(t, p) / max(min(t, p), 1e-9):.2f}x"
+
+    def reason(self, i: int) -> str:
+        """Why pass i takes PyTorch."""
+        if self.ms is None:
+            return self.why
+        t, p = self.ms[i]
+        return f"Triton {t / p:.1f}x slower" if p > 0 else "Triton slower"
+
+
+class Chooser:
+    """The measured choice and its decisions for one process. Tests inject the timer, the device
+    facts and the device types it applies to (CPU tensors, through the Triton interpreter)."""
+
+    def __init__(self, *, timer: Timer = device_ms, facts: Callable[[torch.device], devices.Device] = devices.of,
+                 device_types: Sequence[str] = ("cuda",), cache_file: Path | None = None):
+        self.timer, self.facts, self.device_types, self.cache_file = timer, facts, tuple(device_types), cache_file
+        self.paths: dict[tuple, tuple[str, ...]] = {}  # the decisions in use: what the layers (and torch.compile) read
+        self.decisions: dict[tuple, Decision] = {}
+        self.stored: dict[tuple, Decision] = {}  # read from the cache file, not used yet
+        self.loaded: set[torch.device] = set()  # devices whose cache section has been read
+        self.unreported: list[tuple] = []
+        self.seconds = 0.0  # spent deciding since the last report
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return x.device.type in self.device_types
+
+    # ---- the lookup ----------------------------------------------------------------------------
+    def conv_paths(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple[str, ...]:
+        key = _conv_key(x, w, b, padding)
+        return self._paths(key, x, lambda: self._decide_conv(key, x, w, b, padding))
+
+    def norm_paths(self, x: torch.Tensor, eps: float, slope: float, activation: bool) -> tuple[str, ...]:
+        key = _norm_key(x, eps, slope, activation)
+        return self._paths(key, x, lambda: self._decide_norm(key, x, eps, slope, activation))
+
+    def conv_decision(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> Decision:
+        """The decision for these conv inputs (made now if new), as the layers would take it."""
+        self.conv_paths(x, w, b, padding)
+        return self.decisions[_conv_key(x, w, b, padding)]
+
+    def norm_decision(self, x: torch.Tensor, eps: float, slope: float, activation: bool) -> Decision:
+        self.norm_paths(x, eps, slope, activation)
+        return self.decisions[_norm_key(x, eps, slope, activation)]
+
+    def _paths(self, key: tuple, x: torch.Tensor, decide: Callable[[], Decision]) -> tuple[str, ...]:
+        paths = self.paths.get(key)  # the hot path: one look-up per layer call
+        if paths is not None:
+            return paths
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return (TRITON,) * len(PASSES[key[1]])  # nothing decided: the Triton op, as before
+        if key[0] not in self.loaded:
+            self._read_section(key[0])
+        decision = self.stored.pop(key, None)
+        if decision is None:
+            start = time.perf_counter()
+            decision = decide()
+            self.seconds += time.perf_counter() - start
+            if decision.ms is not None:
+                self._save(key, decision)
+        self._use(key, decision)
+        return decision.paths
+
+    def _use(self, key: tuple, decision: Decision) -> None:
+        self.decisions[key], self.paths[key] = decision, decision.paths
+        self.unreported.append(key)
+
+    # ---- deciding ------------------------------------------------------------------------------
+    def _decide_conv(self, key: tuple, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                     p: int) -> Decision:
+        dev = self.facts(x.device)
+        why = _cannot_profit("conv", dev, x.dtype)
+        if why:
+            return Decision(key[1], _label(key), dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
+        need_b = b is not None
+        with torch.no_grad():
+            dy = _probe(rc._out_shape(x, w, p), x)
+            runs = {path: (lambda q=path: forward(q, x, w, b, p),
+                           lambda q=path: dgrad(q, dy, x, w, p),
+                           lambda q=path: wgrad(q, dy, x, w, p, True, need_b)) for path in (TRITON, PYTORCH)}
+            return self._measure(key, dev, {path: r[:len(PASSES[key[1]])] for path, r in runs.items()})
+
+    def _decide_norm(self, key: tuple, x: torch.Tensor, eps: float, slope: float, activation: bool) -> Decision:
+        dev = self.facts(x.device)
+        why = _cannot_profit("norm", dev, x.dtype)
+        if why:
+            return Decision(key[1], _label(key), dev.name, (PYTORCH,), why=why)
+        dy = _probe(tuple(x.shape), x)
+
+        def triton_norm(t: torch.Tensor) -> torch.Tensor:
+            return kernels.instance_norm_relu(t, eps=eps, negative_slope=slope, activation=activation)
+
+        def torch_norm(t: torch.Tensor) -> torch.Tensor:
+            return pytorch_norm(t, eps, slope, activation)
+
+        if key[1] == "norm_fwd":
+            with torch.no_grad():
+                return self._measure(key, dev, {TRITON: (lambda: triton_norm(x),), PYTORCH: (lambda: torch_norm(x),)})
+        runs = {TRITON: (lambda: _forward_backward(triton_norm, x, dy),),
+                PYTORCH: (lambda: _forward_backward(torch_norm, x, dy),)}
+        return self._measure(key, dev, runs)
+
+    def _measure(self, key: tuple, dev: devices.Device, runs: dict[str, tuple[Callable[[], object], ...]]) -> Decision:
+        """Check every Triton pass against PyTorch's, then time both per pass and keep the faster."""
+        op, dtype, passes = key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
+        want = [run() for run in runs[PYTORCH]]
+        try:
+            got = [run() for run in runs[TRITON]]
+            err = max((_rel_err(g, r) for g, r in zip(_tensors(got), _tensors(want))), default=0.0)
+        except Exception as e:  # any failure of our kernels means PyTorch, never a crash
+            return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}")
+        tol = TOLERANCES[dtype]
+        if not err <= tol:  # NaN included
+            return self._fall_back(key, dev, f"Triton's result differs from PyTorch's by {err:.1e} "
+                                             f"(tolerance {tol:.0e} for {key[2].removeprefix('torch.')})")
+        ms = []
+        for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
+            try:
+                t = self.timer(triton_run, TRITON, name)
+            except Exception as e:  # a timing launch that fails: PyTorch too
+                return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}")
+            ms.append((t, self.timer(torch_run, PYTORCH, name)))
+        paths = tuple(TRITON if t < q else PYTORCH for t, q in ms)
+        return Decision(op, _label(key), dev.name, paths, tuple(ms))
+
+    def _fall_back(self, key: tuple, dev: devices.Device, why: str) -> Decision:
+        decision = Decision(key[1], _label(key), dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
+        print(f"kernels: {decision.pytorch_name(key[0].type == 'cuda')} for {decision.label}: {why}",
+              file=sys.stderr, flush=True)
+        return decision
+
+    # ---- the cache file ------------------------------------------------------------------------
+    def _section(self, device: torch.device) -> str:
+        dev = self.facts(device)
+        return (f"{dev.name} sm_{dev.arch} | torch {torch.__version__} | triton {triton.__version__} | "
+                f"cuDNN {torch.backends.cudnn.version()} | kernels {_sources_hash()}")
+
+    def load(self, device: torch.device) -> int:
+        """Use this device's decisions from the cache file from now on (torch.compile traces with the
+        decisions it finds and makes none); they are listed in the next report()."""
+        if device.type == "cuda" and device.index is None:  # train.py's torch.device("cuda"): the tensors' index
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self.loaded:
+            self._read_section(device)
+        keys = [k for k in self.stored if k[0] == device]
+        for key in keys:
+            self._use(key, self.stored.pop(key))
+        return len(keys)
+
+    def _read_section(self, device: torch.device) -> None:
+        """The cache file's decisions for this device, into self.stored (used when a layer asks)."""
+        self.loaded.add(device)
+        if self.cache_file is None:
+            return
+        name = self.facts(device).name
+        for entry in _entries(_read(self.cache_file), self._section(device)):
+            try:
+                key = (device, *(tuple(e) if isinstance(e, list) else e for e in entry["key"]))
+                paths, ms = tuple(entry["paths"]), tuple(tuple(m) for m in entry["ms"])
+                ok = key[1] in PASSES and len(paths) == len(ms) == len(PASSES[key[1]])
+            except (KeyError, TypeError, IndexError):
+                ok = False
+            if ok and key not in self.paths:
+                self.stored[key] = Decision(key[1], _label(key), name, paths, ms, cached=True)
+
+    def _save(self, key: tuple, decision: Decision) -> None:
+        """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""
+        if self.cache_file is None:
+            return
+        section, key_json = self._section(key[0]), list(_jsonable(key[1:]))
+        data = _read(self.cache_file)
+        entries = [e for e in _entries(data, section) if e.get("key") != key_json]
+        data[section] = entries + [{"key": key_json, "paths": list(decision.paths),
+                                    "ms": [list(m) for m in decision.ms]}]
+        tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data) + "\n")
+            os.replace(tmp, self.cache_file)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    # ---- the summary ---------------------------------------------------------------------------
+    def report(self) -> str | None:
+        """One line on the decisions first used since the last report (None if there are none)."""
+        if not self.unreported:
+            return None
+        keys, self.unreported = self.unreported, []
+        seconds, self.seconds = self.seconds, 0.0
+        found = [(self.decisions[k], k[0].type == "cuda") for k in keys]
+        choices = [(d, i, cuda) for d, cuda in found for i in range(len(d.paths))]
+        slower = [f"{d.pytorch_name(cuda)} for {d.label}{' ' + PASSES[d.op][i] if d.op != 'norm' else ''} "
+                  f"({d.reason(i)})" for d, i, cuda in choices if d.paths[i] == PYTORCH]
+        n = sum(d.paths[i] == TRITON for d, i, _ in choices)
+        line = f"kernels: Triton for {n} of {len(choices)} (op, shape, pass) choices"
+        if slower:
+            line += ", " + ", ".join(slower[:4]) + (f" and {len(slower) - 4} more" if len(slower) > 4 else "")
+        cached = sum(d.cached for d, _ in found)
+        from_file = f" ({cached} of {len(found)} from {self.cache_file})" if cached else ""
+        return line + f"; decided on {found[0][0].device} in {seconds:.1f} s{from_file}"
+
+
+# ---- the passes, as the measurement times them and the layers run them -----------------------------
+
+
+def forward(path: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) -> torch.Tensor:
+    """conv2d(reflect_pad(x, p), w) + b, in x's memory format."""
+    if path == TRITON:
+        return rc._conv_fwd(x, w, b, p)
+    with _no_autocast(x):
+        y = F.conv2d(F.pad(x, (p,) * 4, mode="reflect") if p else x, w, b)
+    return y.contiguous(memory_format=_format(x))
+
+
+def dgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int) -> torch.Tensor:
+    """dx in x's memory format. PyTorch: the padded input's gradient (the input's values unused,
+    so an empty tensor of its shape stands in), folded back by the pad's own backward."""
+    if path == TRITON:
+        return rc._conv_dgrad(dy, w, x, p)
+    N, C, H, W = x.shape
+    padded = torch.empty((N, C, H + 2 * p, W + 2 * p), dtype=x.dtype, device=x.device, memory_format=_format(x))
+    with _no_autocast(x):
+        g = torch.ops.aten.convolution_backward(dy, padded, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                [True, False, False])[0]
+        dx = torch.ops.aten.reflection_pad2d_backward(g, x, [p] * 4) if p else g
+    return dx.contiguous(memory_format=_format(x))
+
+
+def wgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int, need_w: bool,
+          need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dw in w's memory format, db), each None where not needed."""
+    if path == TRITON:
+        return (rc._conv_wgrad(dy, w, x, p) if need_w else None), (rc._conv_dbias(dy, x.dtype) if need_b else None)
+    with _no_autocast(x):
+        padded = F.pad(x, (p,) * 4, mode="reflect") if p else x
+        _, dw, db = torch.ops.aten.convolution_backward(dy, padded, w, [w.shape[0]] if need_b else None, [1, 1],
+                                                        [0, 0], [1, 1], False, [0, 0], 1, [False, need_w, need_b])
+    return (dw.contiguous(memory_format=_format(w)) if need_w else None), (db if need_b else None)
+
+
+def pytorch_norm(x: torch.Tensor, eps: float, slope: float, activation: bool) -> torch.Tensor:
+    """F.instance_norm then ReLU (slope 0), LeakyReLU(slope), or nothing: the official layers' math."""
+    y = F.instance_norm(x, eps=eps)
+    if not activation:
+        return y
+    return F.leaky_relu(y, slope) if slope else F.relu(y)
+
+
+def _no_autocast(x: torch.Tensor):
+    """The operands are in the autocast dtype already (as the Triton op casts them); CPU autocast would
+    run the pad in fp32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last if t is (and not also contiguous), else contiguous: the Triton ops' rule for outputs."""
+    channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# A conv whose passes disagree: one custom op (opaque to torch.compile, safe in a CUDA graph) that
+# runs each pass on the path decided for it, with the Triton op's contract (outputs in x's and w's
+# memory formats, 0-element placeholders for gradients not needed).
+
+
+@torch.library.custom_op("minicycle::reflect_conv2d_chosen", mutates_args=())
+def _chosen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, fwd: str, dx: str,
+            dw: str) -> torch.Tensor:
+    return forward(fwd, x, weight, bias, padding)
+
+
+@_chosen.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, fwd: str, dx: str,
+      dw: str) -> torch.Tensor:
+    return rc._empty_like_layout(x, rc._out_shape(x, weight, padding))
+
+
+@torch.library.custom_op("minicycle::reflect_conv2d_chosen_backward", mutates_args=())
+def _chosen_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, need_x: bool,
+                     need_w: bool, need_b: bool, dx: str, dw: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx = dgrad(dx, dy, x, weight, padding) if need_x else x.new_empty(0)
+    gw, gb = wgrad(dw, dy, x, weight, padding, need_w, need_b)
+    return gx, x.new_empty(0) if gw is None else gw, x.new_empty(0) if gb is None else gb
+
+
+@_chosen_backward.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, need_x: bool, need_w: bool,
+      need_b: bool, dx: str, dw: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx = rc._empty_like_layout(x, x.shape) if need_x else x.new_empty(0)
+    gw = torch.empty_like(weight) if need_w else x.new_empty(0)
+    gb = x.new_empty(weight.shape[0]) if need_b else x.new_empty(0)
+    return gx, gw, gb
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, _, padding, _, dx, dw = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.padding, ctx.dx, ctx.dw = padding, dx, dw
+
+
+def _autograd_backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = _chosen_backward(dy, x, weight, ctx.padding, need_x, need_w, need_b, ctx.dx, ctx.dw)
+    return gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None, None, None
+
+
+_chosen.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---- the generator's entry points -------------------------------------------------------------------
+
+
+def _cache_file() -> Path | None:
+    setting = os.environ.get("MINICYCLE_KERNEL_CACHE")
+    if setting == "off":
+        return None
+    if setting:
+        return Path(setting)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "minicycle" / "kernel_choice.json"
+
+
+CHOOSER = Chooser(cache_file=_cache_file())
+
+
+def reflect_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   padding: int) -> torch.Tensor:
+    """kernels.reflect_conv2d's result, by the paths CHOOSER decided for these inputs (pass by pass)."""
+    if not CHOOSER.applies(x):
+        return kernels.reflect_conv2d(x, weight, bias, padding=padding)
+    if torch.is_autocast_enabled(x.device.type):  # as kernels.reflect_conv2d and F.conv2d cast
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    rc._check(x, weight, bias, padding)
+    paths = CHOOSER.conv_paths(x, weight, bias, padding)
+    if PYTORCH not in paths:
+        return kernels.reflect_conv2d(x, weight, bias, padding=padding)
+    if TRITON not in paths:
+        return forward(PYTORCH, x, weight, bias, padding)
+    return _chosen(x, weight, bias, padding, *paths)  # training: (fwd, dgrad, wgrad), some of each
+
+
+def instance_norm_relu(x: torch.Tensor, *, eps: float = 1e-5, negative_slope: float = 0.0,
+                       activation: bool = True) -> torch.Tensor:
+    """kernels.instance_norm_relu's result, by the path CHOOSER decided for these inputs."""
+    if not CHOOSER.applies(x) or x.dim() != 4 or x.shape[2] * x.shape[3] == 1:  # the op's own rule, or its error
+        return kernels.instance_norm_relu(x, eps=eps, negative_slope=negative_slope, activation=activation)
+    slope = float(negative_slope) if activation else 1.0
+    (path,) = CHOOSER.norm_paths(x, float(eps), slope, activation)
+    if path == TRITON:
+        return kernels.instance_norm_relu(x, eps=eps, negative_slope=negative_slope, activation=activation)
+    return pytorch_norm(x, eps, negative_slope, activation)
+
+
+def report() -> str | None:
+    """The summary line of the decisions first used since the last call, or None."""
+    return CHOOSER.report()
+
+
+def load(device: torch.device) -> int:
+    """Take the cache file's decisions for this device now (before torch.compile traces the model)."""
+    return CHOOSER.load(device) if device.type in CHOOSER.device_types else 0
+
+
+def describe(mode: str, device: torch.device) -> str:
+    """What --kernels `mode` runs on `device`, for a run's first line."""
+    if mode == "pytorch":
+        return "the official PyTorch layers (--kernels pytorch)"
+    if device.type not in CHOOSER.device_types:
+        triton_here = use_triton(torch.empty(0, device=device))
+        return "Triton, through its interpreter" if triton_here else "PyTorch (no Triton without a GPU)"
+    if mode == "triton":
+        return "Triton (--kernels triton)"
+    return "Triton or cuDNN per layer, measured at first use (--kernels auto)"
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def _conv_key(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple:
+    """(device, op, dtype, x shape and strides, w shape and strides, bias, padding, cuDNN flags); the op
+    is 'conv' when a gradient will be needed (three passes), else 'conv_fwd'."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+    return (x.device, "conv" if grad else "conv_fwd", str(x.dtype), x.shape, x.stride(), w.shape, w.stride(),
+            b is not None, padding, *_cudnn_flags())
+
+
+def _norm_key(x: torch.Tensor, eps: float, slope: float, activation: bool) -> tuple:
+    grad = torch.is_grad_enabled() and x.requires_grad
+    return (x.device, "norm" if grad else "norm_fwd", str(x.dtype), x.shape, x.stride(), eps, slope, activation)
+
+
+def _cudnn_flags() -> tuple[bool, bool]:
+    """What the PyTorch conv's speed and precision depend on: TF32, and cuDNN's own benchmark."""
+    return bool(torch.backends.cudnn.allow_tf32), bool(torch.backends.cudnn.benchmark)
+
+
+def _cannot_profit(op: str, dev: devices.Device, dtype: torch.dtype) -> str:
+    """Why PyTorch is taken without timing, or ''."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype not in TOLERANCES:
+        return f"no Triton kernels for {name}"
+    if dev.arch < 75:
+        return f"Triton does not support sm_{dev.arch}"
+    if op.startswith("conv") and not dev.tensor_cores(dtype):
+        return f"no tensor-core {name} dot on sm_{dev.arch}"
+    return ""
+
+
+def _label(key: tuple) -> str:
+    """The key in words: 'conv 7x7 3->64 @ 1x256x256 fp32', 'IN+ReLU 64 @ 1x256x256 bf16'."""
+    _, op, dtype, (n, c, h, w) = key[:4]
+    short = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(dtype, dtype)
+    if op.startswith("conv"):
+        oc, _, kh, kw = key[5]
+        return f"conv {kh}x{kw} {c}->{oc} @ {n}x{h}x{w} {short}"
+    slope, activation = key[6:8]
+    act = "" if not activation else "+ReLU" if slope == 0 else f"+LeakyReLU({slope:g})"
+    return f"IN{act} {c} @ {n}x{h}x{w} {short}"
+
+
+def _probe(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-random output gradient in like's dtype, device and memory format (its own
+    generator: the run's random streams are not touched)."""
+    gen = torch.Generator(device=like.device).manual_seed(0)
+    t = torch.randn(tuple(shape), generator=gen, dtype=like.dtype, device=like.device)
+    return t.contiguous(memory_format=_format(like))
+
+
+def _forward_backward(impl: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        xi = x.detach().requires_grad_()
+        y = impl(xi)
+        (dx,) = torch.autograd.grad(y, xi, dy.to(y.dtype))  # CPU autocast runs PyTorch's norm in fp32
+    return y.detach(), dx
+
+
+def _tensors(outputs: list) -> list[torch.Tensor]:
+    flat = []
+    for o in outputs:
+        flat += [t for t in o if t is not None] if isinstance(o, tuple) else [o]
+    return flat
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _reason(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:160]
+
+
+def _jsonable(key: tuple) -> tuple:
+    return tuple(list(e) if isinstance(e, tuple) else e for e in key)  # torch.Size is a tuple too
+
+
+def _read(path: Path) -> dict:
+    """The cache file's sections, or {} when it is missing or unreadable (it is then rewritten)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _entries(data: dict, section: str) -> list[dict]:
+    entries = data.get(section)
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+@functools.cache
+def _sources_hash() -> str:
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in SOURCES)).hexdigest()[:16]

@@ -1,0 +1,440 @@
+"""--kernels auto: the measured choice between the Triton kernels and PyTorch (kernels/choice.py).
+
+On the CPU the choice runs with injected facts: a stand-in sm_90 device, CPU tensors (through the
+Triton interpreter, conftest sets TRITON_INTERPRET=1), a timer that reads a table instead of a clock,
+and injected failures. The default chooser applies to CUDA tensors only, so that CPU runs stay as
+they were; --kernels pytorch is the official layers bit for bit.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from helpers import assert_same_tensors
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import infer
+import kernels
+import train
+from kernels import choice
+from kernels import reflect_conv as rc
+from kernels.device import Device
+from minicycle import datasets, networks
+from minicycle.checkpoint import load_file
+from minicycle.cuda_graph import GraphedStep
+from minicycle.model import Config, CycleGAN
+
+H90 = Device("stand-in H100", 90, 132, 232_448)
+T4 = Device("stand-in T4", 75, 40, 65_536)
+TRITON_FASTER = {"fwd": (1.0, 2.0), "dgrad": (1.0, 2.0), "wgrad": (1.0, 2.0), "fwd+bwd": (1.0, 2.0)}
+PYTORCH_FASTER = {k: (2.0, 1.0) for k in TRITON_FASTER}
+
+
+class TableTimer:
+    """Milliseconds from a table {pass: (triton, pytorch)}, and a log of what was timed."""
+
+    def __init__(self, table: dict[str, tuple[float, float]]):
+        self.table, self.calls = table, []
+
+    def __call__(self, fn, path: str, pass_name: str) -> float:
+        self.calls.append((pass_name, path))
+        return self.table[pass_name][path == choice.PYTORCH]
+
+
+def stand_in(monkeypatch, table=TRITON_FASTER, facts=H90, cache_file=None) -> tuple[choice.Chooser, TableTimer]:
+    """A chooser for CPU tensors, installed as the one the layers ask."""
+    timer = TableTimer(table)
+    chooser = choice.Chooser(timer=timer, facts=lambda device: facts, device_types=("cpu",), cache_file=cache_file)
+    monkeypatch.setattr(choice, "CHOOSER", chooser)
+    return chooser, timer
+
+
+def conv_inputs(seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, 6, 7, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(4, 3, 3, 3, generator=g) / 5).to(dtype).requires_grad_()
+    b = torch.randn(4, generator=g).to(dtype).requires_grad_()
+    return x, w, b, torch.randn(1, 4, 6, 7, generator=g).to(dtype)
+
+
+def eager_conv(x, w, b):
+    return F.conv2d(F.pad(x, (1,) * 4, mode="reflect"), w, b)
+
+
+def grads(fn, x, w, b, dy):
+    y = fn(x, w, b)
+    return [y.detach(), *torch.autograd.grad(y, (x, w, b), dy)]
+
+
+def counting(monkeypatch, module, name: str) -> list[int]:
+    """Count the calls of module.name from now on."""
+    real, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+# ----------------------------------------------------------------------------- the timing picks
+
+
+def test_timing_picks_the_faster_path_per_pass(monkeypatch):
+    table = {"fwd": (1.0, 2.0), "dgrad": (3.0, 1.0), "wgrad": (1.0, 1.5), "fwd+bwd": (2.0, 1.0)}
+    chooser, timer = stand_in(monkeypatch, table)
+    x, w, b, dy = conv_inputs()
+    got = grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+    assert list(chooser.paths.values()) == [("triton", "pytorch", "triton")]
+    assert sorted(timer.calls) == sorted((p, q) for p in ("fwd", "dgrad", "wgrad") for q in ("triton", "pytorch"))
+    for g, r in zip(got, grads(eager_conv, x, w, b, dy)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+    # Decided: the next calls run Triton's forward and wgrad, PyTorch's dgrad, and time nothing.
+    fwd, dx, dw = (counting(monkeypatch, rc, n) for n in ("_conv_fwd", "_conv_dgrad", "_conv_wgrad"))
+    grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+    assert (len(fwd), len(dx), len(dw), len(timer.calls)) == (1, 0, 1, 6)
+
+    # IN+LeakyReLU: PyTorch timed faster, so the layer runs PyTorch's code exactly.
+    y = choice.reflect_conv2d(x, w, b, padding=1)
+    out = choice.instance_norm_relu(y, negative_slope=0.2)
+    assert timer.calls[-2:] == [("fwd+bwd", "triton"), ("fwd+bwd", "pytorch")]
+    assert torch.equal(out, F.leaky_relu(F.instance_norm(y), 0.2))
+
+
+def test_all_pytorch_runs_the_official_ops_and_forward_only_times_only_the_forward(monkeypatch):
+    chooser, timer = stand_in(monkeypatch, PYTORCH_FASTER)
+    x, w, b, dy = conv_inputs()
+    assert_same_tensors(grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy),
+                        grads(eager_conv, x, w, b, dy))
+    with torch.no_grad():  # inference: a key of its own, one pass
+        assert torch.equal(choice.reflect_conv2d(x, w, b, padding=1), eager_conv(x, w, b))
+    assert [k[1] for k in chooser.paths] == ["conv", "conv_fwd"] and timer.calls[-2:] == [("fwd", "triton"),
+                                                                                         ("fwd", "pytorch")]
+
+
+def test_autocast_decides_for_the_autocast_dtype(monkeypatch):
+    chooser, _ = stand_in(monkeypatch)
+    x, w, b, _ = conv_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = choice.reflect_conv2d(x, w, b, padding=1)
+        z = choice.instance_norm_relu(y)
+    assert y.dtype == torch.bfloat16 and [k[2] for k in chooser.paths] == ["torch.bfloat16"] * 2
+    torch.testing.assert_close(y.float(), eager_conv(x, w, b), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(z.float(), F.relu(F.instance_norm(eager_conv(x, w, b))), rtol=3e-2, atol=3e-2)
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+
+def test_a_mismatch_takes_pytorch_and_says_so_once(monkeypatch, capsys):
+    chooser, timer = stand_in(monkeypatch)
+    real = rc._conv_fwd
+    monkeypatch.setattr(rc, "_conv_fwd", lambda *a: real(*a) + 1)  # a wrong kernel
+    x, w, b, dy = conv_inputs()
+    for _ in range(2):
+        got = grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+    assert_same_tensors(got, grads(eager_conv, x, w, b, dy))  # trained on PyTorch's numbers
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kernels: PyTorch for conv 3x3 3->4 @ 1x6x7 fp32: Triton's result "
+                                               "differs from PyTorch's by "), err
+    assert "tolerance 5e-03 for float32" in err[0] and timer.calls == []
+    assert "PyTorch for conv 3x3 3->4 @ 1x6x7 fp32 dgrad (Triton's result differs" in chooser.report()
+
+
+@pytest.mark.parametrize("where", ["launch", "timing"])
+def test_a_launch_failure_takes_pytorch_and_says_so_once(monkeypatch, capsys, where):
+    chooser, timer = stand_in(monkeypatch)
+
+    def out_of_resources(*args):
+        raise triton.runtime.errors.OutOfResources(110_592, 101_376, "shared memory")
+
+    if where == "launch":
+        monkeypatch.setattr(rc, "_conv_wgrad", out_of_resources)
+    else:
+        table_timer = chooser.timer
+        chooser.timer = lambda fn, path, name: out_of_resources() if path == "triton" else table_timer(fn, path, name)
+    x, w, b, dy = conv_inputs()
+    for _ in range(2):
+        got = grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+    assert_same_tensors(got, grads(eager_conv, x, w, b, dy))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kernels: PyTorch for conv 3x3 3->4 @ 1x6x7 fp32: the Triton "
+                                               "kernels failed: OutOfResources: out of resource: shared memory"), err
+    assert list(chooser.paths.values()) == [("pytorch",) * 3]
+
+
+def test_no_tensor_core_path_takes_pytorch_without_timing(monkeypatch, capsys):
+    """sm_75 has no TF32: the fp32 conv takes cuDNN untimed; the norm (no dot) is still measured."""
+    chooser, timer = stand_in(monkeypatch, facts=T4)
+    x, w, b, dy = conv_inputs()
+    y = choice.reflect_conv2d(x, w, b, padding=1)
+    choice.instance_norm_relu(y)
+    assert timer.calls == [("fwd+bwd", "triton"), ("fwd+bwd", "pytorch")]
+    assert list(chooser.paths.values()) == [("pytorch",) * 3, ("triton",)]
+    assert capsys.readouterr().err == ""
+    line = chooser.report()
+    assert line.startswith("kernels: Triton for 1 of 4 (op, shape, pass) choices, PyTorch for conv 3x3 3->4 @ "
+                           "1x6x7 fp32 fwd (no tensor-core float32 dot on sm_75), "), line
+    assert chooser.report() is None  # each decision is reported once
+
+
+# ----------------------------------------------------------------------------- the caches
+
+
+def test_decisions_are_kept_per_process_and_on_disk(monkeypatch, tmp_path):
+    cache = tmp_path / "choice.json"
+    x, w, b, _ = conv_inputs()
+
+    def decide(facts=H90) -> tuple[choice.Chooser, TableTimer]:
+        chooser, timer = stand_in(monkeypatch, facts=facts, cache_file=cache)
+        choice.instance_norm_relu(choice.reflect_conv2d(x, w, b, padding=1))
+        return chooser, timer
+
+    first, timer = decide()
+    assert len(timer.calls) == 8 and len(first.paths) == 2
+    line = first.report()
+    assert re.fullmatch(r"kernels: Triton for 4 of 4 \(op, shape, pass\) choices; decided on stand-in H100 in "
+                        r"[\d.]+ s", line), line
+    choice.reflect_conv2d(x, w, b, padding=1)  # the same key again: nothing new
+    assert len(timer.calls) == 8 and first.report() is None
+
+    second, timer = decide()  # another process on the same machine
+    assert timer.calls == [] and second.paths == first.paths
+    assert second.report().endswith(f"(2 of 2 from {cache})")
+
+    _, timer = decide(Device("stand-in RTX 4090", 89, 128, 101_376))  # another device
+    assert len(timer.calls) == 8
+    monkeypatch.setattr(triton, "__version__", "0.0.0")  # another Triton
+    _, timer = decide()
+    assert len(timer.calls) == 8
+    assert len(json.loads(cache.read_text())) == 3  # one section per device and versions
+
+    cache.write_text("{not json")  # a damaged cache is ignored and rewritten, never fatal
+    _, timer = decide()
+    assert len(timer.calls) == 8 and len(json.loads(cache.read_text())) == 1
+
+
+def test_no_cache_file_when_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINICYCLE_KERNEL_CACHE", "off")
+    assert choice._cache_file() is None
+    monkeypatch.setenv("MINICYCLE_KERNEL_CACHE", str(tmp_path / "c.json"))
+    assert choice._cache_file() == tmp_path / "c.json"
+    monkeypatch.delenv("MINICYCLE_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert choice._cache_file() == tmp_path / "minicycle" / "kernel_choice.json"
+
+
+# ----------------------------------------------------------------------------- torch.compile, CUDA graphs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_the_mixed_conv_ops(layout):
+    """The custom ops of a conv whose passes disagree: schema, autograd registration, fake impls (the
+    outputs' strides in both layouts) and AOT dispatch, as tests/test_compile.py checks the Triton ops."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4, 5, generator=g).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(3, 2, 3, 3, generator=g).contiguous(memory_format=layout).requires_grad_()
+    b = torch.randn(3, generator=g).requires_grad_()
+    dy = torch.randn(1, 3, 4, 5, generator=g).contiguous(memory_format=layout)
+    ops = torch.ops.minicycle
+    torch.library.opcheck(ops.reflect_conv2d_chosen, (x, w, b, 1, "triton", "pytorch", "triton"))
+    torch.library.opcheck(ops.reflect_conv2d_chosen, (x, w, b, 1, "pytorch", "triton", "pytorch"))
+    for paths in (("pytorch", "triton"), ("triton", "pytorch")):
+        torch.library.opcheck(ops.reflect_conv2d_chosen_backward, (dy, x.detach(), w.detach(), 1, True, True, True,
+                                                                   *paths))
+
+
+def _conv_norm(x, w, b):
+    return choice.instance_norm_relu(choice.reflect_conv2d(x, w, b, padding=1), negative_slope=0.2)
+
+
+def _compiled_ops(fn, *args) -> tuple[torch.Tensor, set[str]]:
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    out = torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)(*args)
+    assert counter.frame_count == 1
+    return out, {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+
+
+def test_torch_compile_uses_the_decisions_and_never_measures(monkeypatch):
+    chooser, timer = stand_in(monkeypatch, {**TRITON_FASTER, "dgrad": (2.0, 1.0), "fwd+bwd": (2.0, 1.0)})
+    x, w, b, _ = conv_inputs()
+    _, ops = _compiled_ops(_conv_norm, x, w, b)  # nothing decided yet: the Triton ops, as before
+    assert timer.calls == [] and chooser.paths == {}
+    assert {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_act.default"} <= ops
+
+    eager = _conv_norm(x, w, b)  # eager: decides (conv: Triton but for dgrad; norm: PyTorch)
+    out, ops = _compiled_ops(_conv_norm, x, w, b)
+    assert "minicycle.reflect_conv2d_chosen.default" in ops and "minicycle.instance_norm_act.default" not in ops
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    dx, = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(dx, torch.autograd.grad(eager.sum(), x)[0], rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_takes_the_cache_files_decisions_when_loaded_first(monkeypatch, tmp_path):
+    """train.py --compile: load() before the nets are traced, so the trace uses the last run's decisions."""
+    table = {**TRITON_FASTER, "wgrad": (2.0, 1.0)}
+    x, w, b, _ = conv_inputs()
+    stand_in(monkeypatch, table, cache_file=tmp_path / "c.json")
+    eager = _conv_norm(x, w, b)  # an earlier run decides
+    chooser, timer = stand_in(monkeypatch, table, cache_file=tmp_path / "c.json")
+    assert choice.load(x.device) == 2
+    out, ops = _compiled_ops(_conv_norm, x, w, b)
+    assert "minicycle.reflect_conv2d_chosen.default" in ops and timer.calls == []
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert chooser.report().endswith(f"(2 of 2 from {tmp_path / 'c.json'})")
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_the_first_step_makes_every_decision(monkeypatch):
+    """--cuda_graph captures the fourth step: the warm-up steps before it have made every decision."""
+    chooser, timer = stand_in(monkeypatch, PYTORCH_FASTER)  # decided PyTorch: fast steps after the checks
+    torch.manual_seed(0)
+    model = CycleGAN(Config(ngf=2, ndf=2, netG="resnet_6blocks", netD="pixel", pool_size=2))
+    step = GraphedStep(model, batch_size=1, graph=False)
+    g = torch.Generator().manual_seed(0)
+    images = [[torch.rand(1, 3, 8, 8, generator=g) * 2 - 1 for _ in "AB"] for _ in range(3)]
+    step.step(*images[0])
+    decided, timed = dict(chooser.paths), len(timer.calls)
+    assert {k[1] for k in decided} == {"conv", "norm"} and len(decided) >= 5
+    for a, b in images[1:]:
+        step.step(a, b)
+    assert chooser.paths == decided and len(timer.calls) == timed
+    assert len(step.read()) == 3
+
+
+# ----------------------------------------------------------------------------- CPU unchanged, the flag
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_default_on_a_cpu_is_the_ops_own_rule(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    x, w, b, dy = conv_inputs()
+    got = grads(lambda *a: choice.instance_norm_relu(choice.reflect_conv2d(*a, padding=1)), x, w, b, dy)
+    want = grads(lambda *a: kernels.instance_norm_relu(kernels.reflect_conv2d(*a, padding=1)), x, w, b, dy)
+    assert_same_tensors(got, want)
+    assert choice.CHOOSER.paths == {}
+
+
+def test_the_ops_called_directly_never_ask_the_chooser(monkeypatch):
+    chooser, timer = stand_in(monkeypatch, PYTORCH_FASTER)
+    x, w, b, _ = conv_inputs()
+    kernels.instance_norm_relu(kernels.reflect_conv2d(x, w, b, padding=1))
+    assert chooser.paths == {} and timer.calls == []
+
+
+def test_set_kernels_switches_every_fused_block():
+    net = networks.define_G(3, 3, 4, "resnet_6blocks")
+    blocks = [m for m in net.modules() if isinstance(m, networks.FusedSequential)]
+    for mode, want in (("pytorch", (False, False)), ("triton", (True, False)), ("auto", (True, True))):
+        networks.set_kernels(net, mode)
+        assert {(m.fused, m.auto) for m in blocks} == {want}
+    with pytest.raises(ValueError, match="--kernels 'fast': choose one of auto, triton, pytorch"):
+        networks.set_kernels(net, "fast")
+
+
+TINY = ["--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--load_size", "32", "--crop_size", "32",
+        "--num_threads", "0", "--pool_size", "2", "--seed", "3", "--max_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def dataroot(tmp_path_factory):
+    return datasets.ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+def test_train_kernels_pytorch_is_the_official_layers_bit_for_bit(dataroot, tmp_path, monkeypatch, capsys):
+    """--kernels pytorch (the official layers, kernels or not) and the default on a CPU (the ops' PyTorch
+    path) train to the same bits; the first line says which."""
+    runs = {}
+    for mode, interpret in (("pytorch", "1"), ("auto", "0")):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        args = TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(tmp_path), "--name", mode]
+        capsys.readouterr()
+        assert train.main(args + (["--kernels", mode] if mode != "auto" else [])) == 0
+        runs[mode] = capsys.readouterr().out.splitlines()[0]
+    assert "; kernels: the official PyTorch layers (--kernels pytorch); " in runs["pytorch"]
+    assert "; kernels: PyTorch (no Triton without a GPU); " in runs["auto"]
+    states = [load_file(tmp_path / m / "latest_state.pth")["model"] for m in runs]
+    assert_same_tensors(states[0], states[1])
+
+
+@pytest.mark.slow
+def test_train_prints_what_auto_chose_after_the_first_iteration(dataroot, tmp_path, monkeypatch, capsys):
+    stand_in(monkeypatch, PYTORCH_FASTER)  # CPU tensors as if on a GPU; decided PyTorch: fast steps after
+    args = TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(tmp_path), "--netD", "pixel", "--ngf", "2",
+                   "--ndf", "2", "--load_size", "8", "--crop_size", "8", "--print_freq", "1"]
+    capsys.readouterr()
+    assert train.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    chosen = [i for i, line in enumerate(lines) if line.startswith("kernels: ")]
+    assert len(chosen) == 1 and chosen[0] <= 2, lines  # once, right after the first iteration
+    assert re.match(r"kernels: Triton for 0 of \d+ \(op, shape, pass\) choices, PyTorch for conv 7x7 3->2 @ "
+                    r"1x8x8 fp32 fwd \(Triton 2\.0x slower\), ", lines[chosen[0]]), lines[chosen[0]]
+
+
+def test_the_flag_rejects_other_values_in_one_line(capsys):
+    for main in (train.main, infer.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--kernels", "cudnn"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and "--kernels: invalid choice: 'cudnn'" in err
+
+
+def test_infer_kernels_pytorch_translates_as_the_default(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    g = networks.init_weights(networks.define_G(3, 3, 4, "resnet_6blocks"))
+    torch.save(g.state_dict(), tmp_path / "g.pth")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (12, 16), (200, 30, 10)).save(tmp_path / "in" / "x.png")
+    outs = []
+    for mode in ("pytorch", "auto"):
+        assert infer.main(["--checkpoint", str(tmp_path / "g.pth"), "--input", str(tmp_path / "in"), "--output",
+                           str(tmp_path / mode), "--preprocess", "none", "--kernels", mode]) == 0
+        outs.append((tmp_path / mode / "x.png").read_bytes())
+    assert outs[0] == outs[1]
+
+
+# ----------------------------------------------------------------------------- the benchmarks say it
+
+
+def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
+    from kernels import bench
+    from minicycle.gpu_suite import tables
+
+    stand_in(monkeypatch, {**TRITON_FASTER, "dgrad": (3.0, 1.0), "fwd+bwd": (1.0, 4.0)})
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--batch", "1", "--dtypes", "fp32", "--out", str(tmp_path / "ops.md")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --quick uses one thread
+    (cols, rows), = tables((tmp_path / "ops.md").read_text())
+    takes = {(r[0], r[1]): r[cols.index("auto takes")] for r in rows}
+    assert takes == {("IN+ReLU", "fwd"): "Triton, by 4.00x", ("IN+ReLU", "bwd"): "Triton, by 4.00x",
+                     ("reflect conv", "fwd"): "Triton, by 2.00x", ("reflect conv", "dgrad"): "PyTorch, by 3.00x",
+                     ("reflect conv", "wgrad"): "Triton, by 2.00x"}
+
+
+def test_model_bench_rows_name_the_kernels_flag(monkeypatch, tmp_path):
+    from minicycle import bench as model_bench
+    from minicycle.gpu_suite import tables
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    try:
+        assert model_bench.main(["--quick", "--batch", "1", "--variants", "eager,ours", "--iters", "1",
+                                 "--kernels", "triton", "--out", str(tmp_path / "model.md")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (_, rows), = tables((tmp_path / "model.md").read_text())
+    assert [r[0] for r in rows] == ["eager", "ours (triton)"]

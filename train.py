@@ -386,8 +386,8 @@ class Trainer:
                 self.say(f"end of epoch {epoch}/{last_epoch}{more}")
             else:
                 outcome = "finished"
-            # Under torchrun, tear the group down only once every rank is past its last collective (a rank
-            # that tore down right after its part of the last gather aborted in gloo once, in CI).
+            # Under torchrun, tear the group down only once every rank is past its last collective: a rank that
+            # closes its connections while another still finishes the last gather would fail that gather.
             self.dist.barrier()
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)

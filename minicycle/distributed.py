@@ -14,7 +14,16 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  see below
 import torch.nn as nn
+
+# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported, and
+# torch._dynamo imports it (the first torch.optim optimizer imports torch._dynamo). Imported once the group
+# exists, those ten defaults keep the group alive after destroy_process_group, and with it gloo's worker
+# threads, into interpreter shutdown. A worker that frees a finished collective's tensors there needs the GIL;
+# Python ends such a thread with pthread_exit, whose unwinding through the C++ destructor calls std::terminate:
+# "terminate called without an active exception", SIGABRT after a clean run. Imported here, before any group
+# exists, the defaults are None and `Dist.close` really ends the group.
 
 
 class RanksDisagree(RuntimeError):
@@ -50,6 +59,8 @@ class Dist:
         return device
 
     def close(self) -> None:
+        """Leave the process group; its last reference goes with it, so its threads are joined here, while
+        the interpreter still runs, not during interpreter shutdown."""
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 

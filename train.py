@@ -24,7 +24,7 @@ from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, caused_by, load_file
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
-from minicycle.distributed import Dist, RanksDisagree, fingerprint
+from minicycle.distributed import CollectiveFailed, Dist, RanksDisagree, fingerprint
 from minicycle.model import LOSS_NAMES, LR_POLICIES, Config, CycleGAN
 from minicycle.report import save_image_atomic, training_page, write_text_atomic
 
@@ -575,9 +575,10 @@ def _ignore_sigint(worker_id: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opt = parse_options(argv)
+    trainer = Trainer(opt)
     try:
-        return Trainer(opt).run()
-    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree) as e:
+        return trainer.run()
+    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed) as e:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
@@ -592,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("train.py: aborted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
+    finally:
+        trainer.dist.close()  # also after an error raised before the training loop's own teardown
 
 
 if __name__ == "__main__":

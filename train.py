@@ -386,8 +386,8 @@ class Trainer:
                 self.say(f"end of epoch {epoch}/{last_epoch}{more}")
             else:
                 outcome = "finished"
-            # Under torchrun, tear the group down only once every rank is past its last collective: a rank that
-            # closes its connections while another still finishes the last gather would fail that gather.
+            # Under torchrun, tear the group down only once every rank is past its last collective, so that no
+            # rank closes its connections while another still takes part in the last gather.
             self.dist.barrier()
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)

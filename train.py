@@ -25,7 +25,7 @@ from minicycle import datasets, networks
 from minicycle.checkpoint import CheckpointError, atomic_save, caused_by, load_file
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
-from minicycle.distributed import Dist, RanksDisagree, fingerprint
+from minicycle.distributed import CollectiveFailed, Dist, RanksDisagree, fingerprint
 from minicycle.model import LOSS_NAMES, Config, CycleGAN
 from minicycle.optim import LR_POLICIES
 from minicycle.report import save_image_atomic, training_page, write_text_atomic
@@ -394,8 +394,8 @@ class Trainer:
                 self.say(f"end of epoch {epoch}/{last_epoch}{more}")
             else:
                 outcome = "finished"
-            # Under torchrun, tear the group down only once every rank is past its last collective (a rank
-            # that tore down right after its part of the last gather aborted in gloo once, in CI).
+            # Under torchrun, tear the group down only once every rank is past its last collective, so that no
+            # rank closes its connections while another still takes part in the last gather.
             self.dist.barrier()
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -586,9 +586,10 @@ def _ignore_sigint(worker_id: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opt = parse_options(argv)
+    trainer = Trainer(opt)
     try:
-        return Trainer(opt).run()
-    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree) as e:
+        return trainer.run()
+    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed) as e:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
@@ -603,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("train.py: aborted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
+    finally:
+        trainer.dist.close()  # also after an error raised before the training loop's own teardown
 
 
 if __name__ == "__main__":

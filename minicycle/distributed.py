@@ -9,16 +9,44 @@ DDP's per-forward bookkeeping does not allow without unused-parameter searches. 
 all-reduce per optimizer step is what DDP would send, minus the overlap with backward.
 """
 
+import functools
 import itertools
 import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  see below
 import torch.nn as nn
+
+# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported, and
+# torch._dynamo imports it (the first torch.optim optimizer imports torch._dynamo). Imported once the group
+# exists, those ten defaults keep the group alive after destroy_process_group, and with it gloo's worker
+# threads, into interpreter shutdown. A worker that frees a finished collective's tensors there needs the GIL;
+# Python ends such a thread with pthread_exit, whose unwinding through the C++ destructor calls std::terminate:
+# "terminate called without an active exception", SIGABRT after a clean run. Imported here, before any group
+# exists, the defaults are None and `Dist.close` really ends the group.
 
 
 class RanksDisagree(RuntimeError):
     """The ranks hold different weights, so data parallel training went wrong; a one-line message."""
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective failed, most often because another rank stopped on its own error; a one-line message."""
+
+
+def collective(fn):
+    """`fn` talks to the other ranks: its RuntimeError (gloo's 'Connection closed by peer' when another rank
+    has left) becomes CollectiveFailed, which train.py reports in one line."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise CollectiveFailed(f"{fn.__name__} with the other ranks failed ({lines[0]}); if another rank "
+                                   f"stopped with an error, that error is the cause") from e
+    return wrapped
 
 
 class Dist:
@@ -50,13 +78,17 @@ class Dist:
         return device
 
     def close(self) -> None:
+        """Leave the process group; its last reference goes with it, so its threads are joined here, while
+        the interpreter still runs, not during interpreter shutdown."""
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
+    @collective
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
 
+    @collective
     def average(self, values: list[float], device: torch.device) -> list[float]:
         """Mean of `values` over ranks (NaN anywhere gives NaN everywhere, so all ranks stop together)."""
         if not self.enabled:
@@ -65,6 +97,7 @@ class Dist:
         dist.all_reduce(t)
         return (t / self.world).tolist()
 
+    @collective
     def broadcast(self, obj):
         """Rank 0's `obj`, on every rank."""
         if not self.enabled:
@@ -73,6 +106,7 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    @collective
     def broadcast_nets(self, nets: list[nn.Module]) -> None:
         """Overwrite every rank's parameters and buffers with rank 0's, as DistributedDataParallel does
         when it wraps a model, so the ranks start identical however the weights were made or loaded."""
@@ -90,6 +124,7 @@ class Dist:
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
 
+    @collective
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
         if not self.enabled:
@@ -99,6 +134,7 @@ class Dist:
         return out
 
 
+@collective
 def average_gradients(nets: list[nn.Module], world: int) -> None:
     """All-reduce the gradients of `nets` as one flat buffer and divide by the world size."""
     if world <= 1:

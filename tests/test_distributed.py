@@ -1,12 +1,18 @@
 """torchrun with 2 CPU processes (gloo): ranks stay identical, one set of checkpoints is written,
 the result matches one process training on the same global batch, and without --seed the ranks
-share the seed rank 0 draws and start from rank 0's weights."""
+share the seed rank 0 draws and start from rank 0's weights. Every end of a run (the last epoch,
+--max_steps, SIGTERM, a NaN, an error on one rank) leaves every rank exiting with its code, in one
+line, with no gloo thread left running into interpreter shutdown."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from minicycle import datasets, networks
@@ -125,3 +131,149 @@ def test_broadcast_nets_gives_every_rank_rank_0s_parameters_and_buffers(tmp_path
             assert after[r][state].keys() == before[0][state].keys()
             for k, t in before[0][state].items():
                 assert torch.equal(after[r][state][k], t), (r, k)
+
+
+# train.py as torchrun runs it, then, once its main() and teardown are done, the native threads still alive.
+# A gloo thread left there runs into interpreter shutdown, where freeing a collective's tensors takes the GIL,
+# and Python's pthread_exit of such a thread unwinds through C++ destructors: std::terminate, exit -6.
+# "fail-on-rank-1": rank 1's second optimizer step raises a one-line DataError.
+END = """
+import os, runpy, sys
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "fail-on-rank-1" and os.environ["RANK"] == "1":
+    from minicycle.data import DataError
+    from minicycle.model import CycleGAN
+    optimize, steps = CycleGAN.optimize, []
+    def failing(self, real_A, real_B):
+        steps.append(1)
+        if len(steps) == 2:
+            raise DataError("trainA/broken.png: cannot identify image file")
+        return optimize(self, real_A, real_B)
+    CycleGAN.optimize = failing
+sys.argv = sys.argv[3:]
+code = 0
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code
+threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(f"rank {os.environ['RANK']} exits {code} with threads: {' '.join(threads)}", file=sys.stderr, flush=True)
+sys.exit(code)
+"""
+GLOO_THREADS = ("gloo_tcp_loop", "pt_gloo_runloop")
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc/self/task")
+
+
+def torchrun_end(tmp_path: Path, args: list[str], mode: str = "plain") -> list[str]:
+    """The command that runs train.py under torchrun through END."""
+    (tmp_path / "end.py").write_text(END)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(tmp_path / "end.py"), str(ROOT), mode, str(ROOT / "train.py"), *args]
+
+
+def rank_ends(err: str) -> dict[int, tuple[str, list[str]]]:
+    """{rank: (exit code, native threads alive after main)} from END's last lines."""
+    found = re.findall(r"^rank (\d) exits (\S+) with threads: (.*)$", err, flags=re.M)
+    return {int(r): (code, names.split()) for r, code, names in found}
+
+
+def assert_clean_ends(out: subprocess.CompletedProcess, code: str) -> None:
+    ends = rank_ends(out.stderr)
+    assert sorted(ends) == [0, 1], out.stdout + out.stderr
+    for rank, (rank_code, names) in ends.items():
+        assert rank_code == code, (rank, out.stdout + out.stderr)
+        assert not set(names) & set(GLOO_THREADS), (rank, names)
+    assert "terminate called" not in out.stderr and "[rank0]: Traceback" not in out.stderr
+    assert "[rank1]: Traceback" not in out.stderr
+
+
+def end_env() -> dict[str, str]:
+    return {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+
+
+@needs_proc
+def test_last_epoch_ends_with_no_gloo_thread_left(tmp_path):
+    data = datasets.ensure_synthetic(tmp_path / "synthetic")
+    # 4 images, 2 ranks: one epoch of 2 steps, then the end of the last epoch (its save's gathers, the barrier)
+    args = ["--dataroot", str(data), *TINY, "--max_dataset_size", "4", "--n_epochs_decay", "0", "--seed", "1",
+            "--checkpoints_dir", str(tmp_path / "ckpt")]
+    out = subprocess.run(torchrun_end(tmp_path, args), cwd=tmp_path, env=end_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "finished 1 epochs (2 iterations)" in out.stdout
+    assert_clean_ends(out, "0")
+
+
+@pytest.mark.slow
+@needs_proc
+def test_teardown_under_cpu_load_never_aborts(tmp_path):
+    """The end that aborted: --max_steps right after saves (gathers), on a busy machine, many times."""
+    data = datasets.ensure_synthetic(tmp_path / "synthetic")
+    load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    runs, aborted, failed, threads_left = 10, [], [], []
+    try:
+        for i in range(runs):
+            args = ["--dataroot", str(data), *TINY, "--seed", "5", "--max_steps", "2", "--save_latest_freq", "1",
+                    "--checkpoints_dir", str(tmp_path / f"ckpt{i}")]
+            out = subprocess.run(torchrun_end(tmp_path, args), cwd=tmp_path, env=end_env(), capture_output=True,
+                                 text=True, timeout=600)
+            if "terminate called" in out.stderr:
+                aborted.append(i)
+            elif out.returncode != 0:
+                failed.append((i, out.stderr[-2000:]))
+            ends = rank_ends(out.stderr)
+            if any(set(names) & set(GLOO_THREADS) for _, names in ends.values()):
+                threads_left.append(i)
+    finally:
+        load.kill()
+        load.wait()
+    assert not aborted and not failed and not threads_left, (
+        f"{runs} runs: aborted {aborted}, failed {failed}, gloo threads alive at exit {threads_left}")
+
+
+@pytest.mark.slow
+@needs_proc
+def test_sigterm_to_torchrun_saves_on_every_rank_and_each_exits_0(tmp_path):
+    data = datasets.ensure_synthetic(tmp_path / "synthetic")
+    ckpt = tmp_path / "ckpt"
+    args = ["--dataroot", str(data), *TINY, "--seed", "5", "--n_epochs", "1000", "--save_latest_freq", "1",
+            "--checkpoints_dir", str(ckpt)]
+    proc = subprocess.Popen(torchrun_end(tmp_path, args), cwd=tmp_path, env=end_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpt / "experiment_name" / "latest_state.pth").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to each rank
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    # torchrun then raises the signal it got (its own traceback and status); each rank saved and exited 0
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert_clean_ends(out, "0")
+    stop = [s for s in stdout.splitlines() if s.startswith("stopped by SIGTERM at epoch ")]
+    assert len(stop) == 1, stdout
+    steps = load_file(ckpt / "experiment_name" / "latest_state.pth")["run"]["steps"]
+    assert steps >= 1 and f"iteration {steps};" in stop[0]
+
+
+@pytest.mark.slow
+@needs_proc
+@pytest.mark.parametrize("mode", ["nan", "fail-on-rank-1"])
+def test_a_nan_or_an_error_on_one_rank_stops_every_rank_in_one_line(mode, tmp_path):
+    data = datasets.ensure_synthetic(tmp_path / "synthetic")
+    args = ["--dataroot", str(data), *TINY, "--seed", "5", "--max_steps", "20", "--checkpoints_dir", str(tmp_path)]
+    if mode == "nan":
+        args += ["--lr", "1e30"]
+    out = subprocess.run(torchrun_end(tmp_path, args, mode), cwd=tmp_path, env=end_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode != 0
+    assert_clean_ends(out, "1")
+    errors = [s for s in out.stderr.splitlines() if s.startswith("train.py: error: ")]
+    assert len(errors) == 2, out.stderr
+    if mode == "nan":  # the losses are averaged over the ranks: both see the NaN at the same step
+        assert all(" is nan at epoch 1, iteration " in e for e in errors), errors
+    else:
+        assert "trainA/broken.png: cannot identify image file" in errors[0] + errors[1]
+        assert any("with the other ranks failed (" in e and "that error is the cause" in e for e in errors), errors

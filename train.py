@@ -5,6 +5,12 @@
 
 Flags, defaults and outputs follow the official pytorch-CycleGAN-and-pix2pix train.py. Unlike it,
 checkpoints hold the full training state, so `--continue_train` resumes exactly where a run stopped.
+
+Reading order: main() parses the flags and calls train(), the procedure from top to bottom: set-up,
+resume, the loop over epochs (train_epoch; one iteration is train_step, CycleGAN.optimize), the end.
+The helpers follow in that order. The machinery lives in its own rooms: checkpoints in
+minicycle/checkpoint.py, loss_log.txt, train_opt.txt and the page in minicycle/report.py, data
+parallelism in minicycle/distributed.py, --cuda_graph in minicycle/cuda_graph.py.
 """
 
 import argparse
@@ -47,7 +53,7 @@ ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc
 
 def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Dist) -> int:
     """The training procedure: set-up, resume, the loop over epochs, the end. Returns the exit code."""
-    # ---- set-up: the device, the data, the run's folder, the model ---------------------------------
+    # ---- set-up: the device, the data, the run's folder, the model -----------------------------------------
     device = dist.setup(pick_device(opt.device))
     # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
     torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
@@ -72,7 +78,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
         dist.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
                  f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
 
-    # ---- resume: the whole state (exact), or an epoch's weights only (as the official code) -------
+    # ---- resume: the whole state (exact), or an epoch's weights only (as the official code) ----------------
     run = Run(opt.epoch_count, opt.seed)
     if state is not None:
         restore(model, run, state, dist, device)
@@ -86,10 +92,10 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
         model.set_memory_format(torch.channels_last)
     log = LossLog(ckpt.dir / "loss_log.txt", write=dist.main)
     if dist.main:
-        write_options(dict(vars(opt)), vars(build_parser().parse_args([])), ckpt.dir / "train_opt.txt")
+        write_options(vars(opt), vars(build_parser().parse_args([])), ckpt.dir / "train_opt.txt")
     log.start(resumed_size=state.get("log_bytes") if state is not None else None)
 
-    # ---- the loop: epochs of iterations; at each epoch's end the learning rate, a checkpoint, a page ----
+    # ---- the loop: epochs of iterations; at each epoch's end the learning rate, a checkpoint, a page -------
     last_epoch = opt.n_epochs + opt.n_epochs_decay
     stopped = None  # why the run stops before its last epoch: "max_steps" or "signal"
     threads_before = torch.get_num_threads()
@@ -98,7 +104,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
         with StopSignal() as stop:
             s = Setup(opt=opt, device=device, dist=dist, dataset=dataset, min_size=min_size, workers=workers,
                       model=model, graphed=graphed, ckpt=ckpt, log=log, stop=stop)
-            while run.epoch <= last_epoch and stopped is None:
+            while run.epoch <= last_epoch:
                 stopped = train_epoch(s, run)
                 if stopped is not None:
                     break
@@ -119,7 +125,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
         torch.set_num_threads(threads_before)  # for callers of main() in the same process
         dist.close()
 
-    # ---- the end ------------------------------------------------------------------------------------
+    # ---- the end -------------------------------------------------------------------------------------------
     if dist.main and not opt.no_html and stopped is not None:
         write_page(s, run, run.epoch)
     if not dist.main:
@@ -136,86 +142,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
     return 0
 
 
-def train_epoch(s: "Setup", run: "Run") -> str | None:
-    """Train on what is left of epoch run.epoch, logging and saving on the way. Returns None once the epoch
-    is done, else why the run stops: "max_steps" or "signal" (the iteration under way is finished first)."""
-    opt = s.opt
-    plan = epoch_plan(len(s.dataset.A_paths), len(s.dataset.B_paths), run.epoch, opt.seed, opt.serial_batches)
-    batches, consumed = rank_batches(plan, run.epoch_keys, opt.batch_size, s.dist)
-    loader = torch.utils.data.DataLoader(s.dataset, batch_sampler=batches, num_workers=s.workers,
-                                         collate_fn=collate_batch, pin_memory=s.device.type == "cuda",
-                                         worker_init_fn=_ignore_sigint)
-    bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{opt.n_epochs + opt.n_epochs_decay}",
-               unit="img", dynamic_ncols=True, leave=False, disable=None if s.dist.main else True)
-    window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}  # the losses since the last log line
-    unread: list[tuple[int, int]] = []  # (epoch, iteration) of the steps whose losses are not read yet
-    t_data = time.perf_counter()
-    t_compute = n_window = 0  # --cuda_graph: compute time and images since the last log line
-    try:
-        for step, batch in enumerate(loader):
-            t_start = time.perf_counter()
-            check_image_sizes(batch, s.min_size)
-            results = train_step(s, batch)
-            decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
-            if decided:
-                s.dist.say(decided)
-            n, before = consumed[step], run.images
-            run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
-            unread.append((run.epoch, run.steps))
-            logging = run.images // opt.print_freq > before // opt.print_freq
-            saving = run.images // opt.save_latest_freq > before // opt.save_latest_freq
-            signalled = bool(s.stop.name)  # a signal arriving after this is handled a step later
-            reached = opt.max_steps is not None and run.steps >= opt.max_steps
-            if s.graphed is not None and (logging or saving or reached or signalled or step == len(batches) - 1):
-                results = s.graphed.read()  # the device's loss rows: one sync, and never a NaN saved
-            for (epoch, iteration), losses in zip(unread, results):
-                check_finite(losses, epoch=epoch, iteration=iteration, run_dir=s.ckpt.dir)
-                for k, v in losses.items():
-                    window[k].append(v)
-            if results:
-                unread = []
-                bar.set_postfix({k: f"{results[-1][k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
-                                refresh=False)
-            bar.update(n)
-            t_compute, n_window = t_compute + time.perf_counter() - t_start, n_window + n
-            if logging:
-                means = {k: sum(v) / len(v) for k, v in window.items()}
-                window = {k: [] for k in LOSS_NAMES}
-                run.history.append((run.epoch - 1 + run.epoch_keys / len(plan), means))
-                # Graph steps run ahead of the host and wait at the read: their time is the window's mean.
-                compute = t_compute / n_window if s.graphed else (time.perf_counter() - t_start) / n
-                t_compute = n_window = 0
-                line = s.log.line(means, epoch=run.epoch, iters=run.epoch_keys, compute=compute,
-                                  data=(t_start - t_data) / n)
-                if s.dist.main and bar.disable:
-                    print(line)
-            if saving:
-                save(s, run)
-            if reached:
-                return "max_steps"
-            if signalled:
-                return "signal"
-            t_data = time.perf_counter()
-    finally:
-        bar.close()
-    return None
-
-
-def train_step(s: "Setup", batch: dict) -> list[dict[str, float]]:
-    """One iteration (CycleGAN.optimize: the G step, then the D step) on the batch. Returns the losses known
-    now: this step's, averaged over the ranks under torchrun; under --cuda_graph none, until read back."""
-    if s.graphed is not None:
-        s.graphed.step(batch["A"], batch["B"])
-        return []
-    losses = s.model.optimize(batch["A"], batch["B"])
-    if s.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
-        losses, stop = average_losses(s.dist, losses, stop=bool(s.stop.name), device=s.device)
-        if stop and not s.stop.name:
-            s.stop.name = "a signal on another rank"
-    return [losses]
-
-
-# ---- set-up -------------------------------------------------------------------------------------------
+# ---- set-up ------------------------------------------------------------------------------------------------
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train.py: error: --device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
@@ -332,9 +259,10 @@ def first_line(opt: argparse.Namespace, model: CycleGAN, dataset: UnalignedDatas
             f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {run_dir}")
 
 
+# ---- the loop ----------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
-    """What the set-up built and the loop uses."""
+    """What the set-up built, for the loop."""
 
     opt: argparse.Namespace
     device: torch.device
@@ -349,7 +277,85 @@ class Setup:
     stop: "StopSignal"
 
 
-# ---- in the loop ----------------------------------------------------------------------------------------
+def train_epoch(s: Setup, run: Run) -> str | None:
+    """Train on what is left of epoch run.epoch, logging and saving on the way. Returns None once the epoch
+    is done, else why the run stops: "max_steps" or "signal" (the iteration under way is finished first)."""
+    opt = s.opt
+    plan = epoch_plan(len(s.dataset.A_paths), len(s.dataset.B_paths), run.epoch, opt.seed, opt.serial_batches)
+    batches, consumed = rank_batches(plan, run.epoch_keys, opt.batch_size, s.dist)
+    loader = torch.utils.data.DataLoader(s.dataset, batch_sampler=batches, num_workers=s.workers,
+                                         collate_fn=collate_batch, pin_memory=s.device.type == "cuda",
+                                         worker_init_fn=_ignore_sigint)
+    bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{opt.n_epochs + opt.n_epochs_decay}",
+               unit="img", dynamic_ncols=True, leave=False, disable=None if s.dist.main else True)
+    window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}  # the losses since the last log line
+    unread: list[tuple[int, int]] = []  # (epoch, iteration) of the steps whose losses are not read yet
+    t_data = time.perf_counter()
+    t_compute = n_window = 0  # --cuda_graph: compute time and images since the last log line
+    try:
+        for step, batch in enumerate(loader):
+            t_start = time.perf_counter()
+            check_image_sizes(batch, s.min_size)
+            results = train_step(s, batch)
+            decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
+            if decided:
+                s.dist.say(decided)
+            n, before = consumed[step], run.images
+            run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
+            unread.append((run.epoch, run.steps))
+            logging = run.images // opt.print_freq > before // opt.print_freq
+            saving = run.images // opt.save_latest_freq > before // opt.save_latest_freq
+            signalled = bool(s.stop.name)  # a signal arriving after this is handled a step later
+            reached = opt.max_steps is not None and run.steps >= opt.max_steps
+            if s.graphed is not None and (logging or saving or reached or signalled or step == len(batches) - 1):
+                results = s.graphed.read()  # the device's loss rows: one sync, and never a NaN saved
+            for (epoch, iteration), losses in zip(unread, results):
+                check_finite(losses, epoch=epoch, iteration=iteration, run_dir=s.ckpt.dir)
+                for k, v in losses.items():
+                    window[k].append(v)
+            if results:
+                unread = []
+                bar.set_postfix({k: f"{results[-1][k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
+                                refresh=False)
+            bar.update(n)
+            t_compute, n_window = t_compute + time.perf_counter() - t_start, n_window + n
+            if logging:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                window = {k: [] for k in LOSS_NAMES}
+                run.history.append((run.epoch - 1 + run.epoch_keys / len(plan), means))
+                # Graph steps run ahead of the host and wait at the read: their time is the window's mean.
+                compute = t_compute / n_window if s.graphed else (time.perf_counter() - t_start) / n
+                t_compute = n_window = 0
+                line = s.log.line(means, epoch=run.epoch, iters=run.epoch_keys, compute=compute,
+                                  data=(t_start - t_data) / n)
+                if s.dist.main and bar.disable:
+                    print(line)
+            if saving:
+                save(s, run)
+            if reached:
+                return "max_steps"
+            if signalled:
+                return "signal"
+            t_data = time.perf_counter()
+    finally:
+        bar.close()
+    return None
+
+
+def train_step(s: Setup, batch: dict) -> list[dict[str, float]]:
+    """One iteration (CycleGAN.optimize: the G step, then the D step) on the batch. Returns the losses known
+    now: this step's, averaged over the ranks under torchrun; under --cuda_graph none, until read back."""
+    if s.graphed is not None:
+        s.graphed.step(batch["A"], batch["B"])
+        return []
+    losses = s.model.optimize(batch["A"], batch["B"])
+    if s.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
+        losses, stop = average_losses(s.dist, losses, stop=bool(s.stop.name), device=s.device)
+        if stop and not s.stop.name:
+            s.stop.name = "a signal on another rank"
+    return [losses]
+
+
 def check_image_sizes(batch: dict, min_size: int) -> None:
     """--preprocess none keeps each image's size: it may be too small for the nets."""
     for side in ("A", "B"):
@@ -374,6 +380,7 @@ def epoch_metric(history: list[tuple[float, dict[str, float]]], epoch: int) -> f
 
 
 def save(s: Setup, run: Run, epoch_label: str | None = None) -> None:
+    """latest_state.pth and latest_net_*.pth (and <epoch_label>_net_*.pth): RunCheckpoints.save."""
     s.ckpt.save(s.model, run, options=dict(vars(s.opt)), dist=s.dist, log_bytes=s.log.size(), epoch_label=epoch_label)
 
 
@@ -410,7 +417,7 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# ---- the command line -----------------------------------------------------------------------------------
+# ---- the command line --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     a = p.add_argument

@@ -10,6 +10,7 @@ architecture is read from the checkpoint's keys unless --netG/--ngf/--norm are g
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +19,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kernels import choice
-from minicycle import datasets, fid, networks
+from minicycle import cli, datasets, fid, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
 from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
 from minicycle.inception import WeightsError, WeightsMissing, resolve_weights
 from minicycle.report import results_page, save_image_atomic
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+@dataclass
+class Generator:
+    """A generator loaded for translation, and what feeding it needs."""
+
+    net: torch.nn.Module
+    input_nc: int  # channels of the images it reads
+    multiple: int  # input sides are padded up to a multiple of this
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--dataroot", help="folder with testA/ (AtoB) or testB/ (BtoA); default: the built-in dataset")
     a("--name", default=None, help="run name (default: experiment_name, or synthetic for the built-in dataset)")
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -> torch.nn.Module:
+def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -> Generator:
     """Read the architecture from the file's keys (explicit flags win), build it, load it strictly."""
     state = load_file(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -84,9 +89,8 @@ def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -
     net = networks.define_G(spec["input_nc"], spec["output_nc"], spec["ngf"], netG, spec["norm"], spec["use_dropout"])
     flags = f"--netG {netG} --ngf {spec['ngf']} --norm {spec['norm']}"
     load_into(net, path, expected_flags=flags)
-    net.input_nc = spec["input_nc"]
-    net.multiple = networks.input_multiple(netG)
-    return net.to(device).train(not opt.eval)
+    return Generator(net=net.to(device).train(not opt.eval), input_nc=spec["input_nc"],
+                     multiple=networks.input_multiple(netG))
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
@@ -171,7 +175,8 @@ def translate(opt: argparse.Namespace) -> int:
     ckpt, source, truth, name = resolve(opt)
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early
-    net = networks.set_kernels(build_generator(opt, ckpt, device), opt.kernels)
+    gen = build_generator(opt, ckpt, device)
+    net = networks.set_kernels(gen.net, opt.kernels)
     use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
     fmt = torch.channels_last if use_cl else torch.contiguous_format
     net.to(memory_format=fmt)
@@ -193,7 +198,7 @@ def translate(opt: argparse.Namespace) -> int:
 
     def flush() -> None:
         x = torch.stack([t for t, _, _ in pending]).to(device)
-        x, h, w = pad_to_multiple(x, net.multiple)
+        x, h, w = pad_to_multiple(x, gen.multiple)
         x = x.contiguous(memory_format=fmt)
         with torch.no_grad():
             y = net(x)[..., :h, :w].float().cpu()
@@ -227,7 +232,7 @@ def translate(opt: argparse.Namespace) -> int:
         if done == limit:
             break
         try:
-            img = load_image(path, net.input_nc)
+            img = load_image(path, gen.input_nc)
         except DataError as e:
             print(f"infer.py: warning: {e}; skipping it", file=sys.stderr)
             unreadable.append(path)

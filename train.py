@@ -5,6 +5,12 @@
 
 Flags, defaults and outputs follow the official pytorch-CycleGAN-and-pix2pix train.py. Unlike it,
 checkpoints hold the full training state, so `--continue_train` resumes exactly where a run stopped.
+
+Reading order: main() parses the flags and calls train(), the procedure from top to bottom: set-up,
+resume, the loop over epochs (train_epoch; one iteration is train_step, CycleGAN.optimize), the end.
+The helpers follow in that order. The machinery lives in its own rooms: checkpoints in
+minicycle/checkpoint.py, loss_log.txt, train_opt.txt and the page in minicycle/report.py, data
+parallelism in minicycle/distributed.py, --cuda_graph in minicycle/cuda_graph.py.
 """
 
 import argparse
@@ -15,20 +21,27 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from kernels import choice
-from minicycle import datasets, networks
-from minicycle.checkpoint import CheckpointError, atomic_save, caused_by, load_file
+from minicycle import cli, datasets, networks
+from minicycle.checkpoint import CheckpointError, Run, RunCheckpoints, caused_by, load_into, restore
 from minicycle.cuda_graph import GraphedStep
-from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan, tensor_to_image
-from minicycle.distributed import CollectiveFailed, Dist, RanksDisagree, fingerprint
+from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan
+from minicycle.distributed import (
+    CollectiveFailed,
+    Dist,
+    RanksDisagree,
+    average_losses,
+    rank_batches,
+)
 from minicycle.model import LOSS_NAMES, Config, CycleGAN
 from minicycle.optim import LR_POLICIES
-from minicycle.report import save_image_atomic, training_page, write_text_atomic
+from minicycle.report import LossLog, write_options, write_training_page
 
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
 # Any flag given explicitly wins over these.
@@ -38,15 +51,375 @@ BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (no usage dump)."""
+def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Dist) -> int:
+    """The training procedure: set-up, resume, the loop over epochs, the end. Returns the exit code."""
+    # ---- set-up: the device, the data, the run's folder, the model -----------------------------------------
+    device = dist.setup(pick_device(opt.device))
+    # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
+    torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
+    if opt.channels_last is None:
+        opt.channels_last = device.type == "cuda"
+    find_dataroot(opt, dist)
+    ckpt = RunCheckpoints(Path(opt.checkpoints_dir) / opt.name)
+    state = None
+    if opt.continue_train and opt.epoch == "latest":
+        state = ckpt.load_latest_state()
+        adopt_resumed_options(opt, explicit, state["options"])
+    dataset, min_size = load_dataset(opt)
+    ckpt.prepare()
+    if opt.seed is None:  # rank 0 draws it; every rank needs it for the same init and data plan
+        opt.seed = dist.broadcast(random.SystemRandom().randrange(2**31) if dist.main else None)
+    torch.manual_seed(opt.seed)
+    model = build_model(opt, device, dist)
+    graphed = graphed_step(opt, model, device)
+    workers, threads = choose_parallelism(opt.num_threads, device, dist.local_world)
+    dist.say(first_line(opt, model, dataset, device, dist, workers, threads, ckpt.dir))
+    if opt.builtin:
+        dist.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
+                 f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    # ---- resume: the whole state (exact), or an epoch's weights only (as the official code) ----------------
+    run = Run(opt.epoch_count, opt.seed)
+    if state is not None:
+        restore(model, run, state, dist, device)
+        dist.say(f"resuming {ckpt.dir} at epoch {run.epoch}, iteration {run.steps}")
+    elif opt.continue_train:
+        for k, net in model.nets().items():
+            load_into(net, ckpt.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
+        dist.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
+    dist.broadcast_nets(list(model.nets().values()))
+    if opt.channels_last:
+        model.set_memory_format(torch.channels_last)
+    log = LossLog(ckpt.dir / "loss_log.txt", write=dist.main)
+    if dist.main:
+        write_options(vars(opt), vars(build_parser().parse_args([])), ckpt.dir / "train_opt.txt")
+    log.start(resumed_size=state.get("log_bytes") if state is not None else None)
+
+    # ---- the loop: epochs of iterations; at each epoch's end the learning rate, a checkpoint, a page -------
+    last_epoch = opt.n_epochs + opt.n_epochs_decay
+    stopped = None  # why the run stops before its last epoch: "max_steps" or "signal"
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with StopSignal() as stop:
+            s = Setup(opt=opt, device=device, dist=dist, dataset=dataset, min_size=min_size, workers=workers,
+                      model=model, graphed=graphed, ckpt=ckpt, log=log, stop=stop)
+            while run.epoch <= last_epoch:
+                stopped = train_epoch(s, run)
+                if stopped is not None:
+                    break
+                epoch = run.epoch
+                lr = model.step_schedulers(epoch_metric(run.history, epoch))
+                run.epoch, run.epoch_keys = epoch + 1, 0
+                save(s, run, epoch_label=str(epoch) if epoch % opt.save_epoch_freq == 0 else None)
+                if dist.main and not opt.no_html:
+                    write_page(s, run, epoch)
+                more = f"; learning rate now {lr:.7f}" if epoch < last_epoch else ""
+                dist.say(f"end of epoch {epoch}/{last_epoch}{more}")
+            if stopped is not None and run.saved_steps != run.steps:
+                save(s, run)
+            # Under torchrun, tear the group down only once every rank is past its last collective, so that no
+            # rank closes its connections while another still takes part in the last gather.
+            dist.barrier()
+    finally:
+        torch.set_num_threads(threads_before)  # for callers of main() in the same process
+        dist.close()
+
+    # ---- the end -------------------------------------------------------------------------------------------
+    if dist.main and not opt.no_html and stopped is not None:
+        write_page(s, run, run.epoch)
+    if not dist.main:
+        return 0
+    if stopped == "signal":
+        resume = resume_command(argv, dist.local_world if dist.enabled else 1)
+        print(f"stopped by {stop.name} at epoch {run.epoch}, iteration {run.steps}; state saved in "
+              f"{ckpt.dir}. Resume with: {resume}")
+    elif stopped == "max_steps":
+        print(f"reached --max_steps {opt.max_steps}; state saved in {ckpt.dir} (resume with --continue_train "
+              f"and a larger --max_steps)")
+    else:
+        print(f"finished {last_epoch} epochs ({run.steps} iterations); generators in {ckpt.dir}/latest_net_G_*.pth")
+    return 0
 
 
+# ---- set-up ------------------------------------------------------------------------------------------------
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train.py: error: --device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def find_dataroot(opt: argparse.Namespace, dist: Dist) -> None:
+    """Without --dataroot, the built-in dataset (generated on first use); with it, the folder must exist."""
+    if opt.builtin:
+        if not dist.main:
+            dist.barrier()  # rank 0 generates the dataset first
+        opt.dataroot = str(datasets.ensure_synthetic())
+        if dist.main:
+            dist.barrier()
+    elif not Path(opt.dataroot).is_dir():
+        raise DataError(datasets.missing_dataroot_message(opt.dataroot))
+
+
+def adopt_resumed_options(opt: argparse.Namespace, explicit: set[str], saved: dict) -> None:
+    """A resume continues the run it resumes: architecture flags not given take its values (given ones must
+    match them), and the seed and the schedule are always its own."""
+    for k in ARCH_FLAGS:
+        if k not in saved or getattr(opt, k) == saved[k]:
+            continue
+        if k in explicit:
+            raise CheckpointError(f"--{k} {getattr(opt, k)} differs from the run being resumed "
+                                  f"(--{k} {saved[k]}); drop the flag or start a new --name")
+        setattr(opt, k, saved[k])
+    for k in ("seed", "epoch_count", "n_epochs", "n_epochs_decay", "lr", "lr_policy", "lr_decay_iters"):
+        if k in saved and getattr(opt, k) != saved[k]:
+            if k in explicit:
+                print(f"note: keeping --{k} {saved[k]} of the run being resumed", file=sys.stderr)
+            setattr(opt, k, saved[k])
+
+
+def load_dataset(opt: argparse.Namespace) -> tuple[UnalignedDataset, int]:
+    """The unpaired dataset, and the smallest image side the nets accept (checked against the flags here,
+    and against each batch under --preprocess none)."""
+    check_preprocess(opt.preprocess, opt.load_size, opt.crop_size)
+    dataset = UnalignedDataset(opt.dataroot, opt.phase, preprocess=opt.preprocess, load_size=opt.load_size,
+                               crop_size=opt.crop_size, no_flip=opt.no_flip, input_nc=opt.input_nc,
+                               output_nc=opt.output_nc, max_dataset_size=opt.max_dataset_size)
+    multiple = networks.input_multiple(opt.netG)
+    if opt.preprocess != "none" and opt.crop_size % multiple:
+        raise DataError(f"--crop_size {opt.crop_size} must be divisible by {multiple} for --netG {opt.netG}")
+    min_size = networks.min_input_size(opt.netG, opt.netD, opt.n_layers_D)
+    size = opt.crop_size if "crop" in opt.preprocess else min(opt.load_size, opt.crop_size)
+    if opt.preprocess != "none" and size < min_size:
+        raise DataError(f"--crop_size {size} is below {min_size}, the smallest image --netG {opt.netG} "
+                        f"with --netD {opt.netD} accepts")
+    return dataset, min_size
+
+
+def build_model(opt: argparse.Namespace, device: torch.device, dist: Dist) -> CycleGAN:
+    """The CycleGAN of the flags (initialised from torch's RNG), with the chosen kernels, compiled with
+    --compile; under torchrun each rank's pools draw from their own stream and BatchNorm syncs."""
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
+    cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
+    model = CycleGAN(cfg, device, amp, world=dist.world)
+    for net in model.nets().values():
+        networks.set_kernels(net, opt.kernels)
+    if opt.compile:
+        choice.load(device)  # torch.compile traces with the decisions it finds, and makes none
+        for net in model.nets().values():
+            net.compile()  # in place: parameters and state_dict keys stay those of the plain module
+    if dist.enabled:  # each rank keeps its own pool of fakes, with its own random stream
+        model.fake_A_pool.rng.seed(f"{opt.seed}:A:{dist.rank}")
+        model.fake_B_pool.rng.seed(f"{opt.seed}:B:{dist.rank}")
+        if opt.norm == "batch":
+            for net in model.nets().values():
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return model
+
+
+def graphed_step(opt: argparse.Namespace, model: CycleGAN, device: torch.device) -> GraphedStep | None:
+    """With --cuda_graph, the iteration captured once and replayed (eagerly off CUDA). Set up before the
+    state is loaded: the pools are adopted at the first step."""
+    if not opt.cuda_graph:
+        return None
+    if device.type != "cuda":
+        print("note: --cuda_graph: no CUDA device, so the step runs eagerly (same results, no speed-up)",
+              file=sys.stderr)
+    return GraphedStep(model, opt.batch_size, graph=device.type == "cuda")
+
+
+def choose_parallelism(num_threads: int | None, device: torch.device, ranks_here: int) -> tuple[int, int]:
+    """(data-loading workers, torch intra-op threads) for one rank. An explicit --num_threads wins.
+    On a CPU, loading a training image costs a small fraction of a step and a worker process takes
+    cores from the step's threads: images load in the main process. On a GPU, workers load the next
+    batches while the device computes, with one of the rank's cores left to drive the device.
+    Torch's thread count is only ever lowered: to the cores the workers leave free."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, cpus // ranks_here)
+    if num_threads is None:
+        num_threads = 0 if device.type == "cpu" else min(8, max(1, cores - 1))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        threads = min(threads, max(1, cores - num_threads))
+    return num_threads, threads
+
+
+def first_line(opt: argparse.Namespace, model: CycleGAN, dataset: UnalignedDataset, device: torch.device,
+               dist: Dist, workers: int, threads: int, run_dir: Path) -> str:
+    """What is trained, where, with how many threads and workers, on how many images."""
+    n_params = sum(p.numel() for p in model.netG_A.parameters())
+    ranks = f" x {dist.world} ranks" if dist.enabled else ""
+    chosen = "" if opt.num_threads is None else " from --num_threads"
+    layout = ", channels_last" if opt.channels_last else ""
+    return (f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks}{layout} "
+            f"(torch threads: {threads}, data-loading workers: {workers}{chosen}{' per rank' if ranks else ''}); "
+            f"kernels: {choice.describe(opt.kernels, device)}; "
+            f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {run_dir}")
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What the set-up built, for the loop."""
+
+    opt: argparse.Namespace
+    device: torch.device
+    dist: Dist
+    dataset: UnalignedDataset
+    min_size: int  # the smallest image side the nets accept
+    workers: int  # data-loading worker processes
+    model: CycleGAN
+    graphed: GraphedStep | None  # --cuda_graph
+    ckpt: RunCheckpoints
+    log: LossLog
+    stop: "StopSignal"
+
+
+def train_epoch(s: Setup, run: Run) -> str | None:
+    """Train on what is left of epoch run.epoch, logging and saving on the way. Returns None once the epoch
+    is done, else why the run stops: "max_steps" or "signal" (the iteration under way is finished first)."""
+    opt = s.opt
+    plan = epoch_plan(len(s.dataset.A_paths), len(s.dataset.B_paths), run.epoch, opt.seed, opt.serial_batches)
+    batches, consumed = rank_batches(plan, run.epoch_keys, opt.batch_size, s.dist)
+    loader = torch.utils.data.DataLoader(s.dataset, batch_sampler=batches, num_workers=s.workers,
+                                         collate_fn=collate_batch, pin_memory=s.device.type == "cuda",
+                                         worker_init_fn=_ignore_sigint)
+    bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{opt.n_epochs + opt.n_epochs_decay}",
+               unit="img", dynamic_ncols=True, leave=False, disable=None if s.dist.main else True)
+    window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}  # the losses since the last log line
+    unread: list[tuple[int, int]] = []  # (epoch, iteration) of the steps whose losses are not read yet
+    t_data = time.perf_counter()
+    t_compute = n_window = 0  # --cuda_graph: compute time and images since the last log line
+    try:
+        for step, batch in enumerate(loader):
+            t_start = time.perf_counter()
+            check_image_sizes(batch, s.min_size)
+            results = train_step(s, batch)
+            decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
+            if decided:
+                s.dist.say(decided)
+            n, before = consumed[step], run.images
+            run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
+            unread.append((run.epoch, run.steps))
+            logging = run.images // opt.print_freq > before // opt.print_freq
+            saving = run.images // opt.save_latest_freq > before // opt.save_latest_freq
+            signalled = bool(s.stop.name)  # a signal arriving after this is handled a step later
+            reached = opt.max_steps is not None and run.steps >= opt.max_steps
+            if s.graphed is not None and (logging or saving or reached or signalled or step == len(batches) - 1):
+                results = s.graphed.read()  # the device's loss rows: one sync, and never a NaN saved
+            for (epoch, iteration), losses in zip(unread, results):
+                check_finite(losses, epoch=epoch, iteration=iteration, run_dir=s.ckpt.dir)
+                for k, v in losses.items():
+                    window[k].append(v)
+            if results:
+                unread = []
+                bar.set_postfix({k: f"{results[-1][k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
+                                refresh=False)
+            bar.update(n)
+            t_compute, n_window = t_compute + time.perf_counter() - t_start, n_window + n
+            if logging:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                window = {k: [] for k in LOSS_NAMES}
+                run.history.append((run.epoch - 1 + run.epoch_keys / len(plan), means))
+                # Graph steps run ahead of the host and wait at the read: their time is the window's mean.
+                compute = t_compute / n_window if s.graphed else (time.perf_counter() - t_start) / n
+                t_compute = n_window = 0
+                line = s.log.line(means, epoch=run.epoch, iters=run.epoch_keys, compute=compute,
+                                  data=(t_start - t_data) / n)
+                if s.dist.main and bar.disable:
+                    print(line)
+            if saving:
+                save(s, run)
+            if reached:
+                return "max_steps"
+            if signalled:
+                return "signal"
+            t_data = time.perf_counter()
+    finally:
+        bar.close()
+    return None
+
+
+def train_step(s: Setup, batch: dict) -> list[dict[str, float]]:
+    """One iteration (CycleGAN.optimize: the G step, then the D step) on the batch. Returns the losses known
+    now: this step's, averaged over the ranks under torchrun; under --cuda_graph none, until read back."""
+    if s.graphed is not None:
+        s.graphed.step(batch["A"], batch["B"])
+        return []
+    losses = s.model.optimize(batch["A"], batch["B"])
+    if s.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
+        losses, stop = average_losses(s.dist, losses, stop=bool(s.stop.name), device=s.device)
+        if stop and not s.stop.name:
+            s.stop.name = "a signal on another rank"
+    return [losses]
+
+
+def check_image_sizes(batch: dict, min_size: int) -> None:
+    """--preprocess none keeps each image's size: it may be too small for the nets."""
+    for side in ("A", "B"):
+        if min(batch[side].shape[-2:]) < min_size:
+            raise DataError(f"{batch[side + '_paths'][0]}: {tuple(batch[side].shape[-2:])} is smaller "
+                            f"than {min_size}x{min_size}, the smallest image the nets accept "
+                            f"(use --preprocess resize_and_crop or scale_width)")
+
+
+def check_finite(losses: dict[str, float], *, epoch: int, iteration: int, run_dir: Path) -> None:
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"loss {bad[0]} is {losses[bad[0]]} at epoch {epoch}, iteration {iteration}: "
+                                 f"training stopped; the last saved checkpoint in {run_dir} is untouched "
+                                 f"(try a lower --lr, or --amp none)")
+
+
+def epoch_metric(history: list[tuple[float, dict[str, float]]], epoch: int) -> float:
+    """Mean generator loss over the epoch's logged points (the plateau policy's metric)."""
+    points = [v for x, v in history if epoch - 1 < x <= epoch]
+    return sum(v["G_A"] + v["G_B"] + v["cycle_A"] + v["cycle_B"] for v in points) / max(1, len(points))
+
+
+def save(s: Setup, run: Run, epoch_label: str | None = None) -> None:
+    """latest_state.pth and latest_net_*.pth (and <epoch_label>_net_*.pth): RunCheckpoints.save."""
+    s.ckpt.save(s.model, run, options=dict(vars(s.opt)), dist=s.dist, log_bytes=s.log.size(), epoch_label=epoch_label)
+
+
+def write_page(s: Setup, run: Run, epoch: int) -> None:
+    """checkpoints/NAME/web/index.html, with the last iteration's images as epoch `epoch`'s."""
+    write_training_page(s.ckpt.dir / "web", s.opt.name, s.model.visuals, epoch, run.history)
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM, while the loop runs (a `with` block), sets `name`: the loop finishes its iteration,
+    saves and stops. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    def __enter__(self) -> "StopSignal":
+        signal.signal(signal.SIGINT, self._handler)
+        signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _handler(self, signum, frame) -> None:
+        if self.name:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: finishing this iteration and saving (press Ctrl-C again to abort)", file=sys.stderr)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C goes to the whole process group; the main process decides when to stop, not the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---- the command line --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     a = p.add_argument
     a("--dataroot", help="folder with trainA/ and trainB/ (default: the built-in synthetic dataset)")
     a("--name", default="experiment_name", help="run name: files go to checkpoints_dir/name")
@@ -112,14 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+
+
 def parse_options(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with the built-in dataset's preset under the flags not given when there is no --dataroot."""
     parser = build_parser()
     opt = parser.parse_args(argv)
-    given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
-    explicit = {x.dest for x in parser._actions if given & set(x.option_strings)}
+    explicit = cli.explicit_options(parser, sys.argv[1:] if argv is None else argv)
     opt.builtin = opt.dataroot is None
-    opt._explicit = sorted(explicit)  # underscore: not an option, not saved; resume needs to know it
-    opt._argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command
     if opt.builtin:
         for k, v in BUILTIN_PRESET.items():
             if k not in explicit:
@@ -141,454 +514,18 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     return opt
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.py: error: --device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def choose_parallelism(num_threads: int | None, device: torch.device, ranks_here: int) -> tuple[int, int]:
-    """(data-loading workers, torch intra-op threads) for one rank. An explicit --num_threads wins.
-    On a CPU, loading a training image costs a small fraction of a step and a worker process takes
-    cores from the step's threads: images load in the main process. On a GPU, workers load the next
-    batches while the device computes, with one of the rank's cores left to drive the device.
-    Torch's thread count is only ever lowered: to the cores the workers leave free."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores = max(1, cpus // ranks_here)
-    if num_threads is None:
-        num_threads = 0 if device.type == "cpu" else min(8, max(1, cores - 1))
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        threads = min(threads, max(1, cores - num_threads))
-    return num_threads, threads
-
-
 def resume_command(argv: list[str], nproc: int) -> str:
     """The command that resumes this run, shell-quoted so that paths with spaces survive copy and paste."""
     launcher = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else ["python"]
     return shlex.join(launcher + ["train.py"] + [a for a in argv if a != "--continue_train"] + ["--continue_train"])
 
 
-def options_of(opt: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(opt).items() if not k.startswith("_")}
-
-
-def write_options(opt: argparse.Namespace, path: Path) -> None:
-    """train_opt.txt in the official format: every option, and its default where it differs."""
-    defaults = vars(build_parser().parse_args([]))
-    lines = ["----------------- Options ---------------"]
-    for k, v in sorted(options_of(opt).items()):
-        note = f"\t[default: {defaults[k]}]" if k in defaults and defaults[k] != v else ""
-        lines.append(f"{k:>25}: {str(v):<30}{note}")
-    lines.append("----------------- End -------------------")
-    write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-class Run:
-    """Counters, RNG and history that, with the model's state, make a resume exact."""
-
-    def __init__(self, epoch: int, seed: int):
-        self.epoch = epoch  # current epoch (1-based)
-        self.epoch_keys = 0  # samples of this epoch's plan already consumed
-        self.steps = 0  # optimizer iterations in the whole run
-        self.images = 0  # images seen in the whole run (official counters use images)
-        self.seed = seed
-        self.history: list[tuple[float, dict[str, float]]] = []
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "epoch_keys": self.epoch_keys, "steps": self.steps, "images": self.images,
-                "seed": self.seed, "history": self.history}
-
-
-class Trainer:
-    def __init__(self, opt: argparse.Namespace):
-        self.opt = opt
-        self.dir = Path(opt.checkpoints_dir) / opt.name
-        self.state_path = self.dir / "latest_state.pth"
-        self.log_path = self.dir / "loss_log.txt"
-        self.stop_signal: str | None = None
-        self.dist = Dist()
-        self.saved_steps = -1  # run.steps at the last save, so a stop right after one does not save twice
-        self.graphed: GraphedStep | None = None  # --cuda_graph
-
-    def say(self, *args, **kwargs) -> None:
-        """print, on rank 0 only."""
-        if self.dist.main:
-            print(*args, **kwargs)
-
-    # ---- checkpoints -------------------------------------------------------------------------
-    def save(self, model: CycleGAN, run: Run, epoch_label: str | None = None) -> None:
-        """latest_state.pth (full state; the previous one kept as .prev) then latest_net_*.pth.
-        Under torchrun every rank calls this (to hand over its image pools); rank 0 writes."""
-        pools = self.dist.gather({"A": model.fake_A_pool.state_dict(), "B": model.fake_B_pool.state_dict()})
-        prints = self.dist.gather(fingerprint(model.nets()))
-        differ = [k for i, k in enumerate(model.nets()) if len({p[i] for p in prints}) > 1]
-        if differ:
-            raise RanksDisagree(f"the ranks hold different {', '.join(differ)} weights; refusing to save a "
-                                f"diverged run (the last saved checkpoint in {self.dir} is intact)")
-        self.saved_steps = run.steps
-        if not self.dist.main:
-            return
-        state = {"format": "minicycle-train-state/1", "options": options_of(self.opt), "run": run.state(),
-                 "model": model.training_state(), "pools_by_rank": pools, "rng": {"torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                 "log_bytes": self.log_path.stat().st_size if self.log_path.exists() else 0}
-        tmp_target = self.state_path.with_name("latest_state.next.pth")
-        atomic_save(state, tmp_target)
-        if self.state_path.exists():
-            os.replace(self.state_path, self.state_path.with_name("latest_state.prev.pth"))
-        os.replace(tmp_target, self.state_path)
-        for label in ["latest"] + ([epoch_label] if epoch_label else []):
-            for k, net in model.nets().items():
-                atomic_save({n: t.detach().cpu().contiguous() for n, t in net.state_dict().items()},
-                            self.dir / f"{label}_net_{k}.pth")
-
-    def load_latest_state(self) -> dict:
-        """The newest intact training state: latest_state.pth, else the one before it."""
-        candidates = [self.state_path.with_name(n) for n in
-                      ("latest_state.pth", "latest_state.next.pth", "latest_state.prev.pth")]
-        errors = []
-        for path in candidates:
-            if not path.exists():
-                continue
-            try:
-                state = load_file(path)
-                if not isinstance(state, dict) or state.get("format") != "minicycle-train-state/1":
-                    raise CheckpointError(f"{path}: not a minicycle training state")
-            except CheckpointError as e:
-                errors.append(str(e))
-                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
-                continue
-            if errors:
-                print(f"resuming from the older intact checkpoint {path}", file=sys.stderr)
-            return state
-        if errors:
-            raise CheckpointError(f"no intact training state in {self.dir}: " + "; ".join(errors))
-        raise CheckpointError(f"--continue_train: nothing to resume in {self.dir} (no latest_state.pth)")
-
-    # ---- the loop ----------------------------------------------------------------------------
-    def run(self) -> int:
-        opt = self.opt
-        device = self.dist.setup(pick_device(opt.device))
-        # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
-        torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
-        if opt.channels_last is None:
-            opt.channels_last = device.type == "cuda"
-        if opt.builtin:
-            if not self.dist.main:
-                self.dist.barrier()  # rank 0 generates the dataset first
-            opt.dataroot = str(datasets.ensure_synthetic())
-            if self.dist.main:
-                self.dist.barrier()
-        elif not Path(opt.dataroot).is_dir():
-            raise DataError(datasets.missing_dataroot_message(opt.dataroot))
-        state = None
-        if opt.continue_train and opt.epoch == "latest":
-            state = self.load_latest_state()
-            self._check_same_architecture(state["options"])
-            for k in ("seed", "epoch_count", "n_epochs", "n_epochs_decay", "lr", "lr_policy", "lr_decay_iters"):
-                if k in state["options"] and getattr(opt, k) != state["options"][k]:
-                    if k in opt._explicit:
-                        print(f"note: keeping --{k} {state['options'][k]} of the run being resumed", file=sys.stderr)
-                    setattr(opt, k, state["options"][k])
-        check_preprocess(opt.preprocess, opt.load_size, opt.crop_size)
-        dataset = UnalignedDataset(opt.dataroot, opt.phase, preprocess=opt.preprocess, load_size=opt.load_size,
-                                   crop_size=opt.crop_size, no_flip=opt.no_flip, input_nc=opt.input_nc,
-                                   output_nc=opt.output_nc, max_dataset_size=opt.max_dataset_size)
-        multiple = networks.input_multiple(opt.netG)
-        if opt.preprocess != "none" and opt.crop_size % multiple:
-            raise DataError(f"--crop_size {opt.crop_size} must be divisible by {multiple} for --netG {opt.netG}")
-        self.min_size = networks.min_input_size(opt.netG, opt.netD, opt.n_layers_D)
-        size = opt.crop_size if "crop" in opt.preprocess else min(opt.load_size, opt.crop_size)
-        if opt.preprocess != "none" and size < self.min_size:
-            raise DataError(f"--crop_size {size} is below {self.min_size}, the smallest image --netG {opt.netG} "
-                            f"with --netD {opt.netD} accepts")
-        self._prepare_dir()
-
-        if opt.seed is None:  # rank 0 draws it; every rank needs it for the same init and data plan
-            opt.seed = self.dist.broadcast(random.SystemRandom().randrange(2**31) if self.dist.main else None)
-        torch.manual_seed(opt.seed)
-        cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
-        model = CycleGAN(cfg, device, amp, world=self.dist.world)
-        for net in model.nets().values():
-            networks.set_kernels(net, opt.kernels)
-        if opt.compile:
-            choice.load(device)  # torch.compile traces with the decisions it finds, and makes none
-            for net in model.nets().values():
-                net.compile()  # in place: parameters and state_dict keys stay those of the plain module
-        if opt.cuda_graph:  # set up before the state is loaded: the pools are adopted at the first step
-            if device.type != "cuda":
-                print("note: --cuda_graph: no CUDA device, so the step runs eagerly (same results, no speed-up)",
-                      file=sys.stderr)
-            self.graphed = GraphedStep(model, opt.batch_size, graph=device.type == "cuda")
-        if self.dist.enabled:  # each rank keeps its own pool of fakes, with its own random stream
-            model.fake_A_pool.rng.seed(f"{opt.seed}:A:{self.dist.rank}")
-            model.fake_B_pool.rng.seed(f"{opt.seed}:B:{self.dist.rank}")
-            if opt.norm == "batch":
-                for net in model.nets().values():
-                    torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        workers, threads = choose_parallelism(opt.num_threads, device, self.dist.local_world)
-        n_params = sum(p.numel() for p in model.netG_A.parameters())
-        ranks = f" x {self.dist.world} ranks" if self.dist.enabled else ""
-        chosen = "" if opt.num_threads is None else " from --num_threads"
-        layout = ", channels_last" if opt.channels_last else ""
-        self.say(f"training {opt.netG} ({n_params / 1e6:.3f} M parameters per generator) on {device}{ranks}{layout} "
-                 f"(torch threads: {threads}, data-loading workers: {workers}{chosen}{' per rank' if ranks else ''}); "
-                 f"kernels: {choice.describe(opt.kernels, device)}; "
-                 f"{len(dataset.A_paths)} A and {len(dataset.B_paths)} B images; checkpoints in {self.dir}")
-        if opt.builtin:
-            self.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
-                     f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
-        run = Run(opt.epoch_count, opt.seed)
-        if state is not None:
-            model.load_training_state(state["model"])
-            pools = state.get("pools_by_rank", [])
-            if len(pools) == self.dist.world:
-                model.fake_A_pool.load_state_dict(pools[self.dist.rank]["A"], device)
-                model.fake_B_pool.load_state_dict(pools[self.dist.rank]["B"], device)
-            for k, v in state["run"].items():
-                setattr(run, k, v)
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and state["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            self.say(f"resuming {self.dir} at epoch {run.epoch}, iteration {run.steps}")
-        elif opt.continue_train:  # weights only, from <epoch>_net_*.pth, as the official repo does
-            from minicycle.checkpoint import load_into
-            for k, net in model.nets().items():
-                load_into(net, self.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
-            self.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
-        self.dist.broadcast_nets(list(model.nets().values()))
-        if opt.channels_last:
-            model.set_memory_format(torch.channels_last)
-
-        log_path = self.log_path
-        if self.dist.main:
-            write_options(opt, self.dir / "train_opt.txt")
-            if state is not None:
-                self._cut_log(state.get("log_bytes"))
-            with open(log_path, "a") as f:
-                f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
-
-        last_epoch = opt.n_epochs + opt.n_epochs_decay
-        self.workers, threads_before = workers, torch.get_num_threads()
-        torch.set_num_threads(threads)
-        self._install_signal_handlers()
-        try:
-            while run.epoch <= last_epoch:
-                outcome = self._train_epoch(model, dataset, run, device, log_path)
-                if outcome != "epoch_done":
-                    if self.saved_steps != run.steps:
-                        self.save(model, run)
-                    break
-                epoch = run.epoch
-                lr = model.step_schedulers(self._epoch_metric(run, epoch))
-                run.epoch, run.epoch_keys = epoch + 1, 0
-                label = str(epoch) if epoch % opt.save_epoch_freq == 0 else None
-                self.save(model, run, epoch_label=label)
-                if self.dist.main and not opt.no_html:
-                    self._write_page(model, run, epoch)
-                more = f"; learning rate now {lr:.7f}" if epoch < last_epoch else ""
-                self.say(f"end of epoch {epoch}/{last_epoch}{more}")
-            else:
-                outcome = "finished"
-            # Under torchrun, tear the group down only once every rank is past its last collective, so that no
-            # rank closes its connections while another still takes part in the last gather.
-            self.dist.barrier()
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            torch.set_num_threads(threads_before)  # for callers of main() in the same process
-            self.dist.close()
-        if self.dist.main and not opt.no_html and outcome != "finished":
-            self._write_page(model, run, run.epoch)
-        if not self.dist.main:
-            return 0
-        resume = resume_command(opt._argv, self.dist.local_world if self.dist.enabled else 1)
-        if outcome == "signal":
-            print(f"stopped by {self.stop_signal} at epoch {run.epoch}, iteration {run.steps}; state saved in "
-                  f"{self.dir}. Resume with: {resume}")
-        elif outcome == "max_steps":
-            print(f"reached --max_steps {opt.max_steps}; state saved in {self.dir} (resume with --continue_train "
-                  f"and a larger --max_steps)")
-        else:
-            print(f"finished {last_epoch} epochs ({run.steps} iterations); generators in {self.dir}/latest_net_G_*.pth")
-        return 0
-
-    def _train_epoch(self, model: CycleGAN, dataset: UnalignedDataset, run: Run, device: torch.device,
-                     log_path: Path) -> str:
-        opt = self.opt
-        plan = epoch_plan(len(dataset.A_paths), len(dataset.B_paths), run.epoch, opt.seed, opt.serial_batches)
-        keys = plan[run.epoch_keys:]
-        # A global batch is batch_size images per rank; rank r takes its slice. A short last batch is
-        # filled from the plan's start (as DistributedSampler pads) so that every rank steps together.
-        world, size = self.dist.world, opt.batch_size * self.dist.world
-        batches, taken = [], []
-        for i in range(0, len(keys), size):
-            chunk = keys[i:i + size]
-            taken.append(len(chunk))
-            if world > 1 and len(chunk) < size:
-                chunk = chunk + (plan * size)[:size - len(chunk)]
-            batches.append(chunk[self.dist.rank::world] if world > 1 else chunk)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
-                                             collate_fn=collate_batch,
-                                             pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint)
-        last_epoch = opt.n_epochs + opt.n_epochs_decay
-        bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{last_epoch}",
-                   unit="img", dynamic_ncols=True, leave=False, disable=None if self.dist.main else True)
-        window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}
-        unread: list[tuple[int, int]] = []  # (epoch, iteration) of the steps whose losses are not read yet
-        t_data = time.perf_counter()
-        t_compute = n_window = 0  # --cuda_graph: compute time and images since the last log line
-        try:
-            for step, batch in enumerate(loader):
-                t_start = time.perf_counter()
-                for side in ("A", "B"):  # --preprocess none keeps each image's size: it may be too small
-                    if min(batch[side].shape[-2:]) < self.min_size:
-                        raise DataError(f"{batch[side + '_paths'][0]}: {tuple(batch[side].shape[-2:])} is smaller "
-                                        f"than {self.min_size}x{self.min_size}, the smallest image the nets accept "
-                                        f"(use --preprocess resize_and_crop or scale_width)")
-                if self.graphed is None:
-                    results = [model.optimize(batch["A"], batch["B"])]
-                    if self.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
-                        *values, stop = self.dist.average([*results[0].values(), float(bool(self.stop_signal))],
-                                                          device)
-                        results = [dict(zip(results[0], values))]
-                        if stop and not self.stop_signal:
-                            self.stop_signal = "a signal on another rank"
-                else:
-                    self.graphed.step(batch["A"], batch["B"])
-                    results = []
-                decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
-                if decided:
-                    self.say(decided)
-                n = taken[step]
-                before = run.images
-                run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
-                unread.append((run.epoch, run.steps))
-                logging = run.images // opt.print_freq > before // opt.print_freq
-                saving = run.images // opt.save_latest_freq > before // opt.save_latest_freq
-                signalled = bool(self.stop_signal)  # a signal arriving after this is handled a step later
-                stopping = (opt.max_steps is not None and run.steps >= opt.max_steps) or signalled
-                if self.graphed is not None and (logging or saving or stopping or step == len(batches) - 1):
-                    results = self.graphed.read()  # the device's loss rows: one sync, and never a NaN saved
-                for (epoch, iteration), losses in zip(unread, results):
-                    bad = [k for k, v in losses.items() if not math.isfinite(v)]
-                    if bad:
-                        raise FloatingPointError(
-                            f"loss {bad[0]} is {losses[bad[0]]} at epoch {epoch}, iteration {iteration}: "
-                            f"training stopped; the last saved checkpoint in {self.dir} is untouched "
-                            f"(try a lower --lr, or --amp none)")
-                    for k, v in losses.items():
-                        window[k].append(v)
-                if results:
-                    unread = []
-                    bar.set_postfix({k: f"{results[-1][k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
-                                    refresh=False)
-                bar.update(n)
-                t_compute, n_window = t_compute + time.perf_counter() - t_start, n_window + n
-                if logging:
-                    means = {k: sum(v) / len(v) for k, v in window.items()}
-                    window = {k: [] for k in LOSS_NAMES}
-                    run.history.append((run.epoch - 1 + run.epoch_keys / len(plan), means))
-                    # Graph steps run ahead of the host and wait at the read: their time is the window's mean.
-                    compute = t_compute / n_window if self.graphed else (time.perf_counter() - t_start) / n
-                    t_compute = n_window = 0
-                    line = (f"(epoch: {run.epoch}, iters: {run.epoch_keys}, time: {compute:.3f}, "
-                            f"data: {(t_start - t_data) / n:.3f}) ")
-                    line += " ".join(f"{k}: {v:.3f}" for k, v in means.items())
-                    if self.dist.main:
-                        with open(log_path, "a") as f:
-                            f.write(line + "\n")
-                        if bar.disable:
-                            print(line)
-                if saving:
-                    self.save(model, run)
-                if opt.max_steps is not None and run.steps >= opt.max_steps:
-                    return "max_steps"
-                if signalled:
-                    return "signal"
-                t_data = time.perf_counter()
-        finally:
-            bar.close()
-        return "epoch_done"
-
-    @staticmethod
-    def _epoch_metric(run: Run, epoch: int) -> float:
-        """Mean generator loss over the epoch's logged points (the plateau policy's metric)."""
-        points = [v for x, v in run.history if epoch - 1 < x <= epoch]
-        return sum(v["G_A"] + v["G_B"] + v["cycle_A"] + v["cycle_B"] for v in points) / max(1, len(points))
-
-    def _write_page(self, model: CycleGAN, run: Run, epoch: int) -> None:
-        web = self.dir / "web"
-        images = web / "images"
-        images.mkdir(parents=True, exist_ok=True)
-        for label, t in model.visuals.items():
-            save_image_atomic(tensor_to_image(t[0].float().cpu()), images / f"epoch{epoch:03d}_{label}.png")
-        rows: dict[int, list[str]] = {}
-        for f in sorted(images.glob("epoch*_*.png")):
-            e = int(f.name[5:8])
-            rows.setdefault(e, []).append(f.name)
-        order = {k: i for i, k in enumerate(model.visuals)}
-        ordered = [(e, sorted(fs, key=lambda n: order.get(n[9:-4], 99))) for e, fs in rows.items()]
-        training_page(web, self.opt.name, ordered, run.history)
-
-    def _cut_log(self, size: int | None) -> None:
-        """Drop the loss_log.txt lines written after the state being resumed was saved (by a run stopped or
-        killed later, or when an older state is resumed), so that each iteration's line appears once."""
-        if size is None or not self.log_path.exists():
-            return
-        data = self.log_path.read_bytes()
-        if len(data) > size:
-            write_text_atomic(self.log_path, data[:size].decode("utf-8", errors="replace"))
-
-    def _prepare_dir(self) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".write_test.{os.getpid()}"  # one per process: ranks probe at the same time
-            probe.write_text("ok")
-            probe.unlink()
-            # Temp files of a save cut short by kill -9 or a power cut (a clean failure removes its own).
-            # No save can be under way yet: the first one waits for the first step, which waits for every rank.
-            for leftover in self.dir.glob(".*.pth.*.tmp"):
-                leftover.unlink(missing_ok=True)
-        except OSError as e:
-            raise DataError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
-
-    def _check_same_architecture(self, saved: dict) -> None:
-        """Architecture flags not given take the resumed run's values; given ones must match them."""
-        for k in ARCH_FLAGS:
-            if k not in saved or getattr(self.opt, k) == saved[k]:
-                continue
-            if k not in getattr(self.opt, "_explicit", ()):
-                setattr(self.opt, k, saved[k])
-                continue
-            raise CheckpointError(f"--{k} {getattr(self.opt, k)} differs from the run being resumed "
-                                  f"(--{k} {saved[k]}); drop the flag or start a new --name")
-
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            if self.stop_signal:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self.stop_signal = signal.Signals(signum).name
-            print(f"\n{self.stop_signal}: finishing this iteration and saving (press Ctrl-C again to abort)",
-                  file=sys.stderr)
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C goes to the whole process group; the main process decides when to stop, not the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opt = parse_options(argv)
-    trainer = Trainer(opt)
+    dist = Dist()
     try:
-        return trainer.run()
+        return train(opt, cli.explicit_options(build_parser(), argv), argv, dist)
     except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed) as e:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
@@ -605,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         print("train.py: aborted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
     finally:
-        trainer.dist.close()  # also after an error raised before the training loop's own teardown
+        dist.close()  # also after an error raised before the training loop's own teardown
 
 
 if __name__ == "__main__":

@@ -1,13 +1,23 @@
-"""Checkpoint files: atomic writes, safe loads, official-key compatibility, and a readable
-diagnosis when a generator file does not fit the flags."""
+"""Checkpoint files: atomic writes, safe loads, official-key compatibility, a readable diagnosis
+when a generator file does not fit the flags, and a training run's folder of checkpoints."""
 
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+
+from minicycle.data import DataError
+from minicycle.distributed import Dist, check_same_weights
+
+if TYPE_CHECKING:
+    from minicycle.model import CycleGAN
+
+STATE_FORMAT = "minicycle-train-state/1"
 
 
 class CheckpointError(RuntimeError):
@@ -156,3 +166,106 @@ def load_into(net: nn.Module, path: str | Path, expected_flags: str = "", map_lo
             first = f"missing keys {missing}, unexpected keys {extra}" if (missing or extra) else first
         built = f" built with {expected_flags}" if expected_flags else ""
         raise CheckpointError(f"{path}: does not fit the network{built}{hint} ({first[:160]})") from None
+
+
+
+class Run:
+    """Counters and loss history that, with the model's state and the RNGs, make a resume exact."""
+
+    def __init__(self, epoch: int, seed: int):
+        self.epoch = epoch  # current epoch (1-based)
+        self.epoch_keys = 0  # samples of this epoch's plan already consumed
+        self.steps = 0  # optimizer iterations in the whole run
+        self.images = 0  # images seen in the whole run (official counters use images)
+        self.seed = seed
+        self.history: list[tuple[float, dict[str, float]]] = []  # (fractional epoch, mean losses) per log line
+        self.saved_steps = -1  # steps at the last save, so that a stop right after one does not save twice
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "epoch_keys": self.epoch_keys, "steps": self.steps, "images": self.images,
+                "seed": self.seed, "history": self.history}
+
+
+class RunCheckpoints:
+    """checkpoints_dir/name: latest_state.pth, the whole training state for an exact resume (the one before it
+    kept as latest_state.prev.pth), and each net's plain state_dict with the official key names,
+    latest_net_{G_A,G_B,D_A,D_B}.pth and <epoch>_net_*.pth."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+        self.state_path = folder / "latest_state.pth"
+
+    def prepare(self) -> None:
+        """Create the folder, check that it can be written, and remove what a killed save left."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write_test.{os.getpid()}"  # one per process: ranks probe at the same time
+            probe.write_text("ok")
+            probe.unlink()
+            # Temp files of a save cut short by kill -9 or a power cut (a clean failure removes its own).
+            # No save can be under way yet: the first one waits for the first step, which waits for every rank.
+            for leftover in self.dir.glob(".*.pth.*.tmp"):
+                leftover.unlink(missing_ok=True)
+        except OSError as e:
+            raise DataError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
+
+    def save(self, model: "CycleGAN", run: Run, *, options: dict, dist: Dist, log_bytes: int,
+             epoch_label: str | None = None) -> None:
+        """The training state, then latest_net_*.pth (and <epoch_label>_net_*.pth). Under torchrun every rank
+        calls this (to hand over its image pools, and to check that the ranks' weights agree); rank 0 writes."""
+        pools = dist.gather({"A": model.fake_A_pool.state_dict(), "B": model.fake_B_pool.state_dict()})
+        check_same_weights(dist, model.nets(), self.dir)
+        run.saved_steps = run.steps
+        if not dist.main:
+            return
+        state = {"format": STATE_FORMAT, "options": options, "run": run.state(), "model": model.training_state(),
+                 "pools_by_rank": pools, "rng": {"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                 "log_bytes": log_bytes}
+        next_path = self.state_path.with_name("latest_state.next.pth")
+        atomic_save(state, next_path)
+        if self.state_path.exists():
+            os.replace(self.state_path, self.state_path.with_name("latest_state.prev.pth"))
+        os.replace(next_path, self.state_path)
+        for label in ["latest"] + ([epoch_label] if epoch_label else []):
+            for k, net in model.nets().items():
+                atomic_save({n: t.detach().cpu().contiguous() for n, t in net.state_dict().items()},
+                            self.dir / f"{label}_net_{k}.pth")
+
+    def load_latest_state(self) -> dict:
+        """The newest intact training state: latest_state.pth, else the one before it."""
+        candidates = [self.state_path.with_name(n) for n in
+                      ("latest_state.pth", "latest_state.next.pth", "latest_state.prev.pth")]
+        errors = []
+        for path in candidates:
+            if not path.exists():
+                continue
+            try:
+                state = load_file(path)
+                if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                    raise CheckpointError(f"{path}: not a minicycle training state")
+            except CheckpointError as e:
+                errors.append(str(e))
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+                continue
+            if errors:
+                print(f"resuming from the older intact checkpoint {path}", file=sys.stderr)
+            return state
+        if errors:
+            raise CheckpointError(f"no intact training state in {self.dir}: " + "; ".join(errors))
+        raise CheckpointError(f"--continue_train: nothing to resume in {self.dir} (no latest_state.pth)")
+
+
+def restore(model: "CycleGAN", run: Run, state: dict, dist: Dist, device: torch.device) -> None:
+    """Everything a saved training state holds, back in place: the model's state, this rank's pools, the
+    counters and history, the RNGs."""
+    model.load_training_state(state["model"])
+    pools = state.get("pools_by_rank", [])
+    if len(pools) == dist.world:
+        model.fake_A_pool.load_state_dict(pools[dist.rank]["A"], device)
+        model.fake_B_pool.load_state_dict(pools[dist.rank]["B"], device)
+    for k, v in state["run"].items():
+        setattr(run, k, v)
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])

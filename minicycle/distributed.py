@@ -12,6 +12,7 @@ all-reduce per optimizer step is what DDP would send, minus the overlap with bac
 import functools
 import itertools
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,11 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def say(self, message: str) -> None:
+        """print, on rank 0 only."""
+        if self.main:
+            print(message)
 
     def setup(self, device: torch.device) -> torch.device:
         """Join the process group (nccl on GPUs, gloo on CPU); on GPUs each rank takes cuda:LOCAL_RANK."""
@@ -154,3 +160,36 @@ def average_gradients(nets: list[nn.Module], world: int) -> None:
 def fingerprint(nets: dict[str, nn.Module]) -> list[float]:
     """A cheap per-net checksum (float64 sums of parameters) to verify that ranks agree."""
     return [float(sum(p.detach().double().sum() for p in net.parameters())) for net in nets.values()]
+
+
+def rank_batches(plan: list, start: int, batch_size: int, dist: Dist) -> tuple[list[list], list[int]]:
+    """This rank's share of each global batch of the epoch's `plan` from key `start` on, and how many of the
+    plan's keys each global batch consumes. A global batch is batch_size keys per rank; rank r takes every
+    world-th key from the r-th. A short last batch is filled from the plan's start (as DistributedSampler
+    pads) so that every rank steps together; it still consumes only the keys that were left."""
+    keys, world = plan[start:], dist.world
+    size = batch_size * world
+    batches, consumed = [], []
+    for i in range(0, len(keys), size):
+        chunk = keys[i:i + size]
+        consumed.append(len(chunk))
+        if world > 1 and len(chunk) < size:
+            chunk = chunk + (plan * size)[:size - len(chunk)]
+        batches.append(chunk[dist.rank::world] if world > 1 else chunk)
+    return batches, consumed
+
+
+def average_losses(dist: Dist, losses: dict[str, float], stop: bool, device: torch.device) -> tuple[dict, bool]:
+    """The losses averaged over ranks, and whether any rank asked to stop: one all-reduce, so that every
+    rank logs the same numbers and all stop at the same iteration."""
+    *values, stops = dist.average([*losses.values(), float(stop)], device)
+    return dict(zip(losses, values)), bool(stops)
+
+
+def check_same_weights(dist: Dist, nets: dict[str, nn.Module], where: Path) -> None:
+    """Raise RanksDisagree unless every rank holds the same weights (compared by fingerprint)."""
+    prints = dist.gather(fingerprint(nets))
+    differ = [k for i, k in enumerate(nets) if len({p[i] for p in prints}) > 1]
+    if differ:
+        raise RanksDisagree(f"the ranks hold different {', '.join(differ)} weights; refusing to save a "
+                            f"diverged run (the last saved checkpoint in {where} is intact)")

@@ -1,11 +1,16 @@
-"""Browsable HTML pages: training samples with loss curves, and inference results."""
+"""What a run writes for people to read: train_opt.txt, loss_log.txt, and browsable HTML pages
+(training samples with loss curves, inference results)."""
 
 import html
 import os
 import tempfile
+import time
 from pathlib import Path
 
+import torch
 from PIL import Image
+
+from minicycle.data import tensor_to_image
 
 STYLE = ("body{font-family:sans-serif;margin:1em}img{image-rendering:pixelated;border:1px solid #ccc}"
          "td{text-align:center;font-size:12px;padding:4px}svg{background:#fafafa;border:1px solid #ddd}")
@@ -31,6 +36,49 @@ def save_image_atomic(img: Image.Image, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_options(options: dict, defaults: dict, path: Path) -> None:
+    """train_opt.txt in the official format: every option, and its default where it differs."""
+    lines = ["----------------- Options ---------------"]
+    for k, v in sorted(options.items()):
+        note = f"\t[default: {defaults[k]}]" if k in defaults and defaults[k] != v else ""
+        lines.append(f"{k:>25}: {str(v):<30}{note}")
+    lines.append("----------------- End -------------------")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+class LossLog:
+    """loss_log.txt in the official format, one line per logged point. Only the main process (rank 0) writes."""
+
+    def __init__(self, path: Path, write: bool):
+        self.path, self.write = path, write
+
+    def size(self) -> int:
+        """Bytes written so far: a saved training state records it, see start."""
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def start(self, resumed_size: int | None) -> None:
+        """Head the lines of this start or resume. Resuming, first drop the lines written after the state being
+        resumed was saved (by a run stopped or killed later, or when an older state is resumed), so that
+        each iteration's line appears once."""
+        if not self.write:
+            return
+        if resumed_size is not None and self.path.exists():
+            data = self.path.read_bytes()
+            if len(data) > resumed_size:
+                write_text_atomic(self.path, data[:resumed_size].decode("utf-8", errors="replace"))
+        with open(self.path, "a") as f:
+            f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
+
+    def line(self, means: dict[str, float], *, epoch: int, iters: int, compute: float, data: float) -> str:
+        """One line, appended to the file: `compute` and `data` are seconds per image."""
+        line = f"(epoch: {epoch}, iters: {iters}, time: {compute:.3f}, data: {data:.3f}) "
+        line += " ".join(f"{k}: {v:.3f}" for k, v in means.items())
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        return line
 
 
 def loss_curves_svg(history: list[tuple[float, dict[str, float]]], width: int = 720, height: int = 240) -> str:
@@ -77,6 +125,22 @@ def training_page(web_dir: Path, name: str, rows: list[tuple[int, list[str]]],
         out.append("</tr></table>")
     out.append("</body></html>")
     write_text_atomic(web_dir / "index.html", "\n".join(out))
+
+
+def write_training_page(web: Path, name: str, visuals: dict[str, torch.Tensor], epoch: int,
+                        history: list[tuple[float, dict[str, float]]]) -> None:
+    """Save the first sample of each of this iteration's `visuals` as web/images/epoch<NNN>_<label>.png,
+    then rewrite the page over every epoch's images there."""
+    images = web / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for label, t in visuals.items():
+        save_image_atomic(tensor_to_image(t[0].float().cpu()), images / f"epoch{epoch:03d}_{label}.png")
+    rows: dict[int, list[str]] = {}
+    for f in sorted(images.glob("epoch*_*.png")):
+        rows.setdefault(int(f.name[5:8]), []).append(f.name)
+    order = {k: i for i, k in enumerate(visuals)}
+    ordered = [(e, sorted(fs, key=lambda n: order.get(n[9:-4], 99))) for e, fs in rows.items()]
+    training_page(web, name, ordered, history)
 
 
 def results_page(out_dir: Path, title: str, rows: list[tuple[str, list[tuple[str, str]]]], summary: str = "") -> None:

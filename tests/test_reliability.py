@@ -32,7 +32,7 @@ from PIL import Image
 import infer
 import train
 from minicycle import datasets, networks
-from minicycle.checkpoint import CheckpointError, load_file, load_into
+from minicycle.checkpoint import CheckpointError, RunCheckpoints, load_file, load_into
 from minicycle.distributed import Dist
 from minicycle.model import CycleGAN
 
@@ -81,9 +81,8 @@ def run_train(args: list[str], ckpt: Path, name: str = "t") -> int:
     return train.main(TINY + ["--checkpoints_dir", str(ckpt), "--name", name] + args)
 
 
-def trainer(ckpt: Path, name: str = "t") -> train.Trainer:
-    return train.Trainer(train.parse_options(TINY + ["--dataroot", "x", "--checkpoints_dir", str(ckpt),
-                                                     "--name", name]))
+def run_checkpoints(ckpt: Path, name: str = "t") -> RunCheckpoints:
+    return RunCheckpoints(ckpt / name)
 
 
 def one_error_line(err: str, prog: str) -> str:
@@ -243,12 +242,12 @@ def test_failed_save_keeps_previous_checkpoint(fault, trained, tmp_path, torch_p
     after = {p.name: p.read_bytes() for p in run.glob("latest_*.pth")}
     if fault == "crash_writing_first_net_file":  # the new state (step 4) was complete; the net files are old
         assert "latest_net_G_A.pth" in line
-        assert trainer(ckpt).load_latest_state()["run"]["steps"] == 4
+        assert run_checkpoints(ckpt).load_latest_state()["run"]["steps"] == 4
         assert after["latest_state.prev.pth"] == before["latest_state.pth"]
         assert all(after[f"latest_net_{k}.pth"] == before[f"latest_net_{k}.pth"] for k in NETS)
     else:  # the first write of the resumed run failed: nothing changed at all
         assert after == before
-        assert trainer(ckpt).load_latest_state()["run"]["steps"] == 3
+        assert run_checkpoints(ckpt).load_latest_state()["run"]["steps"] == 3
     assert_nets_load_strictly(run)
     # ... and the run resumes from what is there
     assert run_train(["--dataroot", str(dataroot), "--max_steps", "5", "--continue_train"], ckpt) == 0
@@ -313,7 +312,7 @@ def test_continue_train_falls_back_to_newest_intact_state(trained, tmp_path):
     """Unit level: which file load_latest_state picks when some are damaged or missing."""
     ckpt = copy_run(trained, tmp_path)
     run = ckpt / "t"
-    t = trainer(ckpt)
+    t = run_checkpoints(ckpt)
     assert t.load_latest_state()["run"]["steps"] == 3
     # a crash between the two renames of save(): only .next (newest) and .prev remain
     os.replace(run / "latest_state.pth", run / "latest_state.next.pth")
@@ -425,7 +424,7 @@ def test_second_ctrl_c_aborts_at_once_and_keeps_a_loadable_state(dataroot, tmp_p
     assert "Traceback" not in err
     if proc.returncode == 130:
         assert err.rstrip().splitlines()[-1] == "train.py: aborted; the last saved checkpoint is intact"
-    assert trainer(ckpt).load_latest_state()["run"]["steps"] >= 1
+    assert run_checkpoints(ckpt).load_latest_state()["run"]["steps"] >= 1
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(trained, tmp_path, dataroot, capsys, monkeypatch,
@@ -542,7 +541,7 @@ def test_sigkill_at_random_moments_always_resumes_exactly(dataroot, tmp_path, to
             proc.communicate(timeout=30)
         finally:
             proc.kill()
-        state = trainer(ckpt).load_latest_state()
+        state = run_checkpoints(ckpt).load_latest_state()
         assert state["run"]["steps"] > steps
         steps = state["run"]["steps"]
     assert kills == 4

@@ -1,4 +1,4 @@
-"""Command-line helpers shared by train.py and infer.py."""
+"""Command-line helpers shared by train.py, infer.py and the tools."""
 
 import argparse
 

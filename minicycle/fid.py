@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from minicycle.cli import OneLineParser
 from minicycle.inception import WeightsError, WeightsMissing, load_weights, resolve_weights
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # pytorch-fid's
@@ -231,11 +232,6 @@ def score(feats_a: np.ndarray, feats_b: np.ndarray, name_a: str = "A", name_b: s
 
 def summary(result: dict) -> str:
     return f"FID {result['fid']:.4f}\nKID {result['kid_mean']:.6f} ± {result['kid_std']:.6f}"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,6 +94,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PASSES = ("fwd", "dgrad", "wgrad", "dbias", "bwd")
 
+GEMM_KERNELS = ("_conv_kernel", "_wgrad_kernel")
 COLUMNS = ["arch", "shape", "pass", "dtype", "layout", "kernel", "config", "programs", "registers", "spill_bytes",
            "stl", "ldl", "shared_bytes", "hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32",
            "ldg16", "int_ops", "step_int_ops", "loop_ldg"]
@@ -408,7 +409,8 @@ def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts
                 try:
                     kernel._init_handles()
                 except triton.runtime.errors.OutOfResources as e:
-                    replay.refused.append(f"{launch.name} {_config_name(launch.name, launch.kwargs, config)}: {e}")
+                    name = _config_name(launch.name, launch.kwargs, config)
+                    replay.refused.append(f"{launch.name} {name}: {type(e).__name__}: {e}")
     replay.compiled = len(set(cache.glob("*")) - before)
     return replay
 
@@ -518,6 +520,28 @@ def _mma(rs: list[dict]) -> str:
     return ", ".join(f"{k} {kinds.count(k)}" for k in ("HGMMA", "HMMA", "none") if k in kinds)
 
 
+def _arch_heading(arch: str, rows: list[dict]) -> str:
+    """The arch's stand-in GPU and limit, and what the pruning kept for it: configs per GEMM launch,
+    the most shared memory one needs, how many exceed the limit (could not launch) or spill."""
+    gpu = kernels.device.for_arch(int(arch.removeprefix("sm_")))
+    mine = [r for r in rows if r["arch"] == arch and "error" not in r]
+    per_launch: dict[tuple, list[bool]] = {}  # whether each config fits
+    for r in mine:
+        if r["kernel"] in GEMM_KERNELS:
+            key = (r["shape"], r["pass"], r["dtype"], r["layout"], r["kernel"])
+            per_launch.setdefault(key, []).append(r["shared_bytes"] <= gpu.shared_bytes)
+    counts = sorted(len(fits) for fits in per_launch.values()) or [0]
+    stuck = sum(not any(fits) for fits in per_launch.values())
+    most = max((r["shared_bytes"] for r in mine), default=0)
+    over = sum(r["shared_bytes"] > gpu.shared_bytes for r in mine)
+    spilling = [r["spill_bytes"] for r in mine if r["spill_bytes"]]
+    return (f"{arch} ({gpu.name.split('(')[-1].rstrip(')')}: {gpu.shared_bytes:,} B of shared memory per program, "
+            f"{gpu.sms} SMs): {sum(counts)} GEMM configs for {len(per_launch)} launches ({counts[0]}–{counts[-1]} "
+            f"each); the most shared memory one needs: {most:,} B; over the limit: {over} (launches left with none "
+            f"that fits: {stuck}); spilling: "
+            f"{len(spilling)}{f' ({min(spilling)}–{max(spilling)} B)' if spilling else ''}")
+
+
 def summary(rows: list[dict]) -> str:
     """Per arch, one line per layer x pass x dtype x layout x kernel, over the configs the autotuner may pick."""
     groups: dict[tuple, list[dict]] = {}
@@ -540,9 +564,7 @@ def summary(rows: list[dict]) -> str:
         arch, key = key[0], key[1:]
         if arch not in archs:  # a heading and the device's limits, then the arch's table
             archs.add(arch)
-            gpu = kernels.device.for_arch(int(arch.removeprefix("sm_")))
-            lines += [*([""] if lines else []), f"{arch}: as on the {gpu.name.split('(')[-1].rstrip(')')}, "
-                      f"{gpu.shared_bytes:,} B of shared memory per program, {gpu.sms} SMs", "", *head]
+            lines += [*([""] if lines else []), _arch_heading(arch, rows), "", *head]
         if any("error" in r for r in rs):
             lines.append("| " + " | ".join([*key, str(len(rs)), "error: " + rs[0].get("error", "")]) + " |")
             continue

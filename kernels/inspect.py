@@ -539,7 +539,12 @@ def _arch_heading(arch: str, rows: list[dict]) -> str:
             f"{gpu.sms} SMs): {sum(counts)} GEMM configs for {len(per_launch)} launches ({counts[0]}–{counts[-1]} "
             f"each); the most shared memory one needs: {most:,} B; over the limit: {over} (launches left with none "
             f"that fits: {stuck}); spilling: "
-            f"{len(spilling)}{f' ({min(spilling)}–{max(spilling)} B)' if spilling else ''}")
+            f"{len(spilling)}{f' ({_range(spilling)} B)' if spilling else ''}")
+
+
+def _range(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
 
 
 def summary(rows: list[dict]) -> str:

@@ -128,8 +128,8 @@ def _cap(n: int, least: int) -> int:
 #     into registers. 1 KB covers the barriers and scratch beside the tiles (sm_90, sm_120).
 #   registers (mma.sync only) = (BM . BN . 4 + (BM + BN) . BK . itemsize) / (4 . 32 . num_warps)
 #     the fp32 accumulator and one k-step's A and B fragments, per thread. Above 128 of the 255
-#     registers a thread may have, the index math of the dgrad spills (8-24 bytes measured on
-#     sm_80 and sm_86 at 160); wgmma keeps the operands in shared memory.
+#     registers a thread may have, the index math spills (every config that spilled on sm_80-sm_120,
+#     8-96 bytes, mostly in the dgrad, had 160); wgmma keeps the operands in shared memory.
 #   NCHW (channels not contiguous): each element of the K tile is gathered from its own address
 #     (2 registers), held until its load lands; beside mma.sync's operands, BK = 64 spills the
 #     dgrad (24-360 bytes on sm_86), so mma.sync GPUs take BK <= 32 there.

@@ -1,7 +1,8 @@
-"""Compile report: what the sm_90 (H100) compiler makes of every kernel, on any machine.
+"""Compile report: what the compiler makes of every kernel for sm_90 (H100) or any arch, on any machine.
 
     python -m kernels.inspect            # the generator's layers: batch 1 and 4, fp32 and bf16, channels_last
     python -m kernels.inspect --json     # the same rows as a JSON list
+    python -m kernels.inspect --arch sm_80,sm_86,sm_89,sm_90 --summary   # per arch, with its device limits
     python -m kernels.inspect --layers conv3x3 --batch 1 --dtypes bf16 --layouts nchw,channels_last
     python -m kernels.inspect --compile-only   # only compile, on every core, into Triton's cache
     python -m kernels.inspect --jit-replay     # the launches through Triton's JIT: what it compiles, how long
@@ -10,15 +11,19 @@ No GPU is needed. For each layer, the op's host code runs on CPU tensors of the 
 shape and strides with every kernel launch intercepted (recorded, not run). Each recorded
 launch is then specialised exactly as the JIT would specialise it on the GPU, through Triton's
 own argument binder (pointers and ints that are multiples of 16 marked divisible, ints equal to
-1 made constants), and compiled with triton.compile for GPUTarget("cuda", 90), once for every
-config the autotuner may pick (after its pruning). The GPU-side policy the host code asks of the
-device is that of an H100: 132 SMs, and TF32 for fp32 convs (torch's cudnn.allow_tf32 default).
+1 made constants), and compiled with triton.compile for GPUTarget("cuda", arch), once for every
+config the autotuner may pick (after its pruning). What the host code asks of the device is
+answered by the arch's stand-in GPU (kernels.device.KNOWN: an H100 for sm_90, an RTX 3090 for
+sm_86, ...): its SM count and the shared memory a program may use, which the conv pruning keeps
+the configs within; and TF32 for fp32 convs (torch's cudnn.allow_tf32 default). An arch the
+wheel's ptxas does not know is skipped with a line saying so.
 
 From each cubin, cuobjdump reads:
 
     registers    per thread (255 is the ceiling: the compiler then spills)
     spill_bytes  the stack frame (local memory); STL / LDL count its stores and loads
-    shared_bytes shared memory per program (Triton's dynamic allocation plus any static)
+    shared_bytes shared memory per program (Triton's dynamic allocation plus any static); Triton
+                 refuses to launch a kernel needing more than the device's limit (OutOfResources)
     hgmma, hmma  Hopper warpgroup MMA (wgmma) and the older mma.sync instructions
     ldgsts, tma  pipelined global->shared copies: cp.async (LDGSTS; ldgsts128: 16 bytes each) and TMA (UTMALDG)
     ldg128 ...   global loads by width: 16-byte (LDG.E.128), 8, 4, and 2-or-1-byte
@@ -32,7 +37,8 @@ These are facts about the code the compiler generates, not timings. Compiles run
 (one process per core) and land in Triton's cache, so a second run is fast. They are keyed as the
 JIT keys them (--jit-replay runs the launches through the JIT itself), so on a GPU machine
 --compile-only warms the cache: the autotuner, which compiles one config at a time, then compiles
-nothing (--jit-replay counts it; timings in BENCHMARKS.md).
+nothing (--jit-replay counts it, and checks each kernel against the device's limits as Triton's
+loader does before a launch; timings in BENCHMARKS.md).
 """
 
 import argparse
@@ -56,12 +62,14 @@ from unittest import mock
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver as triton_driver
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+import kernels.device
 import kernels.instance_norm as inorm
 import kernels.reflect_conv as rconv
 
@@ -69,8 +77,7 @@ import kernels.reflect_conv as rconv
 # with the default the GPU's JIT uses (fusion on), so the warning is noise here.
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
-TARGET = GPUTarget("cuda", 90, 32)
-H100_SMS = 132
+DEFAULT_ARCH = 90
 MODULES = (rconv, inorm)
 
 # The generator's hot layers (ResNet-9, ngf 64, 256x256 images): (name, op, args).
@@ -87,9 +94,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PASSES = ("fwd", "dgrad", "wgrad", "dbias", "bwd")
 
-COLUMNS = ["shape", "pass", "dtype", "layout", "kernel", "config", "programs", "registers", "spill_bytes", "stl",
-           "ldl", "shared_bytes", "hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32", "ldg16",
-           "int_ops", "step_int_ops", "loop_ldg"]
+GEMM_KERNELS = ("_conv_kernel", "_wgrad_kernel")
+COLUMNS = ["arch", "shape", "pass", "dtype", "layout", "kernel", "config", "programs", "registers", "spill_bytes",
+           "stl", "ldl", "shared_bytes", "hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32",
+           "ldg16", "int_ops", "step_int_ops", "loop_ldg"]
 INT_OPS = {"IMAD", "IADD3", "IADD", "LOP3", "ISETP", "SHF", "LEA", "SEL", "IABS", "IMNMX", "VIMNMX", "PRMT", "SGXT",
            "IMUL", "I2F", "F2I", "LEA.HI", "BMSK"}
 
@@ -108,6 +116,7 @@ class Launch:
     args: tuple
     kwargs: dict
     grid: object
+    arch: int = DEFAULT_ARCH
 
 
 @contextlib.contextmanager
@@ -124,18 +133,23 @@ def recording() -> Iterator[list[Launch]]:
         yield launches
 
 
-def _h100_policy() -> contextlib.ExitStack:
-    """What the host code asks of the device, answered as an H100 would."""
+def _target(arch: int) -> GPUTarget:
+    return GPUTarget("cuda", arch, 32)
+
+
+def _policy(arch: int) -> contextlib.ExitStack:
+    """What the host code asks of the device, answered as the arch's stand-in GPU would."""
     stack = contextlib.ExitStack()
     tf32 = lambda x: "tf32" if x.dtype == torch.float32 else "ieee"  # noqa: E731  (cudnn.allow_tf32 default)
     stack.enter_context(mock.patch.object(rconv, "_precision", tf32))
-    stack.enter_context(mock.patch.object(rconv, "_target_programs", lambda device: 2 * H100_SMS))
+    stack.enter_context(mock.patch.object(rconv, "_gpu", lambda device: kernels.device.for_arch(arch)))
     return stack
 
 
 def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory_format,
-                   passes: tuple[str, ...] = PASSES) -> list[tuple[str, Launch]]:
-    """(pass, launch) for every kernel launch of the layer's forward and backward passes."""
+                   passes: tuple[str, ...] = PASSES, arch: int = DEFAULT_ARCH) -> list[tuple[str, Launch]]:
+    """(pass, launch) for every kernel launch of the layer's forward and backward passes, on the arch's
+    stand-in GPU."""
     op, dims = LAYERS[layer]
     out: list[tuple[str, Launch]] = []
     gen = torch.Generator().manual_seed(0)
@@ -143,7 +157,7 @@ def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory
     def act(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
 
-    with _h100_policy():
+    with _policy(arch):
         if op == "conv":
             C, OC, K, P, HW = dims
             x, w = act(batch, C, HW, HW), act(OC, C, K, K)
@@ -168,7 +182,7 @@ def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory
                 continue
             with recording() as launches:
                 fn()
-            out += [(pass_name, launch) for launch in launches]
+            out += [(pass_name, dataclasses.replace(launch, arch=arch)) for launch in launches]
     return out
 
 
@@ -177,8 +191,9 @@ def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One compile: a kernel, and the signature, constants, attributes and options the JIT would use."""
+    """One compile: a kernel, and the arch, signature, constants, attributes and options the JIT would use."""
 
+    arch: int
     module: str
     name: str
     signature: tuple
@@ -210,12 +225,12 @@ def specialise(launch: Launch, config: triton.Config | None) -> Job:
     """The compile the JIT would do for this launch (and config), via Triton's own binder."""
     fn = _jit_fn(launch.module, launch.name)
     kwargs = _jit_kwargs(launch, config)
-    backend = make_backend(TARGET)
+    backend = make_backend(_target(launch.arch))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
     opts = {k: v for k, v in options.__dict__.items() if k != "extern_libs"}
-    return Job(launch.module, launch.name, tuple(signature.items()), tuple(constexprs.items()),
+    return Job(launch.arch, launch.module, launch.name, tuple(signature.items()), tuple(constexprs.items()),
                tuple((k, json.dumps(v)) for k, v in attrs.items()), tuple(sorted(opts.items())))
 
 
@@ -289,16 +304,16 @@ def _loop_counts(insts: list) -> dict[str, int | str]:
 
 
 def compile_job(job: Job):
-    """Compile one job for sm_90 through Triton's cache: under the same key the JIT computes for
+    """Compile one job for its arch through Triton's cache: under the same key the JIT computes for
     the launch, so on a GPU the JIT then finds it there instead of compiling."""
     fn = _jit_fn(job.module, job.name)
     attrs = {k: json.loads(v) for k, v in job.attrs}
     src = ASTSource(fn, dict(job.signature), dict(job.constexprs), attrs)
-    return triton.compile(src, target=TARGET, options=dict(job.options))
+    return triton.compile(src, target=_target(job.arch), options=dict(job.options))
 
 
 def analyse(job: Job) -> dict:
-    """Compile one job for sm_90 and read registers, stack, shared memory and the SASS opcode mix."""
+    """Compile one job for its arch and read registers, stack, shared memory and the SASS opcode mix."""
     kernel = compile_job(job)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -332,39 +347,72 @@ def _analyse_in_worker(job: Job, compile_only: bool = False) -> dict:
 # ----------------------------------------------------------------------------------- JIT replay
 
 
-class _H100Driver:
-    """As much of Triton's CUDA driver as the JIT asks before a launch: one sm_90 device."""
+class _StandInDriver:
+    """As much of Triton's CUDA driver as the JIT asks before a launch, and its loader before the
+    first one: one device of the arch, with the stand-in GPU's limits. The device index is the arch,
+    so that the JIT keeps each arch's kernels apart."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.utils = self
 
     def get_current_device(self) -> int:
-        return 0
+        return self.arch
 
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
 
     def get_current_target(self) -> GPUTarget:
-        return TARGET
+        return _target(self.arch)
 
     def get_active_torch_device(self) -> torch.device:
         return torch.device("cpu")
 
+    def get_device_properties(self, device: int) -> dict:
+        gpu = kernels.device.for_arch(self.arch)
+        return {"max_shared_mem": gpu.shared_bytes, "multiprocessor_count": gpu.sms}
+
+    def launcher_cls(self, src, metadata) -> None:
+        return None
+
+    def load_binary(self, name, kernel, shared, device) -> tuple[int, int, int, int, int]:
+        """(module, function, registers, spills, threads): no module is loaded, nothing can launch."""
+        return 0, 0, 0, 0, 1024
+
+
+@dataclasses.dataclass
+class Replay:
+    runs: int  # launch configs the JIT ran
+    compiled: int  # kernels it compiled (not found in Triton's cache)
+    max_shared: int  # the most shared memory one of them needs
+    refused: list[str]  # what Triton's loader refused to launch (OutOfResources)
+
 
 def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
-               passes: tuple[str, ...] = PASSES) -> tuple[int, int]:
-    """Every launch and config through the JIT itself, as on an H100: JITFunction.run(warmup=True)
-    specialises, keys, looks in Triton's cache and compiles on a miss, but launches nothing.
-    Returns (launch configs, kernels it compiled): 0 compiled after --compile-only."""
+               passes: tuple[str, ...] = PASSES, arch: int = DEFAULT_ARCH) -> Replay:
+    """Every launch and config through the JIT itself, as on the arch's stand-in GPU:
+    JITFunction.run(warmup=True) specialises, keys, looks in Triton's cache and compiles on a miss;
+    then Triton's loader checks the kernel against the device's limits (shared memory, threads) as
+    before a first launch, and nothing is launched. 0 compiled after --compile-only."""
     launches = [launch for layer in layers for batch in batches for dtype in dtypes for layout in layouts
-                for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes)]
+                for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch)]
     cache = Path(triton.knobs.cache.dir)
     before = set(cache.glob("*"))
-    runs = 0
-    with mock.patch.object(triton_driver, "_active", _H100Driver()):
+    replay = Replay(0, 0, 0, [])
+    with mock.patch.object(triton_driver, "_active", _StandInDriver(arch)):
         for launch in launches:
             for config in _configs(launch):
-                _jit_fn(launch.module, launch.name).run(*launch.args, grid=(1,), warmup=True,
-                                                         **_jit_kwargs(launch, config))
-                runs += 1
-    return runs, len(set(cache.glob("*")) - before)
+                kernel = _jit_fn(launch.module, launch.name).run(*launch.args, grid=(1,), warmup=True,
+                                                                  **_jit_kwargs(launch, config))
+                replay.runs += 1
+                replay.max_shared = max(replay.max_shared, kernel.metadata.shared)
+                try:
+                    kernel._init_handles()
+                except triton.runtime.errors.OutOfResources as e:
+                    name = _config_name(launch.name, launch.kwargs, config)
+                    replay.refused.append(f"{launch.name} {name}: {type(e).__name__}: {e}")
+    replay.compiled = len(set(cache.glob("*")) - before)
+    return replay
 
 
 # ----------------------------------------------------------------------------------- report
@@ -393,7 +441,8 @@ def _configs(launch: Launch) -> list[triton.Config | None]:
         return [None]
     obj.nargs = dict(zip(obj.arg_names, launch.args))
     try:
-        return list(obj.prune_configs(launch.kwargs))
+        with _policy(launch.arch):
+            return list(obj.prune_configs(launch.kwargs))
     finally:
         obj.nargs = None
 
@@ -407,25 +456,43 @@ def _shape_label(layer: str, batch: int) -> str:
     return f"({batch},{C},{HW},{HW})"
 
 
+@triton.jit
+def _probe_kernel(x):
+    tl.store(x, 1.0)
+
+
+def unsupported(arch: int) -> str | None:
+    """Why this Triton and its ptxas cannot compile for the arch, or None if they can."""
+    try:
+        triton.compile(ASTSource(_probe_kernel, {"x": "*fp32"}, {}, {}), target=_target(arch))
+    except Exception as e:  # the compiler's own message says what it rejected
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:200]
+    return None
+
+
 def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
-           jobs: int, passes: tuple[str, ...] = PASSES, compile_only: bool = False) -> list[dict]:
-    """One row per layer x pass x kernel launch x config, with the compile facts (none if compile_only)."""
+           jobs: int, passes: tuple[str, ...] = PASSES, compile_only: bool = False,
+           archs: tuple[int, ...] = (DEFAULT_ARCH,)) -> list[dict]:
+    """One row per arch x layer x pass x kernel launch x config, with the compile facts (none if compile_only)."""
     _tool("ptxas")
     if not compile_only:
         _tool("cuobjdump")
     rows, todo = [], {}
-    for layer in layers:
-        for batch in batches:
-            for dtype in dtypes:
-                for layout in layouts:
-                    for pass_name, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes):
-                        for config in _configs(launch):
-                            job = specialise(launch, config)
-                            todo.setdefault(job, None)
-                            rows.append(({"shape": _shape_label(layer, batch), "pass": pass_name, "dtype": dtype,
-                                          "layout": layout, "kernel": launch.name,
-                                          "config": _config_name(launch.name, launch.kwargs, config),
-                                          "programs": _programs(launch, config)}, job))
+    for arch in archs:
+        for layer in layers:
+            for batch in batches:
+                for dtype in dtypes:
+                    for layout in layouts:
+                        for pass_name, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout],
+                                                                passes, arch):
+                            for config in _configs(launch):
+                                job = specialise(launch, config)
+                                todo.setdefault(job, None)
+                                rows.append(({"arch": f"sm_{arch}", "shape": _shape_label(layer, batch),
+                                              "pass": pass_name, "dtype": dtype, "layout": layout,
+                                              "kernel": launch.name,
+                                              "config": _config_name(launch.name, launch.kwargs, config),
+                                              "programs": _programs(launch, config)}, job))
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         results = dict(zip(todo, pool.map(functools.partial(_analyse_in_worker, compile_only=compile_only), todo)))
@@ -445,11 +512,46 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mma(rs: list[dict]) -> str:
+    """Which tensor-core instruction the configs' K loops use: HGMMA (wgmma), HMMA (mma.sync) or none."""
+    kinds = ["HGMMA" if r["hgmma"] else "HMMA" if r["hmma"] else "none" for r in rs]
+    if len(set(kinds)) == 1:
+        return kinds[0]
+    return ", ".join(f"{k} {kinds.count(k)}" for k in ("HGMMA", "HMMA", "none") if k in kinds)
+
+
+def _arch_heading(arch: str, rows: list[dict]) -> str:
+    """The arch's stand-in GPU and limit, and what the pruning kept for it: configs per GEMM launch,
+    the most shared memory one needs, how many exceed the limit (could not launch) or spill."""
+    gpu = kernels.device.for_arch(int(arch.removeprefix("sm_")))
+    mine = [r for r in rows if r["arch"] == arch and "error" not in r]
+    per_launch: dict[tuple, list[bool]] = {}  # whether each config fits
+    for r in mine:
+        if r["kernel"] in GEMM_KERNELS:
+            key = (r["shape"], r["pass"], r["dtype"], r["layout"], r["kernel"])
+            per_launch.setdefault(key, []).append(r["shared_bytes"] <= gpu.shared_bytes)
+    counts = sorted(len(fits) for fits in per_launch.values()) or [0]
+    stuck = sum(not any(fits) for fits in per_launch.values())
+    most = max((r["shared_bytes"] for r in mine), default=0)
+    over = sum(r["shared_bytes"] > gpu.shared_bytes for r in mine)
+    spilling = [r["spill_bytes"] for r in mine if r["spill_bytes"]]
+    return (f"{arch} ({gpu.name.split('(')[-1].rstrip(')')}: {gpu.shared_bytes:,} B of shared memory per program, "
+            f"{gpu.sms} SMs): {sum(counts)} GEMM configs for {len(per_launch)} launches ({counts[0]}–{counts[-1]} "
+            f"each); the most shared memory one needs: {most:,} B; over the limit: {over} (launches left with none "
+            f"that fits: {stuck}); spilling: "
+            f"{len(spilling)}{f' ({_range(spilling)} B)' if spilling else ''}")
+
+
+def _range(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
 def summary(rows: list[dict]) -> str:
-    """One line per layer x pass x dtype x layout x kernel, over the configs the autotuner may pick."""
+    """Per arch, one line per layer x pass x dtype x layout x kernel, over the configs the autotuner may pick."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["shape"], r["pass"], r["dtype"], r["layout"], r["kernel"]), []).append(r)
+        groups.setdefault((r["arch"], r["shape"], r["pass"], r["dtype"], r["layout"], r["kernel"]), []).append(r)
 
     def span(rs: list[dict], key: str) -> str:
         vals = [r[key] for r in rs if r.get(key, "") != ""]
@@ -458,19 +560,24 @@ def summary(rows: list[dict]) -> str:
         lo, hi = min(vals), max(vals)
         return str(lo) if lo == hi else f"{lo}–{hi}"
 
-    cols = ["shape", "pass", "dtype", "layout", "kernel", "configs", "registers", "spill bytes", "HGMMA",
-            "cp.async 16 B", "LDG in K loop", "int ops / k-step"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = ["shape", "pass", "dtype", "layout", "kernel", "configs", "registers", "spill bytes", "shared bytes",
+            "MMA", "cp.async 16 B", "LDG in K loop", "int ops / k-step"]
+    head = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines: list[str] = []
+    archs: set[str] = set()
     for key, rs in groups.items():
+        arch, key = key[0], key[1:]
+        if arch not in archs:  # a heading and the device's limits, then the arch's table
+            archs.add(arch)
+            lines += [*([""] if lines else []), _arch_heading(arch, rows), "", *head]
         if any("error" in r for r in rs):
             lines.append("| " + " | ".join([*key, str(len(rs)), "error: " + rs[0].get("error", "")]) + " |")
             continue
-        with_mma = sum(bool(r["hgmma"]) for r in rs)
-        mma = "—" if rs[0]["step_int_ops"] == "" else "all" if with_mma == len(rs) else f"{with_mma} of {len(rs)}"
+        mma = "—" if rs[0]["step_int_ops"] == "" else _mma(rs)
         copies = sum(r["ldgsts"] for r in rs)
         wide = f"{sum(r['ldgsts128'] for r in rs) / copies:.0%}" if copies else "—"
-        cells = [*key, str(len(rs)), span(rs, "registers"), span(rs, "spill_bytes"), mma, wide,
-                 span(rs, "loop_ldg") or "—", span(rs, "step_int_ops") or "—"]
+        cells = [*key, str(len(rs)), span(rs, "registers"), span(rs, "spill_bytes"), span(rs, "shared_bytes"), mma,
+                 wide, span(rs, "loop_ldg") or "—", span(rs, "step_int_ops") or "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -481,6 +588,25 @@ def _csv(value: str, allowed) -> list[str]:
     if bad or not items:
         raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(allowed)}")
     return items
+
+
+def _archs(value: str) -> list[int]:
+    names = _csv(value, [f"sm_{a}" for a in kernels.device.KNOWN])
+    return [int(n.removeprefix("sm_")) for n in names]
+
+
+def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> int:
+    refused = 0
+    for arch in archs:
+        r = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes), arch)
+        limit = kernels.device.for_arch(arch).shared_bytes
+        print(f"sm_{arch}: the JIT ran {r.runs} launch configs and compiled {r.compiled} kernels (the rest were in "
+              f"Triton's cache, {triton.knobs.cache.dir}) in {time.monotonic() - start:.1f} s; the most shared "
+              f"memory one needs: {r.max_shared} B of {limit} B; refused at launch: {len(r.refused)}")
+        for line in r.refused:
+            print(" ", line)
+        refused += len(r.refused)
+    return 1 if refused else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -494,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="activation and weight layouts: channels_last (default: how the generator runs on CUDA), nchw")
     p.add_argument("--passes", type=lambda v: _csv(v, PASSES), default=list(PASSES),
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
+    known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
+    p.add_argument("--arch", type=_archs, default=[DEFAULT_ARCH],
+                   help=f"target architectures, comma-separated, from {known} (default: sm_{DEFAULT_ARCH}); "
+                        "an arch the wheel's ptxas rejects is skipped")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--summary", action="store_true",
@@ -502,8 +632,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="only compile (into Triton's cache, where a GPU's JIT then finds every kernel the "
                         "layers launch: run it on the GPU machine before timing anything) and say how many")
     p.add_argument("--jit-replay", action="store_true",
-                   help="run every launch through Triton's JIT as on an H100 (compiling what is not in its "
-                        "cache, launching nothing) and say how many kernels it compiled, and in how long")
+                   help="run every launch through Triton's JIT as on the arch's GPU (compiling what is not in its "
+                        "cache, checking each kernel against the GPU's limits, launching nothing) and say how many "
+                        "kernels it compiled, in how long, and whether any could not launch")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("kernels.inspect: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "
@@ -511,23 +642,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.monotonic()
     try:
+        _tool("ptxas")
+        archs = []
+        for arch in args.arch:
+            why = unsupported(arch)
+            if why:
+                print(f"kernels.inspect: skipped: sm_{arch}: {why}", file=sys.stderr)
+            else:
+                archs.append(arch)
         if args.jit_replay:
-            _tool("ptxas")
-            runs, compiled = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes))
-            print(f"the JIT ran {runs} launch configs and compiled {compiled} kernels (the rest were in Triton's "
-                  f"cache, {triton.knobs.cache.dir}) in {time.monotonic() - start:.1f} s")
-            return 0
+            return _print_replays(args, archs, start)
         rows = report(args.layers, args.batch, args.dtypes, args.layouts, max(1, args.jobs), tuple(args.passes),
-                      args.compile_only)
+                      args.compile_only, tuple(archs))
     except ToolMissing as e:
         print(f"kernels.inspect: skipped: {e}", file=sys.stderr)
         return 0
     if args.compile_only:
         errors = sum("error" in r for r in rows)
-        print(f"compiled {len(rows)} launch configs for sm_90 in {time.monotonic() - start:.0f} s, {errors} errors "
-              f"(Triton's cache: {triton.knobs.cache.dir})")
+        print(f"compiled {len(rows)} launch configs for {', '.join(f'sm_{a}' for a in archs)} in "
+              f"{time.monotonic() - start:.0f} s, {errors} errors (Triton's cache: {triton.knobs.cache.dir})")
         for r in (r for r in rows if "error" in r):
-            print(" ", *(r[k] for k in ("shape", "pass", "dtype", "layout", "kernel", "config")), r["error"])
+            print(" ", *(r[k] for k in ("arch", "shape", "pass", "dtype", "layout", "kernel", "config")), r["error"])
         return 1 if errors else 0
     if args.json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))

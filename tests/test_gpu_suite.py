@@ -1,12 +1,12 @@
-"""python -m minicycle.gpu_suite on a CPU machine: its plan, its refusal without a GPU, and its summary
+"""python -m minicycle.tools.gpu_suite on a CPU machine: its plan, its refusal without a GPU, and its summary
 of reports (made here by the CPU harness checks of the benchmarks)."""
 
 import pytest
 import torch
 
-from kernels import bench
-from minicycle import bench as model_bench
-from minicycle import gpu_suite
+from kernels.tools import op_bench as bench
+from minicycle.tools import gpu_suite
+from minicycle.tools import iteration_bench as model_bench
 
 
 def test_plan_lists_every_slice_within_the_command_limit(capsys):
@@ -15,14 +15,15 @@ def test_plan_lists_every_slice_within_the_command_limit(capsys):
     for name, steps in gpu_suite.SLICES.items():
         assert f"--slice {name}" in out
         assert sum(s.timeout_s for s in steps) <= gpu_suite.SLICE_LIMIT_S, name
-    assert "TRITON_INTERPRET=0 python -m pytest" in out and "minicycle.bench" in out and "kernels.bench" in out
+    assert "TRITON_INTERPRET=0 python -m pytest" in out and "minicycle.tools.iteration_bench" in out
+    assert "kernels.tools.op_bench" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_refuses_without_a_gpu_in_one_line(tmp_path, capsys):
     assert gpu_suite.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m minicycle.gpu_suite: error: PyTorch sees no CUDA GPU") and "\n" not in err
+    assert err.startswith("python -m minicycle.tools.gpu_suite: error: PyTorch sees no CUDA GPU") and "\n" not in err
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
-"""Everything a session with a GPU should measure, in one command: python -m minicycle.gpu_suite OUTDIR.
+"""Everything a session with a GPU should measure, in one command: python -m minicycle.tools.gpu_suite OUTDIR.
 
-    python -m minicycle.gpu_suite --list                   # the plan: slices, their commands and budgets
-    python -m minicycle.gpu_suite OUTDIR                   # every slice, one after the other (~30 minutes)
-    python -m minicycle.gpu_suite OUTDIR --slice check     # one slice (each fits a 10-minute command limit)
-    python -m minicycle.gpu_suite OUTDIR --summary         # only the summary of what OUTDIR holds
+    python -m minicycle.tools.gpu_suite --list                   # the plan: slices, their commands and budgets
+    python -m minicycle.tools.gpu_suite OUTDIR                   # every slice, one after the other (~30 minutes)
+    python -m minicycle.tools.gpu_suite OUTDIR --slice check     # one slice (each fits a 10-minute command limit)
+    python -m minicycle.tools.gpu_suite OUTDIR --summary         # only the summary of what OUTDIR holds
 
 Slices (each step's markdown and log go to OUTDIR, and OUTDIR/summary.md is rewritten after every slice):
 
@@ -11,13 +11,13 @@ Slices (each step's markdown and log go to OUTDIR, and OUTDIR/summary.md is rewr
               that every result can be stated against them); the kernel and CUDA-graph tests on CUDA
               with the real Triton compiler (TRITON_INTERPRET=0 pytest)
     (each slice that times the generator's layers first compiles their kernels on every core into
-    Triton's cache, python -m kernels.inspect --compile-only: the JIT then finds them there)
-    ops       the op tables (python -m kernels.bench): IN+ReLU and reflect conv, fwd and bwd, at the
+    Triton's cache, python -m kernels.tools.compile_report --compile-only: the JIT then finds them there)
+    ops       the op tables (python -m kernels.tools.op_bench): IN+ReLU and reflect conv, fwd and bwd, at the
               generator's shapes, batch 1 and 4, fp32 and bf16, ours / eager / torch.compile, each
               row also a correctness check on fresh random inputs and the path --kernels auto takes
               (and by how much it won); channels_last rows too (ours and eager only: torch.compile
               recompiles for every row, and the budget is for NCHW)
-    model-b1  the training-iteration table (python -m minicycle.bench) at batch 1, fp32 and bf16, NCHW:
+    model-b1  the training-iteration table (python -m minicycle.tools.iteration_bench) at batch 1, fp32 and bf16, NCHW:
               eager / compile / reduce-overhead / ours / ours+graph, peak memory, and a torch.profiler
               summary of one iteration each (GPU busy time against wall time, kernels, launch calls,
               top kernels)
@@ -63,49 +63,50 @@ def _bench(name: str, module: str, args: str, budget: int, timeout: int) -> Step
 def _warm(name: str, args: str, timeout: int) -> Step:
     """Compile, on every core, each kernel the slice's generator layers launch into Triton's cache, where
     the JIT then finds them (the autotuner would otherwise compile each config one at a time)."""
-    return Step(name, ["-m", "kernels.inspect", "--compile-only", *shlex.split(args)], timeout)
+    return Step(name, ["-m", "kernels.tools.compile_report", "--compile-only", *shlex.split(args)], timeout)
 
 
+OPS, MODEL = "kernels.tools.op_bench", "minicycle.tools.iteration_bench"
 KERNEL_TESTS = ["tests/test_instance_norm.py", "tests/test_reflect_conv.py", "tests/test_compile.py",
                 "tests/test_cuda_graph.py"]
 SLICES: dict[str, list[Step]] = {
     "check": [
-        Step("ceilings", ["-m", "minicycle.gpu_suite", "--ceilings", "{out}/ceilings.md"], 120),
+        Step("ceilings", ["-m", "minicycle.tools.gpu_suite", "--ceilings", "{out}/ceilings.md"], 120),
         Step("tests", ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS], 390,
              {"TRITON_INTERPRET": "0"}),
     ],
     "ops": [
         _warm("warm-ops", "--batch 1,4 --dtypes fp32,bf16 --layouts nchw,channels_last", 60),
-        _bench("ops-nchw", "kernels.bench", "--batch 1,4 --dtypes fp32,bf16 --layouts nchw", 300, 390),
-        _bench("ops-channels_last", "kernels.bench", "--batch 1,4 --dtypes fp32,bf16 --layouts channels_last "
+        _bench("ops-nchw", OPS, "--batch 1,4 --dtypes fp32,bf16 --layouts nchw", 300, 390),
+        _bench("ops-channels_last", OPS, "--batch 1,4 --dtypes fp32,bf16 --layouts channels_last "
                "--no-compile", 60, 90),
     ],
     "model-b1": [
         _warm("warm-b1", "--batch 1 --dtypes fp32,bf16 --layouts nchw", 60),
-        _bench("model-b1-fp32", "minicycle.bench", "--batch 1 --amp fp32 --profile-dir {out}/profiles", 150, 240),
-        _bench("model-b1-bf16", "minicycle.bench", "--batch 1 --amp bf16 --profile-dir {out}/profiles", 120, 200),
+        _bench("model-b1-fp32", MODEL, "--batch 1 --amp fp32 --profile-dir {out}/profiles", 150, 240),
+        _bench("model-b1-bf16", MODEL, "--batch 1 --amp bf16 --profile-dir {out}/profiles", 120, 200),
     ],
     "model-cl": [
         _warm("warm-cl", "--batch 1,4 --dtypes fp32,bf16 --layouts channels_last", 60),
-        _bench("model-b1-bf16-channels_last", "minicycle.bench", "--batch 1 --amp bf16 --channels_last "
+        _bench("model-b1-bf16-channels_last", MODEL, "--batch 1 --amp bf16 --channels_last "
                "--variants eager,ours,ours+graph --profile-dir {out}/profiles", 60, 120),
-        _bench("model-b1-fp32-channels_last", "minicycle.bench", "--batch 1 --amp fp32 --channels_last "
+        _bench("model-b1-fp32-channels_last", MODEL, "--batch 1 --amp fp32 --channels_last "
                "--variants eager,ours,ours+graph --profile-dir {out}/profiles", 60, 120),
-        _bench("model-b4-bf16-channels_last", "minicycle.bench", "--batch 4 --amp bf16 --channels_last "
+        _bench("model-b4-bf16-channels_last", MODEL, "--batch 4 --amp bf16 --channels_last "
                "--variants eager,ours,ours+graph", 60, 120),
     ],
     "model-b4": [
         _warm("warm-b4", "--batch 4 --dtypes fp32,bf16 --layouts nchw", 60),
-        _bench("model-b4-fp32", "minicycle.bench", "--batch 4 --amp fp32 --profile-dir {out}/profiles", 150, 240),
-        _bench("model-b4-bf16", "minicycle.bench", "--batch 4 --amp bf16 --profile-dir {out}/profiles", 150, 240),
+        _bench("model-b4-fp32", MODEL, "--batch 4 --amp fp32 --profile-dir {out}/profiles", 150, 240),
+        _bench("model-b4-bf16", MODEL, "--batch 4 --amp bf16 --profile-dir {out}/profiles", 150, 240),
     ],
     "model-triton": [
         _warm("warm-triton", "--batch 1,4 --dtypes fp32,bf16 --layouts channels_last", 60),
-        _bench("model-b1-bf16-channels_last-triton", "minicycle.bench", "--batch 1 --amp bf16 --channels_last "
+        _bench("model-b1-bf16-channels_last-triton", MODEL, "--batch 1 --amp bf16 --channels_last "
                "--kernels triton --variants eager,ours,ours+graph", 60, 120),
-        _bench("model-b1-fp32-channels_last-triton", "minicycle.bench", "--batch 1 --amp fp32 --channels_last "
+        _bench("model-b1-fp32-channels_last-triton", MODEL, "--batch 1 --amp fp32 --channels_last "
                "--kernels triton --variants eager,ours,ours+graph", 60, 120),
-        _bench("model-b4-bf16-channels_last-triton", "minicycle.bench", "--batch 4 --amp bf16 --channels_last "
+        _bench("model-b4-bf16-channels_last-triton", MODEL, "--batch 4 --amp bf16 --channels_last "
                "--kernels triton --variants eager,ours,ours+graph", 60, 120),
     ],
 }
@@ -150,7 +151,7 @@ def ceilings(path: Path) -> None:
     import torch
     from triton.testing import do_bench
 
-    from kernels.bench import header, markdown_table, write_report
+    from kernels.tools.op_bench import header, markdown_table, write_report
 
     device = torch.device("cuda")
     rows = []
@@ -164,7 +165,7 @@ def ceilings(path: Path) -> None:
         a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in "ab")
         ms = do_bench(lambda a=a, b=b: a @ b, return_mode="median")
         rows.append([f"matmul {m}³, {label}", f"{ms:.3f}", f"{2 * m**3 / ms / 1e9:,.0f} TFLOP/s"])
-    report = "\n\n".join([header(device, "python -m minicycle.gpu_suite --ceilings", [str(path)],
+    report = "\n\n".join([header(device, "python -m minicycle.tools.gpu_suite --ceilings", [str(path)],
                                  "minicycle: device ceilings"),
                           "## Device ceilings", markdown_table(["what", "median ms", "rate"], rows),
                           "triton.testing.do_bench medians (CUDA events, L2 cleared before each call)."])
@@ -241,7 +242,7 @@ VARIANT_ORDER = ("eager", "compile", "reduce-overhead", "ours", "ours+graph", "o
 def plan() -> str:
     lines = []
     for name, steps in SLICES.items():
-        lines.append(f"{name}: python -m minicycle.gpu_suite OUTDIR --slice {name}")
+        lines.append(f"{name}: python -m minicycle.tools.gpu_suite OUTDIR --slice {name}")
         for s in steps:
             env = " ".join(f"{k}={v}" for k, v in (s.env or {}).items())
             argv = shlex.join(s.argv).replace("{out}", "OUTDIR")
@@ -250,7 +251,7 @@ def plan() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minicycle.gpu_suite", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minicycle.tools.gpu_suite", description=__doc__.splitlines()[0])
     p.add_argument("outdir", nargs="?", type=Path, help="where every report, log and profile goes")
     p.add_argument("--slice", action="append", choices=tuple(SLICES), help="run only this slice (repeatable)")
     p.add_argument("--list", action="store_true", help="print the slices and their commands, run nothing")
@@ -268,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not args.summary and not torch.cuda.is_available():
-        print("python -m minicycle.gpu_suite: error: PyTorch sees no CUDA GPU; this suite measures one "
-              "(python -m minicycle.gpu_suite --list shows what it runs)", file=sys.stderr)
+        print("python -m minicycle.tools.gpu_suite: error: PyTorch sees no CUDA GPU; this suite measures one "
+              "(python -m minicycle.tools.gpu_suite --list shows what it runs)", file=sys.stderr)
         return 1
     args.outdir.mkdir(parents=True, exist_ok=True)
     if not args.summary:

@@ -119,7 +119,7 @@ def _cap(n: int, least: int) -> int:
 
 
 # What a config needs of the device (checked against the compiled cubins of every arch by
-# tests/test_inspect.py; numbers in BENCHMARKS.md):
+# tests/test_compile_report.py; numbers in BENCHMARKS.md):
 #
 #   shared memory = (BM + BN) . BK . itemsize . buffers + 1 KB
 #     Triton's software pipeliner keeps `buffers` copies of the A (BM x BK) and B (BK x BN) tiles:

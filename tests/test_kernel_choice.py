@@ -409,8 +409,8 @@ def test_infer_kernels_pytorch_translates_as_the_default(tmp_path, monkeypatch):
 
 
 def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
-    from kernels import bench
-    from minicycle.gpu_suite import tables
+    from kernels.tools import op_bench as bench
+    from minicycle.tools.gpu_suite import tables
 
     stand_in(monkeypatch, {**TRITON_FASTER, "dgrad": (3.0, 1.0), "fwd+bwd": (1.0, 4.0)})
     threads = torch.get_num_threads()
@@ -426,8 +426,8 @@ def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
 
 
 def test_model_bench_rows_name_the_kernels_flag(monkeypatch, tmp_path):
-    from minicycle import bench as model_bench
-    from minicycle.gpu_suite import tables
+    from minicycle.tools import iteration_bench as model_bench
+    from minicycle.tools.gpu_suite import tables
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     threads = torch.get_num_threads()

@@ -322,7 +322,7 @@ def test_autotune_keys_tell_layouts_apart():
     configs than one whose channels are contiguous, so a pick made for one layout must not be
     reused for the other of the same shape in one process: the keys must differ wherever a
     channel stride does."""
-    from kernels.inspect import LAYOUTS, layer_launches
+    from kernels.tools.compile_report import LAYOUTS, layer_launches
 
     launches = {}
     for layout in ("nchw", "channels_last"):

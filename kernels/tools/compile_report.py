@@ -1,11 +1,11 @@
 """Compile report: what the compiler makes of every kernel for sm_90 (H100) or any arch, on any machine.
 
-    python -m kernels.inspect            # the generator's layers: batch 1 and 4, fp32 and bf16, channels_last
-    python -m kernels.inspect --json     # the same rows as a JSON list
-    python -m kernels.inspect --arch sm_80,sm_86,sm_89,sm_90 --summary   # per arch, with its device limits
-    python -m kernels.inspect --layers conv3x3 --batch 1 --dtypes bf16 --layouts nchw,channels_last
-    python -m kernels.inspect --compile-only   # only compile, on every core, into Triton's cache
-    python -m kernels.inspect --jit-replay     # the launches through Triton's JIT: what it compiles, how long
+    python -m kernels.tools.compile_report               # the generator's layers: batch 1, 4, fp32, bf16, channels_last
+    python -m kernels.tools.compile_report --json        # the same rows as a JSON list
+    python -m kernels.tools.compile_report --arch sm_80,sm_86,sm_89,sm_90 --summary   # per arch, with its device limits
+    python -m kernels.tools.compile_report --layers conv3x3 --batch 1 --dtypes bf16 --layouts nchw,channels_last
+    python -m kernels.tools.compile_report --compile-only  # only compile, on every core, into Triton's cache
+    python -m kernels.tools.compile_report --jit-replay    # the launches through Triton's JIT: what compiles, how long
 
 No GPU is needed. For each layer, the op's host code runs on CPU tensors of the layer's real
 shape and strides with every kernel launch intercepted (recorded, not run). Each recorded
@@ -610,7 +610,7 @@ def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kernels.tools.compile_report", description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=lambda v: _csv(v, LAYERS), default=list(LAYERS),
                    help=f"comma-separated, from {', '.join(LAYERS)} (default: all)")
     p.add_argument("--batch", type=lambda v: [int(b) for b in _csv(v, [str(i) for i in range(1, 65)])],
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                         "kernels it compiled, in how long, and whether any could not launch")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
-        print("kernels.inspect: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "
+        print("kernels.tools.compile_report: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "
               "(run it with TRITON_INTERPRET unset or 0)", file=sys.stderr)
         return 2
     start = time.monotonic()
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.arch:
             why = unsupported(arch)
             if why:
-                print(f"kernels.inspect: skipped: sm_{arch}: {why}", file=sys.stderr)
+                print(f"kernels.tools.compile_report: skipped: sm_{arch}: {why}", file=sys.stderr)
             else:
                 archs.append(arch)
         if args.jit_replay:
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = report(args.layers, args.batch, args.dtypes, args.layouts, max(1, args.jobs), tuple(args.passes),
                       args.compile_only, tuple(archs))
     except ToolMissing as e:
-        print(f"kernels.inspect: skipped: {e}", file=sys.stderr)
+        print(f"kernels.tools.compile_report: skipped: {e}", file=sys.stderr)
         return 0
     if args.compile_only:
         errors = sum("error" in r for r in rows)

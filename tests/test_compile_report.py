@@ -1,4 +1,4 @@
-"""The compile report (python -m kernels.inspect) and what it must say about the kernels.
+"""The compile report (python -m kernels.tools.compile_report) and what it must say about the kernels.
 
 The report compiles the real kernels with Triton's compiler for an H100 (or any arch's stand-in
 GPU) on this CPU machine, so these tests pin facts a GPU run would depend on. On sm_90, at the
@@ -23,8 +23,8 @@ import pytest
 import triton
 
 import kernels.device
-import kernels.inspect as ki
 import kernels.reflect_conv as rc
+import kernels.tools.compile_report as ki
 
 ROOT = Path(__file__).resolve().parents[1]
 GEMM_KERNELS = {"_conv_kernel", "_wgrad_kernel"}
@@ -35,7 +35,7 @@ KEYS = {"arch", "kernel", "config", "dtype", "layout", "shape", "registers", "sp
 
 def _report(*args: str) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-m", "kernels.inspect", "--json", *args], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "kernels.tools.compile_report", "--json", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     if "not found" in run.stderr:  # no ptxas / cuobjdump in this Triton wheel
         pytest.skip(run.stderr.strip())
@@ -116,7 +116,7 @@ def test_the_jit_finds_what_compile_only_compiled(tmp_path):
 
     def inspect(cache: str, *flags: str) -> str:
         env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / cache)}
-        run = subprocess.run([sys.executable, "-m", "kernels.inspect", *flags, *args], cwd=ROOT, env=env,
+        run = subprocess.run([sys.executable, "-m", "kernels.tools.compile_report", *flags, *args], cwd=ROOT, env=env,
                              capture_output=True, text=True)
         if "skipped" in run.stderr:
             pytest.skip(run.stderr.strip())
@@ -240,7 +240,8 @@ def test_jit_on_an_sm86_stand_in_picks_only_launchable_configs(arch_rows):
     RTX 3090 (101,376 B of shared memory per program): every config the autotuner may pick passes
     the check Triton makes before a first launch (OutOfResources). After arch_rows, whose compiles
     the JIT finds in the cache."""
-    out = _replay("-m", "kernels.inspect", "--jit-replay", "--arch", "sm_86", "--batch", "1", "--dtypes", "fp32")
+    out = _replay("-m", "kernels.tools.compile_report", "--jit-replay", "--arch", "sm_86", "--batch", "1",
+                  "--dtypes", "fp32")
     runs, _, shared, refused = map(int, REPLAY.search(out).groups())
     assert runs >= 20 and 0 < shared <= 101_376 and refused == 0, out
 
@@ -249,7 +250,7 @@ def test_jit_on_an_sm86_stand_in_picks_only_launchable_configs(arch_rows):
 def test_the_stand_in_refuses_what_does_not_fit(arch_rows):
     """The check the replay relies on: with 64 KB on the stand-in sm_86 (its pruning still sized
     for 99 KB), Triton's loader refuses the 3x3's widest bf16 tiles."""
-    script = ("import kernels.inspect as ki, sys\n"
+    script = ("import kernels.tools.compile_report as ki, sys\n"
               "ki._StandInDriver.get_device_properties = lambda self, d: {'max_shared_mem': 65536}\n"
               "sys.exit(ki.main(['--jit-replay', '--arch', 'sm_86', '--layers', 'conv3x3', '--batch', '1', "
               "'--dtypes', 'bf16', '--passes', 'fwd']))")
@@ -269,7 +270,7 @@ def test_unknown_arch_is_a_one_line_error(capsys):
 def test_sm89_and_sm120_keep_the_configs_of_sm86():
     """Same shared memory per program (101,376 B) and the same MMA (mma.sync): the pruning must keep
     the same configs for every launch, so sm_86's compile facts above stand for them."""
-    script = ("import json, torch, kernels.inspect as ki\n"
+    script = ("import json, torch, kernels.tools.compile_report as ki\n"
               "kept = {}\n"
               "for arch in (86, 89, 120):\n"
               "    for layer in ('stem7x7', 'conv3x3', 'head7x7'):\n"

@@ -1,8 +1,8 @@
 """Kernel launches of one CycleGAN training iteration, counted on a CPU.
 
-    python -m minicycle.launches                      # the paper's model: resnet_9blocks, ngf 64, 256², batch 1
-    python -m minicycle.launches --size 32 --ngf 4    # a small model: the same counts for eager and ours
-    python -m minicycle.launches --out FILE.md        # also write the markdown to FILE.md
+    python -m minicycle.tools.launch_count                    # the paper's model: resnet_9blocks, ngf 64, 256², batch 1
+    python -m minicycle.tools.launch_count --size 32 --ngf 4  # a small model: the same counts for eager and ours
+    python -m minicycle.tools.launch_count --out FILE.md      # also write the markdown to FILE.md
 
 At batch 1 the host likely sets the pace: every launch costs Python, dispatcher and launcher
 time. This counts what one steady-state iteration (the third: the first two allocate gradients
@@ -56,7 +56,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kernels.instance_norm  # noqa: E402
-from kernels.bench import header, markdown_table, write_report  # noqa: E402
+from kernels.tools.op_bench import header, markdown_table, write_report  # noqa: E402
 from minicycle.cuda_graph import GraphedStep  # noqa: E402
 from minicycle.model import Config, CycleGAN  # noqa: E402
 from minicycle.networks import set_fused  # noqa: E402
@@ -184,7 +184,7 @@ def detail(variant: str, c: Count, top: int = 12) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minicycle.launches", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minicycle.tools.launch_count", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--netG", default="resnet_9blocks")
     p.add_argument("--ngf", type=int, default=64, help="also --ndf")
@@ -206,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if os.environ["TRITON_INTERPRET"] != "1":
-        print("python -m minicycle.launches: error: needs TRITON_INTERPRET=1 (unset or 1), so that ours reaches "
-              "its Triton launches on a CPU", file=sys.stderr)
+        print("python -m minicycle.tools.launch_count: error: needs TRITON_INTERPRET=1 (unset or 1), so that ours "
+              "reaches its Triton launches on a CPU", file=sys.stderr)
         return 2
     import torch._inductor.config
     torch._inductor.config.cpp.enable_kernel_profile = True  # Inductor's CPU kernels show in the profiler
@@ -220,14 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = (f"{args.netG} G ×2, basic D ×2, ngf=ndf={args.ngf}, {args.size}×{args.size}, batch 1, identity loss, "
             f"pool 50{'; channels_last' if args.channels_last else ''}; "
             f"IN split threshold {kernels.instance_norm._MAX_BLOCK} elements")
-    parts = [header(torch.device("cpu"), "python -m minicycle.launches", argv,
+    parts = [header(torch.device("cpu"), "python -m minicycle.tools.launch_count", argv,
                     "minicycle: kernel launches per training iteration"),
              f"## One steady-state iteration ({what})",
              markdown_table(COLUMNS, [row(v, c) for v, c in counts.items()]),
              "Most frequent kernel-launching ATen ops, and the Triton kernels:",
              "\n".join(detail(v, c) for v, c in counts.items()),
              f"Counted with torch.profiler; triton {triton.__version__}'s kernels counted at launch, not run "
-             f"(see minicycle/launches.py). Facts about this code and this PyTorch, not timings."]
+             f"(see minicycle/tools/launch_count.py). Facts about this code and this PyTorch, not timings."]
     write_report("\n\n".join(parts) + "\n", args.out)
     return 0
 

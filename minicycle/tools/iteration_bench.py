@@ -1,15 +1,15 @@
 """Benchmark of one CycleGAN training iteration: ours against the official model eager, compiled, and
 compiled with CUDA graphs.
 
-    python -m minicycle.bench                         # GPU: batch 1 and 4, fp32, every variant
-    python -m minicycle.bench --amp bf16 --batch 1    # a slice, to fit a time limit
-    python -m minicycle.bench --channels_last         # model and inputs in channels_last
-    python -m minicycle.bench --kernels triton        # ours with the Triton kernels everywhere (default: auto)
-    python -m minicycle.bench --profile-dir DIR       # + a torch.profiler summary of one iteration each
-    python -m minicycle.bench --cpu                   # CPU: train.py's step against a plain eager loop
-    python -m minicycle.bench --plain-loop 300        # CPU: the plain loop alone, to time against train.py
-    python -m minicycle.bench --quick                 # tiny model on the CPU: checks the harness itself
-    python -m minicycle.bench ... --out FILE.md       # also write the markdown to FILE.md
+    python -m minicycle.tools.iteration_bench                       # GPU: batch 1 and 4, fp32, every variant
+    python -m minicycle.tools.iteration_bench --amp bf16 --batch 1  # a slice, to fit a time limit
+    python -m minicycle.tools.iteration_bench --channels_last       # model and inputs in channels_last
+    python -m minicycle.tools.iteration_bench --kernels triton      # ours with the Triton kernels everywhere (not auto)
+    python -m minicycle.tools.iteration_bench --profile-dir DIR     # + a torch.profiler summary of one iteration each
+    python -m minicycle.tools.iteration_bench --cpu                 # CPU: train.py's step against a plain eager loop
+    python -m minicycle.tools.iteration_bench --plain-loop 300      # CPU: the plain loop alone, timed against train.py
+    python -m minicycle.tools.iteration_bench --quick               # tiny model on the CPU: checks the harness itself
+    python -m minicycle.tools.iteration_bench ... --out FILE.md     # also write the markdown to FILE.md
 
 GPU mode
 --------
@@ -86,9 +86,9 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-from kernels import bench as kb
 from kernels import choice
 from kernels.runtime import use_triton
+from kernels.tools import op_bench as kb
 from minicycle import datasets, networks
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import image_to_tensor, load_image
@@ -469,7 +469,7 @@ CPU_LEGEND = (
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minicycle.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minicycle.tools.iteration_bench", description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="CPU mode: train.py's step against a plain eager loop")
     p.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS",
                    help="only run the plain loop ITERS iterations on the built-in dataset: the whole-process "
@@ -508,21 +508,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         device = torch.device(args.device)
     if args.cpu and device.type != "cpu":
-        print("python -m minicycle.bench: error: --cpu measures the CPU; drop --device cuda", file=sys.stderr)
+        print("python -m minicycle.tools.iteration_bench: error: --cpu measures the CPU; drop --device cuda",
+              file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True  # as train.py and the official code
     if args.quick:
         torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
     if args.threads:
         torch.set_num_threads(args.threads)
-    prog = "python -m minicycle.bench"
+    prog = "python -m minicycle.tools.iteration_bench"
     if args.plain_loop:
         plain_loop(args.plain_loop)
         return 0
     if args.cpu:
         if use_triton(torch.empty(0)):
-            print("python -m minicycle.bench: error: --cpu times the PyTorch path that train.py takes on a CPU; "
-                  "run it without TRITON_INTERPRET=1", file=sys.stderr)
+            print("python -m minicycle.tools.iteration_bench: error: --cpu times the PyTorch path that train.py takes "
+                  "on a CPU; run it without TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         rows, note = bench_cpu(args.iters or 300, args.rounds)
         parts = [kb.header(device, prog, argv), "## CPU: train.py's training step against a plain eager loop",

@@ -1,7 +1,8 @@
-"""Smoke tests of the benchmark harnesses (python -m kernels.bench for the ops, python -m
-minicycle.bench for the training iteration): they run, print and write the tables with the
+"""Smoke tests of the benchmark harnesses (python -m kernels.tools.op_bench for the ops, python -m
+minicycle.tools.iteration_bench for the training iteration): they run, print and write the tables with the
 expected rows and columns, and their correctness columns are honest. No timing is asserted."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -11,13 +12,13 @@ import pytest
 import torch
 
 import kernels
-from kernels import bench
-from minicycle import bench as model_bench
+from kernels.tools import op_bench as bench
+from minicycle.tools import iteration_bench as model_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(args: list[str], interpret: str, module: str = "kernels.bench") -> subprocess.CompletedProcess:
+def run_bench(args: list[str], interpret: str, module: str = "kernels.tools.op_bench") -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": interpret}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -47,7 +48,7 @@ def test_quick_ops_write_the_report(tmp_path):
     lines = text.splitlines()
     assert lines[0] == "# minicycle benchmark"
     assert f"torch {torch.__version__}" in lines[2] and "triton" in lines[2] and "CPU" in lines[2]
-    assert f"`python -m kernels.bench --quick --layouts nchw,channels_last --out {out}`" in lines[2]
+    assert f"`python -m kernels.tools.op_bench --quick --layouts nchw,channels_last --out {out}`" in lines[2]
     assert "plain PyTorch fallback" in text  # TRITON_INTERPRET=0: says which path "ours" took
     assert "cudnn.benchmark=True" in text  # as the official code runs cuDNN
 
@@ -64,7 +65,11 @@ def test_quick_ops_write_the_report(tmp_path):
         assert float(r[5]) > 0 and float(r[6]) > 0  # ours and eager were timed
         assert r[7].startswith("skipped")  # no torch.compile in --quick without --compile
         assert r[10].endswith("GB/s" if r[0] == "IN+ReLU" else "TFLOP/s")
-    assert "import minicycle" not in (ROOT / "kernels" / "bench.py").read_text()  # kernels/ stands alone
+    for path in (ROOT / "kernels").rglob("*.py"):  # kernels/ stands alone
+        imported = {n.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Import)
+                    for n in node.names} | {node.module for node in ast.walk(ast.parse(path.read_text()))
+                                            if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {m for m in imported if m.split(".")[0] == "minicycle"}, path
 
 
 def test_budget_skips_rows_and_keeps_the_report_valid(tmp_path):
@@ -78,11 +83,12 @@ def test_budget_skips_rows_and_keeps_the_report_valid(tmp_path):
 @pytest.mark.slow
 def test_quick_model_runs_every_variant_and_writes_the_report(tmp_path):
     out, profiles = tmp_path / "m.md", tmp_path / "prof"
-    proc = run_bench(["--quick", "--profile-dir", str(profiles), "--out", str(out)], "0", "minicycle.bench")
+    proc = run_bench(["--quick", "--profile-dir", str(profiles), "--out", str(out)], "0",
+                     "minicycle.tools.iteration_bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text(encoding="utf-8")
     assert text == proc.stdout
-    assert "`python -m minicycle.bench --quick --profile-dir" in text.splitlines()[2]
+    assert "`python -m minicycle.tools.iteration_bench --quick --profile-dir" in text.splitlines()[2]
     columns, rows = table(text, "variant")
     assert columns == model_bench.MODEL_COLUMNS
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [(v, "nchw", n, "fp32") for n in ("1", "4")
@@ -100,7 +106,7 @@ def test_quick_model_runs_every_variant_and_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_mode_compares_the_step_with_a_plain_loop(tmp_path):
-    proc = run_bench(["--cpu", "--iters", "2", "--rounds", "1"], "0", "minicycle.bench")
+    proc = run_bench(["--cpu", "--iters", "2", "--rounds", "1"], "0", "minicycle.tools.iteration_bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     columns, rows = table(proc.stdout, "variant")
     assert columns == model_bench.CPU_COLUMNS

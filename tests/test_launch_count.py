@@ -1,4 +1,4 @@
-"""python -m minicycle.launches: kernel launches per training iteration, counted on the CPU."""
+"""python -m minicycle.tools.launch_count: kernel launches per training iteration, counted on the CPU."""
 
 import os
 import subprocess
@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bench import table
+from test_benchmarks import table
 
-from minicycle import launches
 from minicycle.model import Config
+from minicycle.tools import launch_count as launches
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def count(args: list[str]) -> tuple[dict[str, list[str]], str]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "minicycle.launches", *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "minicycle.tools.launch_count", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     columns, rows = table(proc.stdout, "build")

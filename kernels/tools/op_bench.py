@@ -1,12 +1,12 @@
 """Benchmark of minicycle's Triton ops against PyTorch eager and torch.compile.
 
-    python -m kernels.bench                         # IN+ReLU and reflect-conv, fwd and bwd
-    python -m kernels.bench --ops conv --dtypes bf16 --batch 4   # a slice, to fit a time limit
-    python -m kernels.bench --layouts channels_last # the same on channels_last tensors
-    python -m kernels.bench --quick                 # tiny shapes on CPU: checks the harness itself
-    python -m kernels.bench ... --out FILE.md       # also write the markdown to FILE.md
+    python -m kernels.tools.op_bench                                     # IN+ReLU and reflect-conv, fwd and bwd
+    python -m kernels.tools.op_bench --ops conv --dtypes bf16 --batch 4  # a slice, to fit a time limit
+    python -m kernels.tools.op_bench --layouts channels_last # the same on channels_last tensors
+    python -m kernels.tools.op_bench --quick                             # tiny shapes on CPU: checks the harness itself
+    python -m kernels.tools.op_bench ... --out FILE.md                   # also write the markdown to FILE.md
 
-The whole training iteration is benchmarked with the model: python -m minicycle.bench.
+The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
 
 Everything is printed as markdown: a header (device, date, versions, the exact command), then
 the table. --budget S skips the rows not started within S seconds, to fit a time limit.
@@ -467,7 +467,7 @@ def batch_list(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kernels.tools.op_bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes on CPU to check the harness; not a performance measurement")
     p.add_argument("--ops", type=csv_list(OPS), default=list(OPS), help="ops to time: in,conv (default: both)")
@@ -500,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
     torch.manual_seed(0)
 
-    top = header(device, "python -m kernels.bench", argv)
+    top = header(device, "python -m kernels.tools.op_bench", argv)
     rows: list[list[str]] = []
 
     def report(ok: bool = True) -> str:

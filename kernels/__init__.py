@@ -11,6 +11,9 @@ CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels, 
 torch.library custom ops so torch.compile keeps them in its graph; other CPU tensors run plain
 PyTorch. Each module explains its kernels' math. The generator does not call these directly by
 default: kernels/choice.py picks, per layer shape on CUDA, the faster of them and PyTorch's path.
+
+Reading order: instance_norm.py and reflect_conv.py (math, kernels, host code, custom op), device.py
+(what a GPU offers them), choice.py (Triton or PyTorch, measured), runtime.py; tools/ measures them.
 """
 
 from kernels.instance_norm import instance_norm_relu

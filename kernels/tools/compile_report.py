@@ -590,6 +590,16 @@ def _csv(value: str, allowed) -> list[str]:
     return items
 
 
+def _local_arch() -> int:
+    """This machine's GPU architecture when it has one the report knows (so that --compile-only warms the
+    cache the JIT will look in), else sm_90."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major * 10 + minor in kernels.device.KNOWN:
+            return major * 10 + minor
+    return DEFAULT_ARCH
+
+
 def _archs(value: str) -> list[int]:
     names = _csv(value, [f"sm_{a}" for a in kernels.device.KNOWN])
     return [int(n.removeprefix("sm_")) for n in names]
@@ -621,8 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=lambda v: _csv(v, PASSES), default=list(PASSES),
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
     known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
-    p.add_argument("--arch", type=_archs, default=[DEFAULT_ARCH],
-                   help=f"target architectures, comma-separated, from {known} (default: sm_{DEFAULT_ARCH}); "
+    p.add_argument("--arch", type=_archs, default=[_local_arch()],
+                   help=f"target architectures, comma-separated, from {known} (default: this machine's GPU if "
+                        f"it is one of them, else sm_{DEFAULT_ARCH}); "
                         "an arch the wheel's ptxas rejects is skipped")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")

@@ -21,31 +21,19 @@ across taps, and the configs take the widest channel slice BK that fits in share
 that a tap is one step (256 channels in bf16, 128 in fp32): the reflected pixel offsets are
 then computed once per (kh, kw). NCHW inputs work through their strides, with narrower loads.
 
-dgrad is the forward kernel run on dy with zero padding KH - 1, the weight's OC and C axes
-swapped (a (C, KH, KW, OC) copy of w, so OC is contiguous) and its taps flipped (negative
-strides): that gives the gradient g on the padded grid, (H + 2P) x (W + 2P). Reflection is
-many-to-one, so an input pixel also receives the gradient of its mirror images on the padded
-border. In one dimension the preimages of i are
+Reading order:
+    configs and pruning    the tiles, and what each needs of the device
+    jit helpers            _reflect, _dot
+    the GEMM kernels       _conv_kernel (forward and dgrad), _wgrad_kernel, _dbias_kernel, _sum_splits_kernel
+    small-channel packing  3-channel operands as 16-byte pixel windows (_pack_kernel and its host side)
+    dgrad border fold      the mirror images' gradient added back (_fold_kernel and its host side)
+    host code              the launches and the four passes: _conv_fwd, _conv_dgrad, _conv_wgrad, _conv_dbias
+    custom op, public      minicycle::reflect_conv2d(_backward), reflect_conv2d
 
-    q = i + P                 always (the interior)
-    q = P - i                 if 1 <= i <= P              (mirrored off the top edge)
-    q = 2(H - 1) - i + P      if H - 1 - P <= i <= H - 2  (mirrored off the bottom edge)
-
-so the GEMM's epilogue writes interior positions straight into dx and the border strip (the
-6% of the padded grid outside the interior at 64^2, P = 1) into an fp32 workspace, and a small
-fold kernel adds each border pixel's mirror terms to it (fixed order, no atomics).
-
-Small channel counts (CycleGAN's 3-channel first and last layers). A 3-channel pixel is 6 or
-12 bytes, too narrow for 16-byte loads and 5x wasted in a 16-wide dot. So when C fits in 16
-bytes, the input is first copied, padded (reflect, or zero for dgrad) and with channels padded
-to CP = 16 / itemsize, into xp[n, h, w, cp]; a KW-wide row of taps is then one contiguous
-window of KWP.CP values (KWP = next power of 2 >= KW), and the conv becomes a (KH x 1) conv
-over C' = KWP.CP "channels" with no padding: x[n, h, w + kw, c] == xp_flat[n, h, w.CP + kw.CP + c].
-The weights are re-packed to match (zeros for kw >= KW, c >= C).
-
-wgrad reduces over all N.OH.OW pixels, so the reduction is split across programs (split-K by
-output rows); each split writes an fp32 partial tile, and a second kernel sums the partials in
-a fixed order (deterministic, no atomics). dbias uses the same two-stage scheme.
+Names: ws is always an fp32 workspace (the fold's border strip, or split-K partials); *_strides
+are strides in elements, in (n, c, h, w) order (a weight's: (oc, c, kh, kw)); a trailing p means
+padded (xp, dyp: a packed, padded copy of x, dy; hp, wp, HP, WP: a padded height and width; kwp,
+cp: KW and C padded for the windows); w_packed is a re-packed weight.
 """
 
 import math
@@ -63,6 +51,9 @@ from kernels.runtime import use_triton
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- configs and pruning
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -172,6 +163,11 @@ def _widest(configs: list[triton.Config], allowed, itemsize: int, gpu) -> list[t
     return list(best.values()) or configs[-1:]
 
 
+def _gpu(device: torch.device) -> kernels.device.Device:
+    """What the GPU the kernels run on offers them (the compile report stands in any arch here)."""
+    return kernels.device.of(device)
+
+
 def _device_of(t: torch.Tensor) -> kernels.device.Device | None:
     return None if _INTERPRET else _gpu(t.device)
 
@@ -211,25 +207,14 @@ _SUM_BLOCK = 1024
 _PACK_BLOCK = 1024
 
 
+# ----------------------------------------------------------------------------- jit helpers
+
+
 @triton.jit
 def _reflect(i, n):
     """Reflect an index in [-(n-1), 2(n-1)] into [0, n-1] (edge pixel not repeated)."""
     i = tl.abs(i)
     return (n - 1) - tl.abs((n - 1) - i)
-
-
-@triton.jit
-def _preimage(i, T: tl.constexpr, P, n):
-    """The T-th padded-grid position q that reflects onto input index i, and where it exists."""
-    q = i + P
-    ok = i >= 0
-    if T == 1:  # off the top/left edge
-        q = P - i
-        ok = (i >= 1) & (i <= P)
-    if T == 2:  # off the bottom/right edge
-        q = 2 * (n - 1) - i + P
-        ok = (i >= n - 1 - P) & (i <= n - 2)
-    return q, ok
 
 
 @triton.jit
@@ -240,16 +225,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
 
 
-@triton.jit
-def _strip_index(qh, qw, H, W, P):
-    """Index of padded-grid position (qh, qw), outside the H x W interior, in the border strip:
-    the top P rows, the bottom P rows (each W + 2P wide), then the left and right P columns of
-    the H interior rows."""
-    Wp = W + 2 * P
-    top = qh < P
-    bottom = qh >= H + P
-    side = 2 * P * Wp + (qh - P) * (2 * P) + tl.where(qw < P, qw, qw - W)
-    return tl.where(top, qh * Wp + qw, tl.where(bottom, (qh - H) * Wp + qw, side))
+# ----------------------------------------------------------------------------- the GEMM kernels
+#
+# forward: _conv_kernel with REFLECT, padding P. dgrad: the same kernel run on dy with zero
+# padding KH - 1, the weight's OC and C axes swapped (a (C, KH, KW, OC) copy of w, so OC is
+# contiguous) and its taps flipped (negative strides): that gives the gradient g on the padded
+# grid, (H + 2P) x (W + 2P), which FOLD writes back into dx (see the dgrad border fold below).
+# wgrad reduces over all N.OH.OW pixels, so the reduction is split across programs (split-K by
+# output rows); each split writes an fp32 partial tile into ws, and _sum_splits_kernel sums the
+# partials in a fixed order (deterministic, no atomics). dbias uses the same two-stage scheme.
 
 
 # The autotuner caches its pick per key: the channel strides in it keep NCHW and channels_last
@@ -335,86 +319,6 @@ def _conv_kernel(
     else:
         y_off = n * syn + oh * syh + ow * syw
         tl.store(y + (y_off[:, None] + oc[None, :] * syc), acc.to(y.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _band(r, F0, NF, S0):
-    """The r-th index of the band [F0, F0 + NF) then [S0, ...)."""
-    return tl.where(r < NF, F0 + r, S0 + (r - NF))
-
-
-@triton.jit
-def _in_band(i, F0, NF, S0, NS):
-    return ((i >= F0) & (i < F0 + NF)) | ((i >= S0) & (i < S0 + NS))
-
-
-@triton.jit
-def _fold_kernel(
-    dx, ws, N, C, H, W, P,
-    F0H, NFH, S0H, NSH, F0W, NFW, S0W, NSW,
-    sxn, sxc, sxh, sxw,
-    BM: tl.constexpr, BC: tl.constexpr,
-):
-    """dx[n, i, j, c] += the gradient of (i, j)'s mirror images on the padded border (in ws).
-
-    Only pixels with a mirror image are visited: the band of rows that have one (up to two
-    runs, [F0H, F0H + NFH) and [S0H, S0H + NSH)) across the whole width, then the band of
-    columns down the other rows. Each pixel sums its up-to-8 mirror terms in a fixed order.
-    Grid: (pixel tiles, C tiles).
-    """
-    rows, cols = NFH + NSH, NFW + NSW
-    per_image = rows * W + H * cols
-    e = tl.program_id(0) * BM + tl.arange(0, BM)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    n = e // per_image
-    e = e % per_image
-    in_rows = e < rows * W
-    e2 = e - rows * W
-    i = tl.where(in_rows, _band(e // W, F0H, NFH, S0H), e2 // cols)
-    j = tl.where(in_rows, e % W, _band(e2 % cols, F0W, NFW, S0W))
-    ok = (n < N) & (in_rows | ~_in_band(i, F0H, NFH, S0H, NSH))
-
-    acc = tl.zeros((BM, BC), dtype=tl.float32)
-    strip = (H + 2 * P) * (W + 2 * P) - H * W
-    c_ok = c < C
-    for th in tl.static_range(3):
-        qh, ok_h = _preimage(i, th, P, H)
-        for tw in tl.static_range(3):
-            if th + tw > 0:
-                qw, ok_w = _preimage(j, tw, P, W)
-                s = n * strip + _strip_index(qh, qw, H, W, P)
-                m = (ok & ok_h & ok_w)[:, None] & c_ok[None, :]
-                acc += tl.load(ws + (s[:, None] * C + c[None, :]), mask=m, other=0.0)
-    ptr = dx + (n * sxn + i * sxh + j * sxw)[:, None] + c[None, :] * sxc
-    m = ok[:, None] & c_ok[None, :]
-    old = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-    tl.store(ptr, (old + acc).to(dx.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _pack_kernel(
-    x, xp, N, C, H, W, HP, WP, PH, PW,
-    sxn, sxc, sxh, sxw,
-    CP: tl.constexpr, REFLECT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """xp[n, h, w, c] (contiguous, HP x WP x CP) = x[n, c, pad(h - PH), pad(w - PW)] for c < C,
-    else 0. pad reflects (REFLECT; columns right of the W + 2PW padded width stay 0) or reads
-    zeros outside x."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    c = offs % CP
-    pix = offs // CP
-    n = pix // (HP * WP)
-    h = (pix // WP) % HP - PH
-    w = pix % WP - PW
-    ok = (n < N) & (c < C)
-    if REFLECT:
-        ok &= w < W + PW
-        h = _reflect(h, H)
-        w = _reflect(tl.minimum(w, W - 1 + PW), W)
-    else:
-        ok &= (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    v = tl.load(x + (n * sxn + c * sxc + h * sxh + w * sxw), mask=ok, other=0.0)
-    tl.store(xp + offs, v, mask=n < N)
 
 
 @triton.autotune(configs=_WGRAD_CONFIGS,
@@ -530,7 +434,205 @@ def _sum_splits_kernel(ws, out, SPLITS, NUMEL, BLOCK: tl.constexpr):
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=ok)
 
 
-# ----------------------------------------------------------------------------- host side
+# ----------------------------------------------------------------------------- small-channel packing
+#
+# CycleGAN's first and last layers have 3 channels. A 3-channel pixel is 6 or 12 bytes, too
+# narrow for 16-byte loads and 5x wasted in a 16-wide dot. So when C fits in 16 bytes, the input
+# is first copied, padded (reflect, or zero for dgrad) and with channels padded to
+# CP = 16 / itemsize, into xp[n, h, w, cp]. A KW-wide row of taps is then one contiguous window
+# of KWP.CP values (KWP = next power of 2 >= KW), and the conv becomes a (KH x 1) conv over
+# C' = KWP.CP "channels" with no padding:
+#
+#     x_padded[n, h, w + kw, c] == xp_flat[n, h, w.CP + kw.CP + c]        (kw < KWP, c < CP)
+#
+# The weights are re-packed to match, (A, KH, KWP, CP) with zeros for kw >= KW, c >= C, and read
+# with the strides of _window_strides: channel c' = kw.CP + c is contiguous, the one tap column
+# has stride 0.
+
+
+@triton.jit
+def _pack_kernel(
+    x, xp, N, C, H, W, HP, WP, PH, PW,
+    sxn, sxc, sxh, sxw,
+    CP: tl.constexpr, REFLECT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """xp[n, h, w, c] (contiguous, HP x WP x CP) = x[n, c, pad(h - PH), pad(w - PW)] for c < C,
+    else 0. pad reflects (REFLECT; columns right of the W + 2PW padded width stay 0) or reads
+    zeros outside x."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = offs % CP
+    pix = offs // CP
+    n = pix // (HP * WP)
+    h = (pix // WP) % HP - PH
+    w = pix % WP - PW
+    ok = (n < N) & (c < C)
+    if REFLECT:
+        ok &= w < W + PW
+        h = _reflect(h, H)
+        w = _reflect(tl.minimum(w, W - 1 + PW), W)
+    else:
+        ok &= (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    v = tl.load(x + (n * sxn + c * sxc + h * sxh + w * sxw), mask=ok, other=0.0)
+    tl.store(xp + offs, v, mask=n < N)
+
+
+def _window(channels: int, kw: int, dtype: torch.dtype) -> tuple[int, int] | None:
+    """(KWP, CP) if a conv input with this many channels is better read as packed windows of
+    KWP pixels x CP channels (16 bytes a pixel), else None."""
+    cp = 16 // (torch.finfo(dtype).bits // 8)
+    kwp = triton.next_power_of_2(kw)
+    return (kwp, cp) if channels <= cp and kw > 1 and kwp * cp >= 16 else None
+
+
+def _window_strides(kh: int, kwp: int, cp: int) -> tuple[int, int, int, int]:
+    """The (a, c', kh, kw) strides of a contiguous (A, KH, KWP, CP) weight read as a (KH x 1) conv
+    over C' = KWP.CP channels."""
+    return kh * kwp * cp, 1, kwp * cp, 0
+
+
+def _pack(t: torch.Tensor, ph: int, pw: int, hp: int, wp: int, cp: int, reflect: bool) -> torch.Tensor:
+    """(N, hp, wp', cp) contiguous copy of t (N, C, H, W) padded by (ph, pw) (reflect or zero),
+    channels zero-padded to cp, zeros right of the padded width; wp' >= wp makes a row a
+    multiple of 16 elements, so that every row starts 16-element aligned."""
+    N, C, H, W = t.shape
+    wp = triton.cdiv(wp * cp, 16) * 16 // cp
+    out = torch.empty((N, hp, wp, cp), dtype=t.dtype, device=t.device)
+    grid = (triton.cdiv(out.numel(), _PACK_BLOCK),)
+    _pack_kernel[grid](t, out, N, C, H, W, hp, wp, ph, pw, *t.stride(), CP=cp, REFLECT=reflect, BLOCK=_PACK_BLOCK)
+    return out
+
+
+def _pack_weight(w: torch.Tensor, kwp: int, cp: int) -> torch.Tensor:
+    """w (A, KH, KW, B) zero-padded to a contiguous (A, KH, kwp, cp)."""
+    A, KH, KW, B = w.shape
+    out = w.new_zeros((A, KH, kwp, cp))
+    out[:, :, :KW, :B] = w
+    return out
+
+
+def _as_window_input(tp: torch.Tensor, kwp: int) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, int, int]]:
+    """A packed (N, HP, WP, CP) tensor seen as a conv input of C' = KWP.CP channels: its strides
+    (n, c', h, w) and its (C', HP, WP)."""
+    N, HP, WP, CP = tp.shape
+    return tp, (HP * WP * CP, 1, WP * CP, CP), (kwp * CP, HP, WP)
+
+
+# ----------------------------------------------------------------------------- dgrad border fold
+#
+# Reflection is many-to-one, so an input pixel also receives the gradient of its mirror images
+# on the padded border. In one dimension the preimages of i on the padded grid are
+#
+#     q = i + P                 always (the interior)
+#     q = P - i                 if 1 <= i <= P              (mirrored off the top edge)
+#     q = 2(H - 1) - i + P      if H - 1 - P <= i <= H - 2  (mirrored off the bottom edge)
+#
+# so the dgrad GEMM's epilogue (FOLD) writes interior positions straight into dx and the border
+# strip (the 6% of the padded grid outside the interior at 64^2, P = 1) into an fp32 workspace
+# ws, laid out by _strip_index; _fold_kernel then adds each border pixel's mirror terms to dx
+# (up to 8 of them, in a fixed order, no atomics).
+
+
+@triton.jit
+def _preimage(i, T: tl.constexpr, P, n):
+    """The T-th padded-grid position q that reflects onto input index i, and where it exists."""
+    q = i + P
+    ok = i >= 0
+    if T == 1:  # off the top/left edge
+        q = P - i
+        ok = (i >= 1) & (i <= P)
+    if T == 2:  # off the bottom/right edge
+        q = 2 * (n - 1) - i + P
+        ok = (i >= n - 1 - P) & (i <= n - 2)
+    return q, ok
+
+
+@triton.jit
+def _strip_index(qh, qw, H, W, P):
+    """Index of padded-grid position (qh, qw), outside the H x W interior, in the border strip:
+    the top P rows, the bottom P rows (each W + 2P wide), then the left and right P columns of
+    the H interior rows."""
+    Wp = W + 2 * P
+    top = qh < P
+    bottom = qh >= H + P
+    side = 2 * P * Wp + (qh - P) * (2 * P) + tl.where(qw < P, qw, qw - W)
+    return tl.where(top, qh * Wp + qw, tl.where(bottom, (qh - H) * Wp + qw, side))
+
+
+@triton.jit
+def _band(r, F0, NF, S0):
+    """The r-th index of the band [F0, F0 + NF) then [S0, ...)."""
+    return tl.where(r < NF, F0 + r, S0 + (r - NF))
+
+
+@triton.jit
+def _in_band(i, F0, NF, S0, NS):
+    return ((i >= F0) & (i < F0 + NF)) | ((i >= S0) & (i < S0 + NS))
+
+
+@triton.jit
+def _fold_kernel(
+    dx, ws, N, C, H, W, P,
+    F0H, NFH, S0H, NSH, F0W, NFW, S0W, NSW,
+    sxn, sxc, sxh, sxw,
+    BM: tl.constexpr, BC: tl.constexpr,
+):
+    """dx[n, i, j, c] += the gradient of (i, j)'s mirror images on the padded border (in ws).
+
+    Only pixels with a mirror image are visited: the band of rows that have one (up to two
+    runs, [F0H, F0H + NFH) and [S0H, S0H + NSH)) across the whole width, then the band of
+    columns down the other rows. Each pixel sums its up-to-8 mirror terms in a fixed order.
+    Grid: (pixel tiles, C tiles).
+    """
+    rows, cols = NFH + NSH, NFW + NSW
+    per_image = rows * W + H * cols
+    e = tl.program_id(0) * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    n = e // per_image
+    e = e % per_image
+    in_rows = e < rows * W
+    e2 = e - rows * W
+    i = tl.where(in_rows, _band(e // W, F0H, NFH, S0H), e2 // cols)
+    j = tl.where(in_rows, e % W, _band(e2 % cols, F0W, NFW, S0W))
+    ok = (n < N) & (in_rows | ~_in_band(i, F0H, NFH, S0H, NSH))
+
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    strip = (H + 2 * P) * (W + 2 * P) - H * W
+    c_ok = c < C
+    for th in tl.static_range(3):
+        qh, ok_h = _preimage(i, th, P, H)
+        for tw in tl.static_range(3):
+            if th + tw > 0:
+                qw, ok_w = _preimage(j, tw, P, W)
+                s = n * strip + _strip_index(qh, qw, H, W, P)
+                m = (ok & ok_h & ok_w)[:, None] & c_ok[None, :]
+                acc += tl.load(ws + (s[:, None] * C + c[None, :]), mask=m, other=0.0)
+    ptr = dx + (n * sxn + i * sxh + j * sxw)[:, None] + c[None, :] * sxc
+    m = ok[:, None] & c_ok[None, :]
+    old = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    tl.store(ptr, (old + acc).to(dx.dtype.element_ty), mask=m)
+
+
+def _mirror_band(n: int, p: int) -> tuple[int, int, int, int]:
+    """The indices in [0, n) that have a mirror image under reflection padding p: [1, p] and
+    [n - 1 - p, n - 2], as up to two disjoint runs (start, count, start, count)."""
+    lo, hi = max(0, n - 1 - p), n - 2
+    if lo <= p + 1:  # the runs touch or overlap: one run
+        f0 = min(1, lo)
+        return f0, max(p, hi) - f0 + 1, 0, 0
+    return 1, p, lo, hi - lo + 1
+
+
+def _fold(dx: torch.Tensor, ws: torch.Tensor, p: int) -> None:
+    """dx += the mirror terms of its border pixels, from the padded-grid strip in ws."""
+    N, C, H, W = dx.shape
+    bh, bw = _mirror_band(H, p), _mirror_band(W, p)
+    bm, bc = 32, min(64, triton.next_power_of_2(C))
+    pixels = (bh[1] + bh[3]) * W + H * (bw[1] + bw[3])
+    grid = (triton.cdiv(N * pixels, bm), triton.cdiv(C, bc))
+    _fold_kernel[grid](dx, ws, N, C, H, W, p, *bh, *bw, *dx.stride(), BM=bm, BC=bc)
+
+
+# ----------------------------------------------------------------------------- host code
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -542,11 +644,6 @@ def _precision(x: torch.Tensor) -> str:
 
 def _dot_fp32(x: torch.Tensor) -> bool:
     return _INTERPRET and x.dtype == torch.bfloat16
-
-
-def _gpu(device: torch.device) -> kernels.device.Device:
-    """What the GPU the kernels run on offers them (the compile report stands in any arch here)."""
-    return kernels.device.of(device)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -585,49 +682,23 @@ def _out_shape(x: torch.Tensor, w: torch.Tensor, p: int) -> tuple[int, int, int,
     return N, OC, H + 2 * p - KH + 1, W + 2 * p - KW + 1
 
 
-def _window(channels: int, kw: int, dtype: torch.dtype) -> tuple[int, int] | None:
-    """(KWP, CP) if a conv input with this many channels is better read as packed windows of
-    KWP pixels x CP channels (16 bytes a pixel), else None. See the module docstring."""
-    cp = 16 // (torch.finfo(dtype).bits // 8)
-    kwp = triton.next_power_of_2(kw)
-    return (kwp, cp) if channels <= cp and kw > 1 and kwp * cp >= 16 else None
-
-
-def _pack(t: torch.Tensor, ph: int, pw: int, hp: int, wp: int, cp: int, reflect: bool) -> torch.Tensor:
-    """(N, hp, wp', cp) contiguous copy of t (N, C, H, W) padded by (ph, pw) (reflect or zero),
-    channels zero-padded to cp, zeros right of the padded width; wp' >= wp makes a row a
-    multiple of 16 elements, so that every row starts 16-element aligned."""
-    N, C, H, W = t.shape
-    wp = triton.cdiv(wp * cp, 16) * 16 // cp
-    out = torch.empty((N, hp, wp, cp), dtype=t.dtype, device=t.device)
-    grid = (triton.cdiv(out.numel(), _PACK_BLOCK),)
-    _pack_kernel[grid](t, out, N, C, H, W, hp, wp, ph, pw, *t.stride(), CP=cp, REFLECT=reflect, BLOCK=_PACK_BLOCK)
-    return out
-
-
-def _pack_weight(w: torch.Tensor, kwp: int, cp: int) -> torch.Tensor:
-    """w (A, KH, KW, B) zero-padded to a contiguous (A, KH, kwp, cp)."""
-    A, KH, KW, B = w.shape
-    out = w.new_zeros((A, KH, kwp, cp))
-    out[:, :, :KW, :B] = w
-    return out
-
-
-def _as_window_input(tp: torch.Tensor, kwp: int) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, int, int]]:
-    """A packed (N, HP, WP, CP) tensor seen as a conv input of C' = KWP.CP channels: its strides
-    (n, c', h, w) and its (C', HP, WP)."""
-    N, HP, WP, CP = tp.shape
-    return tp, (HP * WP * CP, 1, WP * CP, CP), (kwp * CP, HP, WP)
-
-
 def _align(strides: tuple[int, ...]) -> int:
     """The largest power of two up to 16 dividing the (n, h, w) strides of (n, c, h, w) strides."""
     sn, _, sh, sw = strides
     return math.gcd(sn, sh, sw, 16) or 16
 
 
-def _launch_conv(x, x_strides, C, H, W, w, w_strides, KH, KW, PH, PW, reflect, bias, out, out_strides,
-                 OC, OH, OW, fold_pad=0, ws=None) -> None:
+def _launch_conv(
+    *, x: torch.Tensor, x_strides: tuple[int, ...], C: int, H: int, W: int,
+    w: torch.Tensor, w_strides: tuple[int, ...], KH: int, KW: int, PH: int, PW: int, reflect: bool,
+    bias: torch.Tensor | None, out: torch.Tensor, OC: int, OH: int, OW: int,
+    fold_pad: int = 0, ws: torch.Tensor | None = None,
+) -> None:
+    """out[n, oc, oh, ow] = the (C x H x W) input x, padded by (PH, PW) (reflect or zero), correlated
+    with the (OC, C, KH, KW) weight w (+ bias): one _conv_kernel launch. x and w are read through
+    x_strides and w_strides, (n, c, h, w) and (oc, c, kh, kw) in elements; out through its own strides.
+    With ws (the dgrad), (OH, OW) is the padded grid of a forward conv with padding fold_pad:
+    the interior goes to out, the border strip to the fp32 workspace ws."""
     N = out.shape[0]
 
     def grid(meta):
@@ -636,7 +707,7 @@ def _launch_conv(x, x_strides, C, H, W, w, w_strides, KH, KW, PH, PW, reflect, b
     _conv_kernel[grid](
         x, w, w if bias is None else bias, out, out if ws is None else ws,
         N, C, H, W, OC, OH, OW, PH, PW, fold_pad,
-        *x_strides, *w_strides, *out_strides,
+        *x_strides, *w_strides, *out.stride(),
         KH=KH, KW=KW, REFLECT=reflect, FOLD=ws is not None, HAS_BIAS=bias is not None, X_ALIGN=_align(x_strides),
         PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
     )
@@ -652,12 +723,15 @@ def _conv_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) 
     window = _window(C, KW, x.dtype)
     if window:  # a (KH x 1) conv over packed windows; the padding is in the packed copy
         kwp, cp = window
-        xp, xs, (C2, HP, WP) = _as_window_input(_pack(x, p, p, H + 2 * p, W + 2 * p + kwp - KW, cp, True), kwp)
-        wp = _pack_weight(w.permute(0, 2, 3, 1), kwp, cp)  # (OC, KH, KWP, CP)
-        ws = (KH * kwp * cp, 1, kwp * cp, 0)
-        _launch_conv(xp, xs, C2, HP, WP, wp, ws, KH, 1, 0, 0, True, b, y, y.stride(), OC, OH, OW)
+        xp, xp_strides, (C2, HP, WP) = _as_window_input(_pack(x, p, p, H + 2 * p, W + 2 * p + kwp - KW, cp, True), kwp)
+        w_packed = _pack_weight(w.permute(0, 2, 3, 1), kwp, cp)  # (OC, KH, KWP, CP)
+        _launch_conv(x=xp, x_strides=xp_strides, C=C2, H=HP, W=WP,
+                     w=w_packed, w_strides=_window_strides(KH, kwp, cp), KH=KH, KW=1, PH=0, PW=0, reflect=True,
+                     bias=b, out=y, OC=OC, OH=OH, OW=OW)
     else:
-        _launch_conv(x, x.stride(), C, H, W, w, w.stride(), KH, KW, p, p, True, b, y, y.stride(), OC, OH, OW)
+        _launch_conv(x=x, x_strides=x.stride(), C=C, H=H, W=W,
+                     w=w, w_strides=w.stride(), KH=KH, KW=KW, PH=p, PW=p, reflect=True,
+                     bias=b, out=y, OC=OC, OH=OH, OW=OW)
     return y
 
 
@@ -675,40 +749,22 @@ def _conv_dgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> t
     if window:  # dy zero-padded by the kernel size into packed windows; taps flipped in the packed weights
         kwp, cp = window
         packed = _pack(dy, KH - 1, KW - 1, OH + 2 * KH - 2, OW + 2 * KW - 2 + kwp - KW, cp, False)
-        dyp, ds, (C2, HP, WP) = _as_window_input(packed, kwp)
-        wq = _pack_weight(w.flip(2, 3).permute(1, 2, 3, 0), kwp, cp)  # (C, KH, KWP, CP)
-        wqs = (KH * kwp * cp, 1, kwp * cp, 0)
-        _launch_conv(dyp, ds, C2, HP, WP, wq, wqs, KH, 1, 0, 0, True, None, dx, dx.stride(), C, HQ, WQ, p, ws)
+        dyp, dyp_strides, (C2, HP, WP) = _as_window_input(packed, kwp)
+        w_packed = _pack_weight(w.flip(2, 3).permute(1, 2, 3, 0), kwp, cp)  # (C, KH, KWP, CP)
+        _launch_conv(x=dyp, x_strides=dyp_strides, C=C2, H=HP, W=WP,
+                     w=w_packed, w_strides=_window_strides(KH, kwp, cp), KH=KH, KW=1, PH=0, PW=0, reflect=True,
+                     bias=None, out=dx, OC=C, OH=HQ, OW=WQ, fold_pad=p, ws=ws)
     else:  # w as (C, KH, KW, OC), so that a tap's B tile is OC-contiguous rows (K-major); the taps
         # flipped by negative strides from the last one
-        wt = w.permute(1, 2, 3, 0).contiguous()
-        w_last = wt[:, KH - 1:, KW - 1:, :]
-        wts = (wt.stride(0), 1, -wt.stride(1), -wt.stride(2))
-        _launch_conv(dy, dy.stride(), OC, OH, OW, w_last, wts, KH, KW, KH - 1, KW - 1, False,
-                     None, dx, dx.stride(), C, HQ, WQ, p, ws)
+        w_t = w.permute(1, 2, 3, 0).contiguous()
+        w_last = w_t[:, KH - 1:, KW - 1:, :]
+        w_last_strides = (w_t.stride(0), 1, -w_t.stride(1), -w_t.stride(2))
+        _launch_conv(x=dy, x_strides=dy.stride(), C=OC, H=OH, W=OW,
+                     w=w_last, w_strides=w_last_strides, KH=KH, KW=KW, PH=KH - 1, PW=KW - 1, reflect=False,
+                     bias=None, out=dx, OC=C, OH=HQ, OW=WQ, fold_pad=p, ws=ws)
     if p:
         _fold(dx, ws, p)
     return dx
-
-
-def _mirror_band(n: int, p: int) -> tuple[int, int, int, int]:
-    """The indices in [0, n) that have a mirror image under reflection padding p: [1, p] and
-    [n - 1 - p, n - 2], as up to two disjoint runs (start, count, start, count)."""
-    lo, hi = max(0, n - 1 - p), n - 2
-    if lo <= p + 1:  # the runs touch or overlap: one run
-        f0 = min(1, lo)
-        return f0, max(p, hi) - f0 + 1, 0, 0
-    return 1, p, lo, hi - lo + 1
-
-
-def _fold(dx: torch.Tensor, ws: torch.Tensor, p: int) -> None:
-    """dx += the mirror terms of its border pixels, from the padded-grid strip in ws."""
-    N, C, H, W = dx.shape
-    bh, bw = _mirror_band(H, p), _mirror_band(W, p)
-    bm, bc = 32, min(64, triton.next_power_of_2(C))
-    pixels = (bh[1] + bh[3]) * W + H * (bw[1] + bw[3])
-    grid = (triton.cdiv(N * pixels, bm), triton.cdiv(C, bc))
-    _fold_kernel[grid](dx, ws, N, C, H, W, p, *bh, *bw, *dx.stride(), BM=bm, BC=bc)
 
 
 def _conv_wgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
@@ -722,25 +778,33 @@ def _conv_wgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> t
     small_oc = OC <= 16 and OC < C
     if window:  # x as packed windows: dw comes out as (OC, KH, KWP, CP)
         kwp, cp = window
-        xp, xs, (C2, HP, WP) = _as_window_input(_pack(x, p, p, H + 2 * p, W + 2 * p + kwp - KW, cp, True), kwp)
-        out = torch.empty((OC, KH, kwp, cp), dtype=dw.dtype, device=dw.device)
-        _launch_wgrad(xp, xs, C2, HP, WP, dy, dy.stride(), OC, OH, OW, out, (KH * kwp * cp, 1, kwp * cp, 0),
-                      KH, 1, 0, False)
-        dw.copy_(out[:, :, :KW, :C].permute(0, 3, 1, 2))
+        xp, xp_strides, (C2, HP, WP) = _as_window_input(_pack(x, p, p, H + 2 * p, W + 2 * p + kwp - KW, cp, True), kwp)
+        dw_packed = torch.empty((OC, KH, kwp, cp), dtype=dw.dtype, device=dw.device)
+        _launch_wgrad(x=xp, x_strides=xp_strides, C=C2, H=HP, W=WP, dy=dy, dy_strides=dy.stride(), OC=OC, OH=OH, OW=OW,
+                      out=dw_packed, out_strides=_window_strides(KH, kwp, cp), KH=KH, KW=1, P=0, x_is_a=False)
+        dw.copy_(dw_packed[:, :, :KW, :C].permute(0, 3, 1, 2))
     elif small_oc:  # few output channels: x's channels on the MMA rows, dy channel-padded to 16
         cp = 16
         dyp = _pack(dy, 0, 0, OH, OW, cp, False)
-        out = torch.empty((cp, C, KH, KW), dtype=dw.dtype, device=dw.device)
-        ds = (dyp.stride(0), 1, dyp.stride(1), dyp.stride(2))
-        _launch_wgrad(x, x.stride(), C, H, W, dyp, ds, cp, OH, OW, out, out.stride(), KH, KW, p, True)
-        dw.copy_(out[:OC])
+        dw_padded = torch.empty((cp, C, KH, KW), dtype=dw.dtype, device=dw.device)
+        dyp_strides = (dyp.stride(0), 1, dyp.stride(1), dyp.stride(2))
+        _launch_wgrad(x=x, x_strides=x.stride(), C=C, H=H, W=W, dy=dyp, dy_strides=dyp_strides, OC=cp, OH=OH, OW=OW,
+                      out=dw_padded, out_strides=dw_padded.stride(), KH=KH, KW=KW, P=p, x_is_a=True)
+        dw.copy_(dw_padded[:OC])
     else:
-        _launch_wgrad(x, x.stride(), C, H, W, dy, dy.stride(), OC, OH, OW, dw, dw.stride(), KH, KW, p, False)
+        _launch_wgrad(x=x, x_strides=x.stride(), C=C, H=H, W=W, dy=dy, dy_strides=dy.stride(), OC=OC, OH=OH, OW=OW,
+                      out=dw, out_strides=dw.stride(), KH=KH, KW=KW, P=p, x_is_a=False)
     return dw
 
 
-def _launch_wgrad(x, x_strides, C, H, W, dy, dy_strides, OC, OH, OW, out, out_strides, KH, KW, P, x_is_a) -> None:
-    """out (dense) = the weight gradient, via split partials in an fp32 workspace."""
+def _launch_wgrad(
+    *, x: torch.Tensor, x_strides: tuple[int, ...], C: int, H: int, W: int,
+    dy: torch.Tensor, dy_strides: tuple[int, ...], OC: int, OH: int, OW: int,
+    out: torch.Tensor, out_strides: tuple[int, ...], KH: int, KW: int, P: int, x_is_a: bool,
+) -> None:
+    """out (dense, laid out as an (OC, C, KH, KW) weight with out_strides) = the weight gradient of
+    a conv with reflection padding P from the (C x H x W) input x to the (OC x OH x OW) dy, via
+    split-K partials in an fp32 workspace. x_is_a puts x's channels on the MMA rows."""
     N = dy.shape[0]
     m, n = (C, OC) if x_is_a else (OC, C)
     per, splits = _rows_per_split(N * OH, triton.cdiv(m, 64) * triton.cdiv(n, 64) * KH * KW, x.device)

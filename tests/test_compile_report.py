@@ -48,6 +48,7 @@ def conv_rows() -> list[dict]:
     return _report("--layers", "stem7x7,conv3x3,head7x7", "--batch", "1,4", "--dtypes", "fp32,bf16")
 
 
+@pytest.mark.slow
 def test_report_has_every_pass_and_the_documented_keys(conv_rows):
     for row in conv_rows:
         assert KEYS <= row.keys(), row
@@ -84,6 +85,7 @@ def test_shared_memory_fits_an_h100_block(conv_rows):
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_instance_norm_kernels_compile_clean_in_both_layouts():
     rows = _report("--layers", "in256,in64", "--batch", "1", "--dtypes", "fp32,bf16", "--layouts", "nchw,channels_last")
     assert {r["kernel"] for r in rows} == {"_fwd_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel", "_bwd_kernel",
@@ -108,6 +110,7 @@ def test_refuses_to_run_under_the_interpreter(capsys):
 
 
 
+@pytest.mark.slow
 def test_the_jit_finds_what_compile_only_compiled(tmp_path):
     """--compile-only keys each kernel as the JIT will on the GPU, so a GPU run finds all of them in
     Triton's cache (the GPU suite warms it on every core before timing anything); and the compile

@@ -31,6 +31,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     data = datasets.ensure_synthetic(tmp_path / "synthetic")
     # A fixed seed: for some seeds, Adam's sign-like first steps turn the rounding of near-zero gradients
@@ -69,6 +70,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     assert log.count("================ Training Loss") == 1
 
 
+@pytest.mark.slow
 def test_without_seed_ranks_share_rank_0s_seed_and_resume(tmp_path):
     data = datasets.ensure_synthetic(tmp_path / "synthetic")
     # 30 images: ranks drawing their own plans would rarely pick the same images by chance
@@ -118,6 +120,7 @@ d.close()
 """
 
 
+@pytest.mark.slow
 def test_broadcast_nets_gives_every_rank_rank_0s_parameters_and_buffers(tmp_path):
     (tmp_path / "broadcast.py").write_text(BROADCAST)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -192,6 +195,7 @@ def end_env() -> dict[str, str]:
     return {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 @needs_proc
 def test_last_epoch_ends_with_no_gloo_thread_left(tmp_path):
     data = datasets.ensure_synthetic(tmp_path / "synthetic")

@@ -408,6 +408,7 @@ def test_infer_kernels_pytorch_translates_as_the_default(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the benchmarks say it
 
 
+@pytest.mark.slow
 def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
     from kernels.tools import op_bench as bench
     from minicycle.tools.gpu_suite import tables

@@ -88,6 +88,7 @@ def conv_cases(draw):
     return N, C, OC, H, W, k, p, draw(st.booleans())
 
 
+@pytest.mark.slow
 @needs_triton
 @settings(max_examples=20)
 @given(conv_cases())
@@ -98,6 +99,7 @@ def test_matches_pytorch_fp32(case):
     _check(N, C, OC, H, W, k, p, bias, torch.float32)
 
 
+@pytest.mark.slow
 @needs_triton
 @settings(max_examples=12)
 @given(conv_cases(), st.sampled_from([torch.float16, torch.bfloat16]))
@@ -116,6 +118,7 @@ def test_crosses_block_boundaries():
     _check(2, 20, 18, 8, 10, 3, 1, True, torch.float32)
 
 
+@pytest.mark.slow
 @needs_triton
 def test_head_and_tail_7x7():
     # CycleGAN's first (3 -> ngf) and last (ngf -> 3) convs; dgrad of the first one has only
@@ -124,6 +127,7 @@ def test_head_and_tail_7x7():
     _check(1, 8, 3, 10, 12, 7, 3, True, torch.float32)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_head_and_tail_7x7_half_channels_last(dtype):
@@ -140,6 +144,7 @@ def test_head_and_tail_7x7_half_channels_last(dtype):
         assert got[2].is_contiguous(memory_format=torch.channels_last)  # dw keeps w's layout
 
 
+@pytest.mark.slow
 @needs_triton
 def test_small_channel_layers_take_the_packed_paths(monkeypatch):
     # 3 input channels: x is packed into 16-byte pixel windows for the forward and wgrad; 3
@@ -176,6 +181,7 @@ def test_nchw_output_is_contiguous():
     assert kernels.reflect_conv2d(x, w, b, padding=1).is_contiguous()
 
 
+@pytest.mark.slow
 @needs_triton
 def test_backward_is_deterministic():
     x, w, b = _inputs(2, 5, 6, 8, 9, 3, True, torch.float32)
@@ -288,6 +294,7 @@ def test_tf32_follows_cudnn_flag(monkeypatch):
         assert err <= 1e-2 * max(1.0, r.abs().max().item()), name
 
 
+@pytest.mark.slow
 @needs_triton
 def test_resnet_generator_end_to_end(monkeypatch):
     """A tiny ResNet generator: Triton ops vs the PyTorch path, same weights and input."""
@@ -317,6 +324,7 @@ def test_resnet_generator_end_to_end(monkeypatch):
         torch.testing.assert_close(g.cpu(), grads_torch[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
 def test_autotune_keys_tell_layouts_apart():
     """The autotuner caches its pick per key. A launch whose operands are NCHW prunes to other
     configs than one whose channels are contiguous, so a pick made for one layout must not be

@@ -20,3 +20,15 @@ def pytest_configure(config):
 def torch_path(monkeypatch):
     """Run kernels.* through the plain PyTorch path (fast model tests on CPU)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny tensors on a shared 2-core machine gain nothing from more, and the
+    Inception net runs ~10x slower with two threads there."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

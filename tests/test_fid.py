@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOWNLOAD = inception.download  # the real one, before the autouse fixture replaces the module's
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, two threads run the Inception net ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -161,7 +161,7 @@ except SystemExit as e:
     code = e.code
 threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 # one write of the whole line: the ranks share torchrun's stderr, and print's separate newline can interleave
-os.write(2, f"rank {os.environ['RANK']} exits {code} with threads: {' '.join(threads)}\n".encode())
+os.write(2, f"rank {os.environ['RANK']} exits {code} with threads: {' '.join(threads)}\\n".encode())
 sys.exit(code)
 """
 GLOO_THREADS = ("gloo_tcp_loop", "pt_gloo_runloop")

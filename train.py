@@ -520,6 +520,13 @@ def resume_command(argv: list[str], nproc: int) -> str:
     return shlex.join(launcher + ["train.py"] + [a for a in argv if a != "--continue_train"] + ["--continue_train"])
 
 
+def error_line(message: str) -> None:
+    """One line on stderr in one write: under torchrun the ranks share one stream, and print's separate
+    newline would let two ranks' lines run into each other."""
+    sys.stderr.write(f"train.py: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opt = parse_options(argv)
@@ -530,16 +537,15 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        print(f"train.py: error: {msg}", file=sys.stderr)
+        error_line(f"error: {msg}")
         return 1
     except OSError as e:  # disk full, permissions ... while saving: the previous checkpoint is intact
-        print(f"train.py: error: {e.strerror or e}: {e.filename or ''} (the previous checkpoint is intact)",
-              file=sys.stderr)
+        error_line(f"error: {e.strerror or e}: {e.filename or ''} (the previous checkpoint is intact)")
         return 1
     except BaseException as e:  # Ctrl-C, or a library's own error while cleaning up after one
         if not caused_by(e, KeyboardInterrupt):
             raise
-        print("train.py: aborted; the last saved checkpoint is intact", file=sys.stderr)
+        error_line("aborted; the last saved checkpoint is intact")
         return 130
     finally:
         dist.close()  # also after an error raised before the training loop's own teardown

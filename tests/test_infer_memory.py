@@ -5,13 +5,22 @@ a batch that cannot fit is split into single images, an out-of-memory becomes on
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 import infer
 from minicycle import networks
+from minicycle.tools import infer_memory
 
 GiB = 2**30
+# Bytes per pixel of the estimate, fp32, ngf 64, as README's Translate section states them.
+README_BYTES_PER_PIXEL = {"resnet_9blocks": 526.9, "resnet_6blocks": 526.9, "unet_256": 268.0, "unet_128": 268.0}
+
+
+def shadow(netG: str, ngf: int = 64) -> torch.nn.Module:
+    with torch.device("meta"):
+        return networks.set_fused(networks.define_G(3, 3, ngf, netG), False)
 
 
 def test_forward_bytes_counts_the_tensors_alive_at_once():
@@ -21,6 +30,27 @@ def test_forward_bytes_counts_the_tensors_alive_at_once():
     conv_relu = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
     # a ReLU out of place holds its input and output at once: 3 + 8 + 8, then the first conv's output is freed
     assert infer.forward_bytes(conv_relu, (2, 3, 10, 10)) == 2 * (3 + 8 + 8) * 100 * 4
+
+
+@pytest.mark.parametrize("netG", networks.GENERATORS)
+def test_estimate_is_linear_in_pixels_and_images_as_readme_states(netG):
+    net = shadow(netG)
+    sides = [256, 512, 768]
+    a, b, residual = infer_memory.fit([s * s for s in sides], [infer.forward_bytes(net, (1, 3, s, s)) for s in sides])
+    assert residual < 0.005 and b == pytest.approx(README_BYTES_PER_PIXEL[netG], abs=0.1)
+    assert infer.forward_bytes(net, (3, 3, 256, 512)) == 3 * infer.forward_bytes(net, (1, 3, 256, 512))
+
+
+@pytest.mark.parametrize("netG, side", [("resnet_6blocks", 64), ("unet_128", 128)])
+def test_estimate_against_a_cpu_measurement(netG, side, torch_path):
+    """The meta-device count is the count of the same forward on real CPU tensors, and below what the CPU
+    allocates in all (the tensors, and its kernels' scratch), within a small factor."""
+    torch.manual_seed(0)
+    net = networks.set_fused(networks.define_G(3, 3, 8, netG), False)
+    shape = (1, 3, side, side)
+    estimate = infer.forward_bytes(shadow(netG, 8), shape)
+    assert infer.forward_bytes(net, shape) == estimate
+    assert estimate <= infer_memory.cpu_peak_bytes(net, shape) <= 3 * estimate
 
 
 def test_available_bytes_is_free_memory_and_what_the_allocator_holds(monkeypatch):
@@ -134,3 +164,14 @@ def test_an_out_of_memory_splits_the_batch_then_is_one_line(tmp_path, monkeypatc
     assert f"{folder / 'p0.png'} (40x24): translating it ran out of GPU memory; use --preprocess resize" in line
     assert not list((tmp_path / "none").iterdir())
 
+
+@pytest.mark.slow
+def test_the_tool_prints_the_fits(capsys, torch_path):
+    sides = [128, 256]
+    assert infer_memory.main(["--netG", "resnet_6blocks,unet_128", "--ngf", "4", "--sizes", "128,256"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet")]
+    assert [row[1] for row in rows] == ["tensors", "CPU"]
+    estimate = [infer.forward_bytes(shadow("resnet_6blocks", 4), (1, 3, s, s)) for s in sides]
+    assert float(rows[0][2]) == pytest.approx((estimate[1] - estimate[0]) / (sides[1] ** 2 - sides[0] ** 2), abs=0.1)
+    with pytest.raises(SystemExit):
+        infer_memory.main(["--netG", "unet_256", "--sizes", "128,256"])

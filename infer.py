@@ -134,7 +134,7 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and id(s := t.untyped_storage()) not in self.live:
                 self.live[id(s)] = s.nbytes()
                 self.now += s.nbytes()
-                weakref.finalize(s, self._free, id(s))  # a storage's Python object lives exactly as long as it
+                weakref.finalize(s, self._free, id(s))  # torch keeps this object as long as the storage
         self.peak = max(self.peak, self.now)
         return out
 

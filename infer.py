@@ -9,7 +9,10 @@ architecture is read from the checkpoint's keys unless --netG/--ngf/--norm are g
 """
 
 import argparse
+import functools
+import itertools
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from kernels import choice
 from minicycle import cli, datasets, fid, networks
@@ -33,6 +38,7 @@ class Generator:
     net: torch.nn.Module
     input_nc: int  # channels of the images it reads
     multiple: int  # input sides are padded up to a multiple of this
+    shadow: torch.nn.Module  # the same layers on the meta device, official path: what a batch needs (batch_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +92,14 @@ def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -
                 input_nc=opt.input_nc or info.get("input_nc") or 3,
                 output_nc=opt.output_nc or info.get("output_nc") or 3,
                 use_dropout=bool(info.get("dropout", False)))
-    net = networks.define_G(spec["input_nc"], spec["output_nc"], spec["ngf"], netG, spec["norm"], spec["use_dropout"])
+    args = (spec["input_nc"], spec["output_nc"], spec["ngf"], netG, spec["norm"], spec["use_dropout"])
+    net = networks.define_G(*args)
     flags = f"--netG {netG} --ngf {spec['ngf']} --norm {spec['norm']}"
     load_into(net, path, expected_flags=flags)
+    with torch.device("meta"):
+        shadow = networks.set_fused(networks.define_G(*args), False).train(not opt.eval)
     return Generator(net=net.to(device).train(not opt.eval), input_nc=spec["input_nc"],
-                     multiple=networks.input_multiple(netG))
+                     multiple=networks.input_multiple(netG), shadow=shadow)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
@@ -101,6 +110,65 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, 
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
     return x, h, w
+
+
+# Device memory. A batch needs the peak of its tensors (forward_bytes: per pixel of the padded batch, a constant
+# of the generator; README gives it), the weights, and MARGIN: 10% of the tensors and 1 GiB for what no tensor
+# shows (cuDNN's handle and workspaces, the timing buffers of Triton's autotuner and of --kernels auto, the
+# caching allocator's rounding). The margin is an allowance, not measured on a GPU.
+MARGIN = (0.10, 2**30)
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storage alive at once while it is on, and their peak: a storage counts from the op
+    that makes it until it is freed (views and in-place results share their input's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}  # id of each storage made under it and still alive -> its bytes
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(s := t.untyped_storage()) not in self.live:
+                self.live[id(s)] = s.nbytes()
+                self.now += s.nbytes()
+                weakref.finalize(s, self._free, id(s))  # torch keeps this object as long as the storage
+        self.peak = max(self.peak, self.now)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+
+@functools.cache
+def forward_bytes(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Peak bytes of the tensors one no_grad forward of `net` holds at once on an input of `shape`, the input and
+    output included, the weights not. On the meta device (Generator.shadow) it takes milliseconds at any size:
+    meta tensors have sizes, but no memory and no arithmetic."""
+    with torch.no_grad(), LiveBytes() as live:
+        net(torch.empty(shape, device=next(net.parameters()).device))
+    return live.peak
+
+
+def batch_bytes(gen: Generator, shape: tuple[int, ...]) -> int:
+    """Device memory that translating a padded batch of `shape` needs: its tensors' peak, the weights, MARGIN."""
+    weights = sum(t.nbytes for t in itertools.chain(gen.net.parameters(), gen.net.buffers()))
+    return weights + round(forward_bytes(gen.shadow, shape) * (1 + MARGIN[0])) + MARGIN[1]
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """What a CUDA device has for this process: its free memory, and what torch's caching allocator holds (the
+    weights, and blocks that earlier batches freed, which it reuses); None elsewhere (nothing is checked)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def resolve(opt: argparse.Namespace) -> tuple[Path, Path, Path | None, str]:
@@ -195,13 +263,39 @@ def translate(opt: argparse.Namespace) -> int:
 
     rows, errors, baselines, fakes = [], [], [], []
     pending: list[tuple[torch.Tensor, Image.Image, str]] = []
+    split_said = []  # the note that batches are split is printed once
 
-    def flush() -> None:
-        x = torch.stack([t for t, _, _ in pending]).to(device)
+    def forward(batch: list[tuple[torch.Tensor, Image.Image, str]]) -> torch.Tensor:
+        x = torch.stack([t for t, _, _ in batch]).to(device)
         x, h, w = pad_to_multiple(x, gen.multiple)
         x = x.contiguous(memory_format=fmt)
         with torch.no_grad():
-            y = net(x)[..., :h, :w].float().cpu()
+            return net(x)[..., :h, :w].float().cpu()
+
+    def translated(batch: list[tuple[torch.Tensor, Image.Image, str]]) -> torch.Tensor:
+        """The batch's translations, on the CPU: one image at a time where the device cannot hold the batch;
+        an image it cannot hold alone is a DataError naming it (checked first, and on an out-of-memory)."""
+        c, h, w = batch[0][0].shape
+        shape = (len(batch), c, h + -h % gen.multiple, w + -w % gen.multiple)  # padded as forward pads it
+        have = available_bytes(device)
+        if have is not None and (need := batch_bytes(gen, shape)) > have:
+            short = f"needs about {gib(need)} of GPU memory and the GPU has {gib(have)} available"
+        else:
+            try:
+                return forward(batch)
+            except torch.OutOfMemoryError:
+                short = "ran out of GPU memory"
+        if len(batch) == 1:
+            raise DataError(f"{batch[0][2]} ({w}x{h}): translating it {short}; use --preprocess resize "
+                            f"(--load_size N) for smaller images, or --device cpu")
+        if not split_said:
+            split_said.append(True)
+            print(f"infer.py: a batch of {len(batch)} images of {w}x{h} {short}; translating such batches "
+                  f"one image at a time")
+        return torch.cat([translated([item]) for item in batch])
+
+    def flush() -> None:
+        y = translated(pending)
         chosen = choice.report()  # what --kernels auto decided for this batch's shapes, if they are new
         if chosen:
             print(chosen)

@@ -52,12 +52,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import kernels
 from kernels import device as devices
-from kernels import reflect_conv as rc
-from kernels.runtime import use_triton
+from kernels import runtime
+from kernels.runtime import pytorch_norm, use_triton
+
+KERNELS = not runtime.triton_problem()  # else kernels.* are PyTorch's path, and there is nothing to choose
+if KERNELS:
+    from kernels import reflect_conv as rc
 
 MODES = ("auto", "triton", "pytorch")
 # Per op, the passes decided one by one: training (some input requires grad), or forward only.
@@ -123,7 +126,7 @@ class Chooser:
         self.seconds = 0.0  # spent deciding since the last report
 
     def applies(self, x: torch.Tensor) -> bool:
-        return x.device.type in self.device_types
+        return KERNELS and x.device.type in self.device_types
 
     # ---- the lookup ----------------------------------------------------------------------------
     def conv_paths(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple[str, ...]:
@@ -232,7 +235,7 @@ class Chooser:
     # ---- the cache file ------------------------------------------------------------------------
     def _section(self, device: torch.device) -> str:
         dev = self.facts(device)
-        return (f"{dev.name} sm_{dev.arch} | torch {torch.__version__} | triton {triton.__version__} | "
+        return (f"{dev.name} sm_{dev.arch} | torch {torch.__version__} | triton {runtime.triton.__version__} | "
                 f"cuDNN {torch.backends.cudnn.version()} | kernels {_sources_hash()}")
 
     def load(self, device: torch.device) -> int:
@@ -336,14 +339,6 @@ def wgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int,
         _, dw, db = torch.ops.aten.convolution_backward(dy, padded, w, [w.shape[0]] if need_b else None, [1, 1],
                                                         [0, 0], [1, 1], False, [0, 0], 1, [False, need_w, need_b])
     return (dw.contiguous(memory_format=_format(w)) if need_w else None), (db if need_b else None)
-
-
-def pytorch_norm(x: torch.Tensor, eps: float, slope: float, activation: bool) -> torch.Tensor:
-    """F.instance_norm then ReLU (slope 0), LeakyReLU(slope), or nothing: the official layers' math."""
-    y = F.instance_norm(x, eps=eps)
-    if not activation:
-        return y
-    return F.leaky_relu(y, slope) if slope else F.relu(y)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -468,8 +463,11 @@ def describe(mode: str, device: torch.device) -> str:
     """What --kernels `mode` runs on `device`, for a run's first line."""
     if mode == "pytorch":
         return "the official PyTorch layers (--kernels pytorch)"
+    triton_here = use_triton(torch.empty(0, device=device))
+    if triton_here and runtime.triton_problem():
+        runtime.say_once()  # said here, in the run's first line
+        return f"PyTorch ({runtime.triton_problem()})"
     if device.type not in CHOOSER.device_types:
-        triton_here = use_triton(torch.empty(0, device=device))
         return "Triton, through its interpreter" if triton_here else "PyTorch (no Triton without a GPU)"
     if mode == "triton":
         return "Triton (--kernels triton)"
@@ -494,7 +492,7 @@ def _norm_key(x: torch.Tensor, eps: float, slope: float, activation: bool) -> tu
 
 def _cudnn_flags() -> tuple[bool, bool]:
     """What the PyTorch conv's speed and precision depend on: TF32, and cuDNN's own benchmark."""
-    return bool(torch.backends.cudnn.allow_tf32), bool(torch.backends.cudnn.benchmark)
+    return runtime.cudnn_conv_tf32(), bool(torch.backends.cudnn.benchmark)
 
 
 def _cannot_profit(op: str, dev: devices.Device, dtype: torch.dtype) -> str:

@@ -49,8 +49,9 @@ about 100 ms of calls, each timed with CUDA events and each preceded by a write 
 L2 cache (so inputs come from DRAM, and host launch overhead shorter than that write is hidden:
 these are close to device times). CPU: time.perf_counter around each call, median of three.
 
-Precision and cuDNN. fp32 runs with PyTorch's defaults: torch.backends.cudnn.allow_tf32 is True,
-so cuDNN convolutions use TF32 tensor cores, and so does our conv (it follows the same flag).
+Precision and cuDNN. fp32 runs with PyTorch's defaults: cuDNN convolutions use TF32 tensor cores
+(torch.backends.cudnn.conv.fp32_precision, or allow_tf32 on older torch), and so does our conv (it
+follows the same setting).
 cudnn.benchmark is True, as the official CycleGAN code and train.py set it, so eager and compile
 run the convolution algorithms users of the official code get. bf16: every tensor is bf16; both
 sides accumulate in fp32.
@@ -96,7 +97,7 @@ from triton.testing import do_bench
 
 import kernels
 from kernels import choice
-from kernels.runtime import use_triton
+from kernels.runtime import cudnn_conv_tf32, use_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -410,8 +411,8 @@ def header(device: torch.device, prog: str, argv: Sequence[str], title: str = "m
         f"{device_name(device)} · {date} · {versions} · `{command_line(prog, argv)}`",
         "",
         f"- ours: {ours_path(device)}",
-        f"- precision: fp32 leaves torch.backends.cudnn.allow_tf32 at {torch.backends.cudnn.allow_tf32} "
-        f"(default; cuDNN and our conv then use TF32); cudnn.benchmark={torch.backends.cudnn.benchmark}",
+        f"- precision: fp32 convs {'use' if cudnn_conv_tf32() else 'do not use'} TF32 (torch's cuDNN conv setting, "
+        f"default TF32; our conv follows it); cudnn.benchmark={torch.backends.cudnn.benchmark}",
     ])
 
 

@@ -65,8 +65,9 @@ of a training layer with these inputs, by the choice's own code: its decision, m
 row's timing (once per op and shape), or already made in this process or read from its cache file.
 
 Correctness. After timing, each row compares ours with eager on the benchmarked inputs:
-err = ||ours - eager|| / ||eager|| in float64, and the row gets a check mark when err is within
-TOLERANCES[(op, dtype)], a cross otherwise (NaN included). Any cross makes the exit status 1.
+err = ||ours - eager|| / ||eager|| (kernels.choice.rel_err's whole-tensor number, in float64), and
+the row gets a check mark when err is within TOLERANCES[(op, dtype)], a cross otherwise (NaN
+included). Any cross makes the exit status 1.
 
 --quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself:
 IN+ReLU (N,4,8,8) and conv 2 -> 3 3x3 pad 1 at 8x8. It times nothing of interest and skips
@@ -147,12 +148,6 @@ def op_ms(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     return host_median_ms(fn, device, CPU_WARMUP, CPU_REPS)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN if either holds a NaN)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def reason(e: BaseException) -> str:
@@ -306,7 +301,7 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
             outs[variant] = fn()
         except Exception as e:  # a failing variant is reported in its cell; the run goes on
             times[variant] = f"n/a ({reason(e)})" if variant == "compile" else f"error ({reason(e)})"
-    err = rel_err(outs["ours"], outs["eager"]) if "ours" in outs and "eager" in outs else math.nan
+    err = choice.rel_err(outs["ours"], outs["eager"]).whole if "ours" in outs and "eager" in outs else math.nan
     ok = err <= TOLERANCES[(case.op, case.dtype)]
     try:
         auto = case.auto()  # after the row's timing, which its own measurement would disturb

@@ -533,11 +533,16 @@ def main(argv: list[str] | None = None) -> int:
     dist = Dist()
     try:
         return train(opt, cli.explicit_options(build_parser(), argv), argv, dist)
-    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed) as e:
+    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed,
+            choice.FatalKernelError) as e:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
         error_line(f"error: {msg}")
+        return 1
+    except torch.OutOfMemoryError as e:  # the GPU's memory, in a step or in the kernel choice's check
+        error_line(f"error: {' '.join(str(e).split()).split('. Including')[0]}; try a smaller --batch_size, "
+                   f"--load_size or --crop_size, or --amp bf16 (the last saved checkpoint is intact)")
         return 1
     except OSError as e:  # disk full, permissions ... while saving: the previous checkpoint is intact
         error_line(f"error: {e.strerror or e}: {e.filename or ''} (the previous checkpoint is intact)")

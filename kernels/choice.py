@@ -163,7 +163,7 @@ class Chooser:
         if paths is not None:
             return paths
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return (TRITON,) * len(PASSES[key[1]])  # nothing decided: the Triton op, as before
+            return (PYTORCH,) * len(PASSES[key[1]])  # nothing can be checked here: PyTorch's path, never unchecked
         if key[0] not in self.loaded:
             self._read_section(key[0])
         decision = self.stored.pop(key, None)

@@ -6,6 +6,7 @@ and injected failures. The default chooser applies to CUDA tensors only, so that
 they were; --kernels pytorch is the official layers bit for bit.
 """
 
+import copy
 import json
 import re
 
@@ -333,9 +334,9 @@ def _compiled_ops(fn, *args) -> tuple[torch.Tensor, set[str]]:
 def test_torch_compile_uses_the_decisions_and_never_measures(monkeypatch):
     chooser, timer = stand_in(monkeypatch, {**TRITON_FASTER, "dgrad": (2.0, 1.0), "fwd+bwd": (2.0, 1.0)})
     x, w, b, _ = conv_inputs()
-    _, ops = _compiled_ops(_conv_norm, x, w, b)  # nothing decided yet: the Triton ops, as before
+    _, ops = _compiled_ops(_conv_norm, x, w, b)  # nothing decided yet: PyTorch's ops, never an unchecked Triton
     assert timer.calls == [] and chooser.paths == {}
-    assert {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_act.default"} <= ops
+    assert not any(op.startswith("minicycle.") for op in ops) and any("conv2d" in op for op in ops), ops
 
     eager = _conv_norm(x, w, b)  # eager: decides (conv: Triton but for dgrad; norm: PyTorch)
     out, ops = _compiled_ops(_conv_norm, x, w, b)
@@ -377,6 +378,64 @@ def test_the_first_step_makes_every_decision(monkeypatch):
         step.step(a, b)
     assert chooser.paths == decided and len(timer.calls) == timed
     assert len(step.read()) == 3
+
+
+@pytest.mark.parametrize("norm, dropout", [("instance", False), ("batch", True)])
+def test_deciding_before_compile_decides_every_layer_and_changes_nothing(monkeypatch, norm, dropout):
+    """train.py --compile, before the nets are compiled: one eager forward of each net decides every layer the
+    step then meets, and leaves the RNG, BatchNorm's statistics, the gradients and the modes as they were."""
+    chooser, timer = stand_in(monkeypatch, PYTORCH_FASTER)  # decided PyTorch: fast steps after the checks
+    torch.manual_seed(0)
+    model = CycleGAN(Config(ngf=2, ndf=2, netG="resnet_6blocks", netD="pixel", norm=norm, no_dropout=not dropout,
+                            pool_size=2))
+    g = torch.Generator().manual_seed(0)
+    real_A, real_B = (torch.rand(1, 3, 16, 16, generator=g) * 2 - 1 for _ in "AB")
+    rng, state = torch.get_rng_state(), copy.deepcopy(model.state_dict())
+    modes = [m.training for m in model.modules()]
+    train.decide_kernels(model, real_A, real_B)
+    assert torch.equal(torch.get_rng_state(), rng) and [m.training for m in model.modules()] == modes
+    assert_same_tensors(model.state_dict(), state)  # BatchNorm's running statistics included
+    assert all(p.grad is None for p in model.parameters())
+    decided, timed = dict(chooser.paths), len(timer.calls)
+    assert {k[1] for k in decided} == ({"conv", "norm"} if norm == "instance" else {"conv"}), decided
+    model.optimize(real_A, real_B)  # the step finds every layer decided
+    assert chooser.paths == decided and len(timer.calls) == timed
+
+
+@pytest.mark.slow
+def test_train_compile_traces_only_checked_choices_and_trains_as_without(dataroot, tmp_path, monkeypatch):
+    table = {**TRITON_FASTER, "dgrad": (2.0, 1.0), "fwd+bwd": (2.0, 1.0)}  # convs: mixed; IN: PyTorch
+    compiled = []  # (graph counter, decisions made) per net compiled
+    real_compile = torch.nn.Module.compile
+
+    def compile_counting(net, *args, **kwargs):
+        compiled.append((CompileCounterWithBackend("eager"), len(choice.CHOOSER.paths)))
+        real_compile(net, backend=compiled[-1][0])
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_counting)
+    # The Triton conv passes stand-ins that run PyTorch's (what is traced matters here, not the kernels' numbers,
+    # and the interpreter would take minutes for the steps' Triton passes).
+    monkeypatch.setattr(rc, "_conv_fwd", lambda x, w, b, p: choice.forward(choice.PYTORCH, x, w, b, p))
+    monkeypatch.setattr(rc, "_conv_dgrad", lambda dy, w, x, p: choice.dgrad(choice.PYTORCH, dy, x, w, p))
+    monkeypatch.setattr(rc, "_conv_wgrad", lambda dy, w, x, p: choice.wgrad(choice.PYTORCH, dy, x, w, p, True,
+                                                                            False)[0])
+    monkeypatch.setattr(rc, "_conv_dbias", lambda dy, dtype: dy.sum((0, 2, 3)))
+    args = TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(tmp_path), "--netD", "pixel", "--ngf", "2",
+                   "--ndf", "2", "--load_size", "8", "--crop_size", "8", "--norm", "instance"]
+    states = []
+    for flags in (["--compile"], []):
+        stand_in(monkeypatch, table)
+        torch._dynamo.reset()
+        assert train.main(args + flags + ["--name", "c" if flags else "e"]) == 0
+        states.append(load_file(tmp_path / ("c" if flags else "e") / "latest_state.pth")["model"])
+    torch._dynamo.reset()
+    assert len(compiled) == 4 and all(decided > 0 for _, decided in compiled)  # decided before compiling
+    ops = {str(n.target) for counter, _ in compiled for g in counter.graphs for n in g.graph.nodes
+           if n.op == "call_function"}
+    assert "minicycle.reflect_conv2d_chosen.default" in ops, ops  # the measured choice, checked
+    assert not {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_act.default"} & ops  # none unchecked
+    assert "<built-in function pad>" not in ops  # and no layer left undecided
+    assert_same_tensors(states[0], states[1])  # --compile trained exactly as without it
 
 
 # ----------------------------------------------------------------------------- CPU unchanged, the flag

@@ -442,8 +442,8 @@ _chosen.register_autograd(_autograd_backward, setup_context=_setup_context)
 #          max(its own norm, FLOOR x the whole reference's RMS x sqrt(its size)).
 # A pass passes when both are within TOLERANCES[dtype], for every output. The whole-tensor number alone
 # misses a local fault: one wrong 128x64 GEMM tile in a 1x64x2048x2048 output moves it by at most 5.5e-3.
-# The tiles see it (tests/test_kernel_choice.py injects faults at the generator's layer shapes: a wrong
-# GEMM tile, a missing tap, a wrong border strip or corner of the dgrad fold, a channel's sign).
+# The tiles see it (tests/test_parity_check.py injects faults at the generator's layer shapes: a wrong GEMM
+# tile, a missing tap, a wrong border strip or corner of the dgrad fold, a channel's sign, IN planes and chunks).
 #
 # The tolerances, from a rounding model (two correct results differ by both sides' rounding errors):
 #   fp32, TF32 on both sides (cuDNN's default, which the Triton conv follows): each input is rounded to a
@@ -606,7 +606,7 @@ def report() -> str | None:
 
 def load(device: torch.device) -> int:
     """Take the cache file's decisions for this device now (before torch.compile traces the model)."""
-    return CHOOSER.load(device) if device.type in CHOOSER.device_types else 0
+    return CHOOSER.load(device) if KERNELS and device.type in CHOOSER.device_types else 0
 
 
 def describe(mode: str, device: torch.device) -> str:

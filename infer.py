@@ -372,9 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(argv)
     try:
         return translate(opt)
-    except (DataError, CheckpointError, fid.FidError, WeightsError) as e:
+    except (DataError, CheckpointError, fid.FidError, WeightsError, choice.FatalKernelError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, WeightsMissing) else 1
+    except torch.OutOfMemoryError as e:
+        print(f"infer.py: error: {' '.join(str(e).split()).split('. Including')[0]}; try a smaller --batch_size or "
+              f"--load_size, or --preprocess resize for large images", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from kernels import choice
-from minicycle import cli, datasets, networks
+from minicycle import cli, datasets, networks, objective
 from minicycle.checkpoint import CheckpointError, Run, RunCheckpoints, caused_by, load_into, restore
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan
@@ -199,17 +199,15 @@ def load_dataset(opt: argparse.Namespace) -> tuple[UnalignedDataset, int]:
 
 
 def build_model(opt: argparse.Namespace, device: torch.device, dist: Dist) -> CycleGAN:
-    """The CycleGAN of the flags (initialised from torch's RNG), with the chosen kernels, compiled with
-    --compile; under torchrun each rank's pools draw from their own stream and BatchNorm syncs."""
+    """The CycleGAN of the flags (initialised from torch's RNG), with the chosen kernels; under torchrun each
+    rank's pools draw from their own stream and BatchNorm syncs."""
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
     cfg = Config(**{k: getattr(opt, k) for k in Config.__dataclass_fields__})
     model = CycleGAN(cfg, device, amp, world=dist.world)
     for net in model.nets().values():
         networks.set_kernels(net, opt.kernels)
     if opt.compile:
-        choice.load(device)  # torch.compile traces with the decisions it finds, and makes none
-        for net in model.nets().values():
-            net.compile()  # in place: parameters and state_dict keys stay those of the plain module
+        choice.load(device)  # the cache file's decisions; the nets are compiled at the first step (compile_nets)
     if dist.enabled:  # each rank keeps its own pool of fakes, with its own random stream
         model.fake_A_pool.rng.seed(f"{opt.seed}:A:{dist.rank}")
         model.fake_B_pool.rng.seed(f"{opt.seed}:B:{dist.rank}")
@@ -275,6 +273,7 @@ class Setup:
     ckpt: RunCheckpoints
     log: LossLog
     stop: "StopSignal"
+    compiled: bool = False  # --compile: the nets are compiled at the first step
 
 
 def train_epoch(s: Setup, run: Run) -> str | None:
@@ -345,6 +344,8 @@ def train_epoch(s: Setup, run: Run) -> str | None:
 def train_step(s: Setup, batch: dict) -> list[dict[str, float]]:
     """One iteration (CycleGAN.optimize: the G step, then the D step) on the batch. Returns the losses known
     now: this step's, averaged over the ranks under torchrun; under --cuda_graph none, until read back."""
+    if s.opt.compile and not s.compiled:
+        compile_nets(s, batch)
     if s.graphed is not None:
         s.graphed.step(batch["A"], batch["B"])
         return []
@@ -354,6 +355,36 @@ def train_step(s: Setup, batch: dict) -> list[dict[str, float]]:
         if stop and not s.stop.name:
             s.stop.name = "a signal on another rank"
     return [losses]
+
+
+def compile_nets(s: Setup, batch: dict) -> None:
+    """--compile, before the first step: the kernels of every layer decided (decide_kernels), so that the
+    compiled graphs hold checked choices only, then the four nets compiled in place (parameters and
+    state_dict keys stay those of the plain modules; torch.compile traces at their next call)."""
+    if s.opt.kernels == "auto":
+        decide_kernels(s.model, s.model.place(batch["A"]), s.model.place(batch["B"]))
+    for net in s.model.nets().values():
+        net.compile()
+    s.compiled = True
+
+
+def decide_kernels(model: CycleGAN, real_A: torch.Tensor, real_B: torch.Tensor) -> None:
+    """One eager forward of each net as the step runs it (autocast, both cycles, each D on a fake), so that
+    --kernels auto decides and checks every layer's kernels on these shapes now. On a CPU, where nothing is
+    decided, nothing runs. Training does not change: the RNG is forked, the nets run in eval mode (no
+    BatchNorm statistics updated, no dropout drawn) and no backward runs (no gradients)."""
+    if not choice.CHOOSER.applies(real_A):
+        return
+    modes = {m: m.training for net in model.nets().values() for m in net.modules()}
+    try:
+        with torch.random.fork_rng(devices=[real_A.device] if real_A.is_cuda else []), model._autocast():
+            for net in model.nets().values():
+                net.eval()
+            images = objective.cycles(model.netG_A, model.netG_B, real_A, real_B)
+            model.netD_A(images["fake_B"]), model.netD_B(images["fake_A"])
+    finally:
+        for m, training in modes.items():
+            m.train(training)
 
 
 def check_image_sizes(batch: dict, min_size: int) -> None:
@@ -533,11 +564,16 @@ def main(argv: list[str] | None = None) -> int:
     dist = Dist()
     try:
         return train(opt, cli.explicit_options(build_parser(), argv), argv, dist)
-    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed) as e:
+    except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed,
+            choice.FatalKernelError) as e:
         msg = str(e)
         if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
         error_line(f"error: {msg}")
+        return 1
+    except torch.OutOfMemoryError as e:  # the GPU's memory, in a step or in the kernel choice's check
+        error_line(f"error: {' '.join(str(e).split()).split('. Including')[0]}; try a smaller --batch_size, "
+                   f"--load_size or --crop_size, or --amp bf16 (the last saved checkpoint is intact)")
         return 1
     except OSError as e:  # disk full, permissions ... while saving: the previous checkpoint is intact
         error_line(f"error: {e.strerror or e}: {e.filename or ''} (the previous checkpoint is intact)")

@@ -9,14 +9,21 @@
 
 CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels, registered as
 torch.library custom ops so torch.compile keeps them in its graph; other CPU tensors run plain
-PyTorch. Each module explains its kernels' math. The generator does not call these directly by
-default: kernels/choice.py picks, per layer shape on CUDA, the faster of them and PyTorch's path.
+PyTorch. Each module explains its kernels' math. With a Triton older than the kernels need (or
+none), both names are PyTorch's path (kernels/runtime.py), and the first call that would have run
+Triton says so in one line. The generator does not call these directly by default:
+kernels/choice.py picks, per layer shape on CUDA, the faster of them and PyTorch's path.
 
 Reading order: instance_norm.py and reflect_conv.py (math, kernels, host code, custom op), device.py
 (what a GPU offers them), choice.py (Triton or PyTorch, measured), runtime.py; tools/ measures them.
 """
 
-from kernels.instance_norm import instance_norm_relu
-from kernels.reflect_conv import reflect_conv2d
+from kernels.runtime import triton_problem
+
+if triton_problem():  # the kernel modules are not even imported: they use the newer Triton's APIs at import
+    from kernels.runtime import instance_norm_relu, reflect_conv2d
+else:
+    from kernels.instance_norm import instance_norm_relu
+    from kernels.reflect_conv import reflect_conv2d
 
 __all__ = ["instance_norm_relu", "reflect_conv2d"]

@@ -8,16 +8,18 @@ conv), measured at first use, as cudnn.benchmark measures cuDNN's own algorithms
     pytorch    nothing here: set_fused(net, False) runs the official layers
 
 The first use of a key on CUDA (never while a CUDA graph is captured or torch.compile traces: there
-the decision already made is used, else the Triton op) decides, on the live inputs and a fixed
-pseudo-random output gradient dy:
+the decision already made is used, else PyTorch's path, so that nothing unchecked runs) decides, on
+the live inputs and a fixed pseudo-random output gradient dy:
 
     1. take PyTorch without timing where Triton cannot profit: no Triton kernels for the dtype,
        Triton unsupported (below sm_75), or, for the conv, no tensor-core dot for the dtype
        (kernels.device: fp16 from sm_75, bf16 and TF32 from sm_80);
-    2. run every Triton pass once: an exception (OutOfResources, a compile error) means PyTorch;
-    3. compare each with PyTorch's: ||triton - pytorch|| / ||pytorch|| above TOLERANCES[dtype]
-       means PyTorch (never train on wrong numbers); 2 and 3 print one line, once per key;
-    4. time each pass both ways and keep the faster, per pass:
+    2. run each pass once both ways and compare (see "The check" below): an exception from Triton
+       that leaves the GPU usable (OutOfResources, a compile error, an error before the launch) or a
+       result outside the tolerances means PyTorch for the key (never train on wrong numbers), with
+       one line saying why; a CUDA error that leaves the GPU unusable stops the run (FatalKernelError),
+       as does running out of memory during the check (torch.OutOfMemoryError, naming the layer);
+    3. time each pass both ways and keep the faster, per pass:
 
            conv   fwd     conv2d(reflect_pad(x), w) + b
                   dgrad   dx: Triton's _conv_dgrad, or aten.convolution_backward for the padded
@@ -40,6 +42,7 @@ run on the same machine measures nothing. report() gives the one-line summary a 
 kernels/ stands alone: this file imports nothing from minicycle.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -49,23 +52,27 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import kernels
 from kernels import device as devices
-from kernels import reflect_conv as rc
-from kernels.runtime import use_triton
+from kernels import runtime
+from kernels.runtime import pytorch_norm, use_triton
+
+KERNELS = not runtime.triton_problem()  # else kernels.* are PyTorch's path, and there is nothing to choose
+if KERNELS:
+    from kernels import reflect_conv as rc
 
 MODES = ("auto", "triton", "pytorch")
 # Per op, the passes decided one by one: training (some input requires grad), or forward only.
 PASSES = {"conv": ("fwd", "dgrad", "wgrad"), "conv_fwd": ("fwd",), "norm": ("fwd+bwd",), "norm_fwd": ("fwd",)}
 TRITON, PYTORCH = "triton", "pytorch"
-# The one tolerance per dtype: ||triton - pytorch|| / ||pytorch|| of every output and gradient at
-# first use. fp32: both sides may use TF32 products (10-bit mantissa); 16-bit: both round to it.
-TOLERANCES = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+TOLERANCES = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # see "The check" below
+TILE, FLOOR = 8, 0.25  # a tile: one channel's 8x8 block of pixels; small tiles are held to FLOOR x the RMS
+CHUNK = 1 << 20  # elements compared at a time in float64: the check's extra memory is a few 8 MB chunks
 WARMUP_MS, REP_MS = 10, 40  # do_bench's warm-up and timed span per (pass, path)
 SOURCES = ("reflect_conv.py", "instance_norm.py", "choice.py")  # a change in any of them decides anew
 
@@ -79,6 +86,13 @@ def device_ms(fn: Callable[[], object], path: str, pass_name: str) -> float:
     return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
 
 
+class Errors(NamedTuple):
+    """Triton's output against PyTorch's (see rel_err)."""
+
+    whole: float  # ||triton - pytorch|| / ||pytorch||
+    tile: float  # the same in the worst TILE x TILE tile
+
+
 @dataclasses.dataclass
 class Decision:
     op: str  # a key of PASSES
@@ -88,6 +102,7 @@ class Decision:
     ms: tuple[tuple[float, float], ...] | None = None  # per pass (Triton, PyTorch) medians, when timed
     why: str = ""  # why PyTorch without timing, or after a failed launch or check
     cached: bool = False  # read from the cache file
+    errors: tuple[Errors, ...] | None = None  # per pass checked, Triton's worst output against PyTorch's
 
     def pytorch_name(self, cuda: bool = True) -> str:
         return "cuDNN" if self.op.startswith("conv") and cuda else "PyTorch"
@@ -123,7 +138,7 @@ class Chooser:
         self.seconds = 0.0  # spent deciding since the last report
 
     def applies(self, x: torch.Tensor) -> bool:
-        return x.device.type in self.device_types
+        return KERNELS and x.device.type in self.device_types
 
     # ---- the lookup ----------------------------------------------------------------------------
     def conv_paths(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple[str, ...]:
@@ -148,7 +163,7 @@ class Chooser:
         if paths is not None:
             return paths
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return (TRITON,) * len(PASSES[key[1]])  # nothing decided: the Triton op, as before
+            return (PYTORCH,) * len(PASSES[key[1]])  # nothing can be checked here: PyTorch's path, never unchecked
         if key[0] not in self.loaded:
             self._read_section(key[0])
         decision = self.stored.pop(key, None)
@@ -198,33 +213,50 @@ class Chooser:
                 return self._measure(key, dev, {TRITON: (lambda: triton_norm(x),), PYTORCH: (lambda: torch_norm(x),)})
         runs = {TRITON: (lambda: _forward_backward(triton_norm, x, dy),),
                 PYTORCH: (lambda: _forward_backward(torch_norm, x, dy),)}
-        return self._measure(key, dev, runs)
+        return self._measure(key, dev, runs, kink=activation and slope != 1.0)
 
-    def _measure(self, key: tuple, dev: devices.Device, runs: dict[str, tuple[Callable[[], object], ...]]) -> Decision:
-        """Check every Triton pass against PyTorch's, then time both per pass and keep the faster."""
+    def _measure(self, key: tuple, dev: devices.Device, runs: dict[str, tuple[Callable[[], object], ...]],
+                 kink: bool = False) -> Decision:
+        """Check every Triton pass against PyTorch's, then time both per pass and keep the faster.
+        kink: the pass returns (y, dx) of an activation with a kink at 0 (see rel_err)."""
         op, dtype, passes = key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
-        want = [run() for run in runs[PYTORCH]]
-        try:
-            got = [run() for run in runs[TRITON]]
-            err = max((_rel_err(g, r) for g, r in zip(_tensors(got), _tensors(want))), default=0.0)
-        except Exception as e:  # any failure of our kernels means PyTorch, never a crash
-            return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}")
-        tol = TOLERANCES[dtype]
-        if not err <= tol:  # NaN included
-            return self._fall_back(key, dev, f"Triton's result differs from PyTorch's by {err:.1e} "
-                                             f"(tolerance {tol:.0e} for {key[2].removeprefix('torch.')})")
+        tol, errors = TOLERANCES[dtype], []
+        for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
+            with _fatal(key, name, PYTORCH):
+                want = _outputs(torch_run(), name)
+            try:
+                with _fatal(key, name, TRITON):
+                    got = _outputs(triton_run(), name)
+                    kinks = [(got[0], want[0]) if kink and i == 1 else None for i in range(len(want))]
+                    err = [rel_err(g, w, kink=k) for g, w, k in zip(got, want, kinks)]
+            except (FatalKernelError, torch.OutOfMemoryError):
+                raise
+            except Exception as e:  # our kernels failed, the GPU still usable: PyTorch, never a crash
+                return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}")
+            del got, want
+            errors.append(Errors(max(e.whole for e in err), max(e.tile for e in err)))
+            if not (errors[-1].whole <= tol and errors[-1].tile <= tol):  # NaN included
+                return self._fall_back(key, dev, f"Triton's {name} differs from PyTorch's by {errors[-1].whole:.1e} "
+                                                 f"over the whole output and {errors[-1].tile:.1e} in its worst "
+                                                 f"{TILE}x{TILE} tile (tolerance {tol:.0e} for "
+                                                 f"{key[2].removeprefix('torch.')})", tuple(errors))
         ms = []
         for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
             try:
-                t = self.timer(triton_run, TRITON, name)
+                with _fatal(key, name, TRITON):
+                    t = self.timer(triton_run, TRITON, name)
+            except (FatalKernelError, torch.OutOfMemoryError):
+                raise
             except Exception as e:  # a timing launch that fails: PyTorch too
-                return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}")
-            ms.append((t, self.timer(torch_run, PYTORCH, name)))
+                return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}", tuple(errors))
+            with _fatal(key, name, PYTORCH):
+                ms.append((t, self.timer(torch_run, PYTORCH, name)))
         paths = tuple(TRITON if t < q else PYTORCH for t, q in ms)
-        return Decision(op, _label(key), dev.name, paths, tuple(ms))
+        return Decision(op, _label(key), dev.name, paths, tuple(ms), errors=tuple(errors))
 
-    def _fall_back(self, key: tuple, dev: devices.Device, why: str) -> Decision:
-        decision = Decision(key[1], _label(key), dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
+    def _fall_back(self, key: tuple, dev: devices.Device, why: str, errors: tuple[Errors, ...] = ()) -> Decision:
+        decision = Decision(key[1], _label(key), dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why,
+                            errors=errors or None)
         print(f"kernels: {decision.pytorch_name(key[0].type == 'cuda')} for {decision.label}: {why}",
               file=sys.stderr, flush=True)
         return decision
@@ -232,7 +264,7 @@ class Chooser:
     # ---- the cache file ------------------------------------------------------------------------
     def _section(self, device: torch.device) -> str:
         dev = self.facts(device)
-        return (f"{dev.name} sm_{dev.arch} | torch {torch.__version__} | triton {triton.__version__} | "
+        return (f"{dev.name} sm_{dev.arch} | torch {torch.__version__} | triton {runtime.triton.__version__} | "
                 f"cuDNN {torch.backends.cudnn.version()} | kernels {_sources_hash()}")
 
     def load(self, device: torch.device) -> int:
@@ -257,11 +289,12 @@ class Chooser:
             try:
                 key = (device, *(tuple(e) if isinstance(e, list) else e for e in entry["key"]))
                 paths, ms = tuple(entry["paths"]), tuple(tuple(m) for m in entry["ms"])
+                errors = tuple(Errors(*e) for e in entry.get("errors", ())) or None
                 ok = key[1] in PASSES and len(paths) == len(ms) == len(PASSES[key[1]])
             except (KeyError, TypeError, IndexError):
                 ok = False
             if ok and key not in self.paths:
-                self.stored[key] = Decision(key[1], _label(key), name, paths, ms, cached=True)
+                self.stored[key] = Decision(key[1], _label(key), name, paths, ms, cached=True, errors=errors)
 
     def _save(self, key: tuple, decision: Decision) -> None:
         """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""
@@ -271,7 +304,7 @@ class Chooser:
         data = _read(self.cache_file)
         entries = [e for e in _entries(data, section) if e.get("key") != key_json]
         data[section] = entries + [{"key": key_json, "paths": list(decision.paths),
-                                    "ms": [list(m) for m in decision.ms]}]
+                                    "ms": [list(m) for m in decision.ms], "errors": decision.errors}]
         tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -338,14 +371,6 @@ def wgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int,
     return (dw.contiguous(memory_format=_format(w)) if need_w else None), (db if need_b else None)
 
 
-def pytorch_norm(x: torch.Tensor, eps: float, slope: float, activation: bool) -> torch.Tensor:
-    """F.instance_norm then ReLU (slope 0), LeakyReLU(slope), or nothing: the official layers' math."""
-    y = F.instance_norm(x, eps=eps)
-    if not activation:
-        return y
-    return F.leaky_relu(y, slope) if slope else F.relu(y)
-
-
 def _no_autocast(x: torch.Tensor):
     """The operands are in the autocast dtype already (as the Triton op casts them); CPU autocast would
     run the pad in fp32."""
@@ -408,6 +433,126 @@ def _autograd_backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]
 _chosen.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+# ---- the check: Triton's outputs against PyTorch's -------------------------------------------------------
+#
+# Each output of a pass gives two numbers, both ||triton - pytorch|| / ||pytorch||:
+#   whole  over the whole tensor;
+#   tile   the worst over its tiles, each one channel's TILE x TILE block of pixels (n, c, 8 rows, 8 columns;
+#          a weight's gradient is tiled as its (OC, C*KH*KW) matrix), a tile being measured against
+#          max(its own norm, FLOOR x the whole reference's RMS x sqrt(its size)).
+# A pass passes when both are within TOLERANCES[dtype], for every output. The whole-tensor number alone
+# misses a local fault: one wrong 128x64 GEMM tile in a 1x64x2048x2048 output moves it by at most 5.5e-3.
+# The tiles see it (tests/test_parity_check.py injects faults at the generator's layer shapes: a wrong GEMM
+# tile, a missing tap, a wrong border strip or corner of the dgrad fold, a channel's sign, IN planes and chunks).
+#
+# The tolerances, from a rounding model (two correct results differ by both sides' rounding errors):
+#   fp32, TF32 on both sides (cuDNN's default, which the Triton conv follows): each input is rounded to a
+#     10-bit mantissa, a relative error |d| <= u = 2^-11 (round to nearest; a truncating side errs by up to
+#     2u, with a bias of -u). A product a*b errs by (d_a + d_b)*a*b, an output element by the sum of those
+#     over its K terms (K = C*KH*KW for fwd and dgrad, N*OH*OW for wgrad): a random part of RMS
+#     u*sqrt(2/3)*||ab||_2 per side, and 2u*y for a truncating side's bias. Over a tile, with
+#     rho = sum ||ab||^2 / sum y^2 (1 for terms of random sign, more where they cancel), the two sides
+#     differ by about 2u*sqrt(1 + rho/3) = 1.1e-3 at rho = 1 (5.6e-4 if both round to nearest), K-independent;
+#     fp32 accumulation adds about sqrt(K)*2^-24, under 3e-4 up to K = 2.4e7 (a 4000x6000 wgrad). 5e-3 leaves
+#     room for rho up to 75; tiles whose reference is small against the whole (where rho is largest) are
+#     held to the floor instead. Without TF32 both sides differ by fp32 accumulation alone.
+#   fp16, bf16: the inputs are exact, products exact in fp32, sums in fp32 (as above); each output is rounded
+#     once (twice at the dgrad's folded border), so two correct results differ by at most 1.5 ulp per
+#     element, even where every element does: 1.5 * 2^-10 = 1.5e-3 for fp16, 1.5 * 2^-7 = 1.2e-2 for bf16,
+#     against 1e-2 and 2e-2.
+#   IN + activation: no products; fp32 statistics; the same output roundings. Where the two forwards put an
+#     element on opposite sides of the activation's kink (xhat within rounding of 0), the gradient there is
+#     one-sided and either side's dx is right, and through mean(g) and mean(g * xhat) that choice moves the
+#     whole plane's dx by 1/HW of it: such a plane's dx is left out (`kink`; about 1e-7 of the elements sit
+#     that close to 0 in fp32).
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, *,
+            kink: tuple[torch.Tensor, torch.Tensor] | None = None) -> Errors:
+    """out against ref (see "The check" above), in float64 chunks of CHUNK elements (at least one band of TILE
+    rows of one channel), so that the extra memory stays a few chunks whatever the outputs' size. A tensor that
+    is not 4-d is compared as one row. kink: the forward outputs (out's, ref's) of an activation; the planes
+    where they differ in sign somewhere are left out."""
+    out, ref = (t.detach() if t.dim() == 4 else t.detach().reshape(1, 1, 1, -1) for t in (out, ref))
+    N, C, H, W = ref.shape
+    rows = min(-(-H // TILE) * TILE, max(TILE, CHUNK // max(W, 1) // TILE * TILE))
+    chans = max(1, CHUNK // (rows * max(W, 1)))
+    parts = [(n, slice(c, c + chans), slice(h, h + rows)) for n in range(N) for c in range(0, C, chans)
+             for h in range(0, H, rows)]
+    skip = torch.zeros(N, C, dtype=torch.bool, device=ref.device)  # the (n, c) planes left out
+    for n, c, h in parts if kink is not None else ():
+        skip[n, c] |= ((kink[0][n, c, h] > 0) != (kink[1][n, c, h] > 0)).flatten(1).any(1)
+    diff, norm, count = [], [], []
+    for part in parts:
+        d, r = out[part].double(), ref[part].double()
+        d.sub_(r).square_()[skip[part[:2]]] = 0
+        diff.append(_tile_sums(d))
+        norm.append(_tile_sums(r.square_()))
+        count.append(_tile_sums(r.new_ones((1, *r.shape[1:]))).repeat(r.shape[0]))
+    diff, norm, count = torch.cat(diff), torch.cat(norm), torch.cat(count)
+    total = norm.sum()
+    floor = FLOOR**2 * total / ref.numel() * count
+    whole = (diff.sum() / total.clamp_min(1e-300)).sqrt()
+    tile = (diff / torch.maximum(norm, floor).clamp_min(1e-300)).max().sqrt()
+    return Errors(float(whole), float(tile))
+
+
+def _tile_sums(t: torch.Tensor) -> torch.Tensor:
+    """(channels, rows, columns) -> the sums over each channel's TILE x TILE blocks, flattened."""
+    c, h, w = t.shape
+    t = F.pad(t, (0, -w % TILE, 0, -h % TILE))
+    return t.view(c, t.shape[1] // TILE, TILE, t.shape[2] // TILE, TILE).sum((2, 4)).flatten()
+
+
+def _outputs(result: torch.Tensor | tuple, pass_name: str) -> list[torch.Tensor]:
+    """A pass's outputs as rel_err compares them: a weight's gradient as its (OC, C*KH*KW) matrix."""
+    if pass_name != "wgrad":
+        return list(result) if isinstance(result, tuple) else [result]
+    dw, db = result
+    return [t.reshape(1, 1, t.shape[0], -1) for t in (dw, db) if t is not None]
+
+
+# CUDA errors after which the process's CUDA context is unusable: every later CUDA call fails too, so no
+# fallback can run (cudaError codes, and their messages as torch and Triton report them).
+STICKY = {700: "an illegal memory access", 702: "the launch timed out", 710: "device-side assert",
+          714: "hardware stack error", 715: "an illegal instruction", 716: "misaligned address",
+          717: "operation not supported on global/shared address space", 718: "invalid program counter",
+          719: "unspecified launch failure", 214: "uncorrectable ecc error"}
+
+
+class FatalKernelError(RuntimeError):
+    """A CUDA error during the check that leaves the GPU unusable in this process. One line: the layer, and
+    the way around it."""
+
+
+def sticky(e: BaseException) -> bool:
+    """Whether e is one of the CUDA errors in STICKY (by torch's error code, or by the message)."""
+    text = str(e).lower()
+    return getattr(e, "error_code", None) in STICKY or any(m in text for m in STICKY.values())
+
+
+@contextlib.contextmanager
+def _fatal(key: tuple, pass_name: str, path: str):
+    """Runs a pass of the check (then waits for the GPU, so that a kernel's fault shows here and not in a
+    later layer), and turns the errors that end the run into ones that name the layer: a sticky CUDA error
+    into FatalKernelError, running out of memory into torch.OutOfMemoryError."""
+    what = f"{_label(key)} {pass_name}"
+    try:
+        yield
+        if key[0].type == "cuda":
+            torch.cuda.synchronize(key[0])
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"out of GPU memory while checking {what} (Triton against PyTorch): "
+                                     f"{_reason(e)}") from None
+    except Exception as e:
+        if not sticky(e):
+            raise
+        who = "Triton's kernels" if path == TRITON else "PyTorch"
+        raise FatalKernelError(f"{what}: {who} failed with a CUDA error that leaves the GPU unusable in this "
+                               f"process ({_reason(e)}), so no fallback can run; rerun with --kernels "
+                               f"pytorch") from None
+
+
 # ---- the generator's entry points -------------------------------------------------------------------
 
 
@@ -461,15 +606,18 @@ def report() -> str | None:
 
 def load(device: torch.device) -> int:
     """Take the cache file's decisions for this device now (before torch.compile traces the model)."""
-    return CHOOSER.load(device) if device.type in CHOOSER.device_types else 0
+    return CHOOSER.load(device) if KERNELS and device.type in CHOOSER.device_types else 0
 
 
 def describe(mode: str, device: torch.device) -> str:
     """What --kernels `mode` runs on `device`, for a run's first line."""
     if mode == "pytorch":
         return "the official PyTorch layers (--kernels pytorch)"
+    triton_here = use_triton(torch.empty(0, device=device))
+    if triton_here and runtime.triton_problem():
+        runtime.say_once()  # said here, in the run's first line
+        return f"PyTorch ({runtime.triton_problem()})"
     if device.type not in CHOOSER.device_types:
-        triton_here = use_triton(torch.empty(0, device=device))
         return "Triton, through its interpreter" if triton_here else "PyTorch (no Triton without a GPU)"
     if mode == "triton":
         return "Triton (--kernels triton)"
@@ -494,7 +642,7 @@ def _norm_key(x: torch.Tensor, eps: float, slope: float, activation: bool) -> tu
 
 def _cudnn_flags() -> tuple[bool, bool]:
     """What the PyTorch conv's speed and precision depend on: TF32, and cuDNN's own benchmark."""
-    return bool(torch.backends.cudnn.allow_tf32), bool(torch.backends.cudnn.benchmark)
+    return runtime.cudnn_conv_tf32(), bool(torch.backends.cudnn.benchmark)
 
 
 def _cannot_profit(op: str, dev: devices.Device, dtype: torch.dtype) -> str:
@@ -536,18 +684,6 @@ def _forward_backward(impl: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
         y = impl(xi)
         (dx,) = torch.autograd.grad(y, xi, dy.to(y.dtype))  # CPU autocast runs PyTorch's norm in fp32
     return y.detach(), dx
-
-
-def _tensors(outputs: list) -> list[torch.Tensor]:
-    flat = []
-    for o in outputs:
-        flat += [t for t in o if t is not None] if isinstance(o, tuple) else [o]
-    return flat
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _reason(e: BaseException) -> str:

@@ -636,9 +636,9 @@ def _fold(dx: torch.Tensor, ws: torch.Tensor, p: int) -> None:
 
 
 def _precision(x: torch.Tensor) -> str:
-    """TF32 for fp32 on a GPU exactly when cuDNN would use it; fp16/bf16 ignore the setting."""
+    """TF32 for fp32 on a GPU exactly when cuDNN's conv would use it; fp16/bf16 ignore the setting."""
     if x.dtype == torch.float32 and x.is_cuda and not _INTERPRET:
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+        return "tf32" if kernels.runtime.cudnn_conv_tf32() else "ieee"
     return "ieee"
 
 

@@ -49,8 +49,9 @@ about 100 ms of calls, each timed with CUDA events and each preceded by a write 
 L2 cache (so inputs come from DRAM, and host launch overhead shorter than that write is hidden:
 these are close to device times). CPU: time.perf_counter around each call, median of three.
 
-Precision and cuDNN. fp32 runs with PyTorch's defaults: torch.backends.cudnn.allow_tf32 is True,
-so cuDNN convolutions use TF32 tensor cores, and so does our conv (it follows the same flag).
+Precision and cuDNN. fp32 runs with PyTorch's defaults: cuDNN convolutions use TF32 tensor cores
+(torch.backends.cudnn.conv.fp32_precision, or allow_tf32 on older torch), and so does our conv (it
+follows the same setting).
 cudnn.benchmark is True, as the official CycleGAN code and train.py set it, so eager and compile
 run the convolution algorithms users of the official code get. bf16: every tensor is bf16; both
 sides accumulate in fp32.
@@ -64,8 +65,9 @@ of a training layer with these inputs, by the choice's own code: its decision, m
 row's timing (once per op and shape), or already made in this process or read from its cache file.
 
 Correctness. After timing, each row compares ours with eager on the benchmarked inputs:
-err = ||ours - eager|| / ||eager|| in float64, and the row gets a check mark when err is within
-TOLERANCES[(op, dtype)], a cross otherwise (NaN included). Any cross makes the exit status 1.
+err = ||ours - eager|| / ||eager|| (kernels.choice.rel_err's whole-tensor number, in float64), and
+the row gets a check mark when err is within TOLERANCES[(op, dtype)], a cross otherwise (NaN
+included). Any cross makes the exit status 1.
 
 --quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself:
 IN+ReLU (N,4,8,8) and conv 2 -> 3 3x3 pad 1 at 8x8. It times nothing of interest and skips
@@ -96,7 +98,7 @@ from triton.testing import do_bench
 
 import kernels
 from kernels import choice
-from kernels.runtime import use_triton
+from kernels.runtime import cudnn_conv_tf32, use_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -146,12 +148,6 @@ def op_ms(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     return host_median_ms(fn, device, CPU_WARMUP, CPU_REPS)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN if either holds a NaN)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def reason(e: BaseException) -> str:
@@ -305,7 +301,7 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
             outs[variant] = fn()
         except Exception as e:  # a failing variant is reported in its cell; the run goes on
             times[variant] = f"n/a ({reason(e)})" if variant == "compile" else f"error ({reason(e)})"
-    err = rel_err(outs["ours"], outs["eager"]) if "ours" in outs and "eager" in outs else math.nan
+    err = choice.rel_err(outs["ours"], outs["eager"]).whole if "ours" in outs and "eager" in outs else math.nan
     ok = err <= TOLERANCES[(case.op, case.dtype)]
     try:
         auto = case.auto()  # after the row's timing, which its own measurement would disturb
@@ -410,8 +406,8 @@ def header(device: torch.device, prog: str, argv: Sequence[str], title: str = "m
         f"{device_name(device)} · {date} · {versions} · `{command_line(prog, argv)}`",
         "",
         f"- ours: {ours_path(device)}",
-        f"- precision: fp32 leaves torch.backends.cudnn.allow_tf32 at {torch.backends.cudnn.allow_tf32} "
-        f"(default; cuDNN and our conv then use TF32); cudnn.benchmark={torch.backends.cudnn.benchmark}",
+        f"- precision: fp32 convs {'use' if cudnn_conv_tf32() else 'do not use'} TF32 (torch's cuDNN conv setting, "
+        f"default TF32; our conv follows it); cudnn.benchmark={torch.backends.cudnn.benchmark}",
     ])
 
 

@@ -566,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # Ctrl-C, or a library's own error while cleaning up after one
         if not caused_by(e, KeyboardInterrupt):
             raise
-        error_line("aborted; the last saved checkpoint is intact")
+        saved = any((Path(opt.checkpoints_dir) / opt.name).glob("latest_state*.pth"))
+        error_line("aborted; the last saved checkpoint is intact" if saved else "aborted before anything was saved")
         return 130
     finally:
         dist.close()  # also after an error raised before the training loop's own teardown

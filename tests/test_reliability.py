@@ -555,6 +555,17 @@ def test_second_signal_ends_the_run_in_one_line_every_time(trained, dataroot, tm
                 load_into(net, run / f"latest_net_{k}.pth")
 
 
+def test_ctrl_c_before_the_first_save_says_nothing_was_saved(dataroot, tmp_path, capsys, monkeypatch, torch_path):
+    def interrupted(self, a, b):
+        raise KeyboardInterrupt  # as a second Ctrl-C in the first iteration
+
+    monkeypatch.setattr(CycleGAN, "optimize", interrupted)
+    capsys.readouterr()
+    assert run_train(["--dataroot", str(dataroot), "--max_steps", "3"], tmp_path) == 130
+    assert capsys.readouterr().err == "train.py: aborted before anything was saved\n"
+    assert not list((tmp_path / "t").glob("*.pth"))
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(trained, tmp_path, dataroot, capsys, monkeypatch,
                                                               torch_path):
     """A loss turning NaN (the weights with it) stops the run; no NaN reaches the checkpoint files."""

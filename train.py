@@ -14,6 +14,7 @@ parallelism in minicycle/distributed.py, --cuda_graph in minicycle/cuda_graph.py
 """
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -51,7 +52,7 @@ BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 
 
-def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Dist) -> int:
+def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Dist, stop: "StopSignal") -> int:
     """The training procedure: set-up, resume, the loop over epochs, the end. Returns the exit code."""
     # ---- set-up: the device, the data, the run's folder, the model -----------------------------------------
     device = dist.setup(pick_device(opt.device))
@@ -101,7 +102,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with StopSignal() as stop:
+        with stop.loop():
             s = Setup(opt=opt, device=device, dist=dist, dataset=dataset, min_size=min_size, workers=workers,
                       model=model, graphed=graphed, ckpt=ckpt, log=log, stop=stop)
             while run.epoch <= last_epoch:
@@ -421,26 +422,45 @@ def write_page(s: Setup, run: Run, epoch: int) -> None:
 
 
 class StopSignal:
-    """Ctrl-C or SIGTERM, while the loop runs (a `with` block), sets `name`: the loop finishes its iteration,
-    saves and stops. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    """How a run answers Ctrl-C (SIGINT) and SIGTERM, from main()'s start to its end (a `with` block, which puts
+    back the handlers it found). Before the training loop, either stops the run at once (KeyboardInterrupt):
+    nothing is under way that a save would keep. While the loop runs (`with stop.loop()`), the first sets `name`:
+    the loop finishes its iteration, saves and stops; a second stops at once. After the loop they change nothing:
+    the state is saved, or the run is being aborted, and what is left takes a moment.
+
+    One handler throughout, its answer set by `phase`: a handler swapped out on the way to the exit still runs
+    for a signal that arrived just before (signal.signal runs pending handlers first), and a KeyboardInterrupt
+    raised there would escape every `except` of main()."""
 
     def __init__(self) -> None:
         self.name: str | None = None
+        self.phase = "set-up"  # then "loop", then "over"
 
     def __enter__(self) -> "StopSignal":
-        signal.signal(signal.SIGINT, self._handler)
-        signal.signal(signal.SIGTERM, self._handler)
+        self.found = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.phase = "over"
+        for s, handler in self.found.items():
+            signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def loop(self):
+        self.phase = "loop"
+        try:
+            yield
+        finally:
+            self.phase = "over"
 
     def _handler(self, signum, frame) -> None:
-        if self.name:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        print(f"\n{self.name}: finishing this iteration and saving (press Ctrl-C again to abort)", file=sys.stderr)
+        if self.phase == "over":
+            return
+        if self.phase == "loop" and not self.name:
+            self.name = signal.Signals(signum).name
+            print(f"\n{self.name}: finishing this iteration and saving (press Ctrl-C again to abort)", file=sys.stderr)
+            return
+        raise KeyboardInterrupt
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -563,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_options(argv)
     dist = Dist()
     try:
-        return train(opt, cli.explicit_options(build_parser(), argv), argv, dist)
+        with StopSignal() as stop:
+            return train(opt, cli.explicit_options(build_parser(), argv), argv, dist, stop)
     except (DataError, CheckpointError, FloatingPointError, ValueError, RanksDisagree, CollectiveFailed,
             choice.FatalKernelError) as e:
         msg = str(e)
@@ -581,13 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # Ctrl-C, or a library's own error while cleaning up after one
         if not caused_by(e, KeyboardInterrupt):
             raise
-        error_line("aborted; the last saved checkpoint is intact")
+        saved = any((Path(opt.checkpoints_dir) / opt.name).glob("latest_state*.pth"))
+        error_line("aborted; the last saved checkpoint is intact" if saved else "aborted before anything was saved")
         return 130
     finally:
         dist.close()  # also after an error raised before the training loop's own teardown
 
 
 if __name__ == "__main__":
-    code = main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over and saved: a late Ctrl-C changes nothing
-    sys.exit(code)
+    # What main() puts back when it returns: by then the run is over and saved, and a late Ctrl-C changes nothing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(main())

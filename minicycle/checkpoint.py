@@ -1,10 +1,10 @@
 """Checkpoint files: atomic writes, safe loads, official-key compatibility, a readable diagnosis
 when a generator file does not fit the flags, and a training run's folder of checkpoints."""
 
+import io
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,30 +25,37 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+    """torch.save into memory, then to a temp file in the same folder, fsync, then rename over `path`.
 
     A crash (or a full disk) at any moment leaves either the old file or the new one, never a
     half-written file under the final name.
+
+    torch.save never writes to the file itself. A Ctrl-C that lands after torch.save has made its zip
+    writer and before its `with` holds it (or as the `with` begins to close it) leaves the writer
+    unfinished and alive in the traceback; when it is collected (at exit, say), its C++ destructor
+    writes the end of the archive into what it was given. Into a file closed by then, that write fails
+    where nothing can catch it: "terminate called after throwing an instance of
+    'pybind11::error_already_set' ... write to closed file", SIGABRT. A buffer lives as long as the
+    writer that holds it. The cost: one copy of the file in memory while it is written (about 0.42 GB
+    for the paper's training state: 28.3 M parameters, two Adam moments each, and the two pools).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = os.path.join(path.parent, f".{path.name}.{os.getpid()}.tmp")  # named before it exists: never orphaned
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            data = io.BytesIO()
+            torch.save(obj, data)
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        # A Ctrl-C inside torch.save leaves its zip writer mid-record; closing it then raises a
-        # RuntimeError with the KeyboardInterrupt as context: the user asked to stop, so stop.
-        if not isinstance(e, KeyboardInterrupt) and caused_by(e, KeyboardInterrupt):
-            raise KeyboardInterrupt from e
-        # torch.save reports a failed write (disk full ...) as a RuntimeError of its zip writer, with the
-        # OSError only as its context: raise the OSError itself, naming the file that was being written.
-        err = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
-        if isinstance(err, OSError):
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from e
+        try:
+            os.unlink(tmp)  # first, in one call on a str: a further Ctrl-C cannot land before it
+        except FileNotFoundError:  # renamed already
+            pass
+        if isinstance(e, OSError):  # name the file being written, not its temp file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     _fsync_dir(path.parent)
 

@@ -4,6 +4,7 @@
     python -m kernels.tools.op_bench --ops conv --dtypes bf16 --batch 4  # a slice, to fit a time limit
     python -m kernels.tools.op_bench --layouts channels_last # the same on channels_last tensors
     python -m kernels.tools.op_bench --quick                             # tiny shapes on CPU: checks the harness itself
+    python -m kernels.tools.op_bench --ceilings                          # the device's copy GB/s and matmul TFLOP/s
     python -m kernels.tools.op_bench ... --out FILE.md                   # also write the markdown to FILE.md
 
 The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
@@ -14,7 +15,7 @@ the table. --budget S skips the rows not started within S seconds, to fit a time
 Each op is timed three ways, on the same input tensors:
 
     ours     kernels.instance_norm_relu, kernels.reflect_conv2d (the Triton kernels on CUDA)
-    eager    what the official model runs: F.instance_norm + in-place ReLU, and
+    eager    what the official model runs: F.instance_norm + ReLU (kernels.runtime.pytorch_norm), and
              nn.ReflectionPad2d + F.conv2d (cuDNN on CUDA)
     compile  torch.compile(eager, dynamic=False), compiled afresh for every row
 
@@ -69,6 +70,13 @@ err = ||ours - eager|| / ||eager|| (kernels.choice.rel_err's whole-tensor number
 the row gets a check mark when err is within TOLERANCES[(op, dtype)], a cross otherwise (NaN
 included). Any cross makes the exit status 1.
 
+auto's decisions. Under the table, every decision `--kernels auto` made in the process, pass by pass: the
+path, both medians, and the parity check's errors (kernels.choice.rel_err of Triton's output against
+PyTorch's: over the whole output and in its worst 8x8 tile), against the check's tolerance.
+
+--ceilings times the device instead: a 1 GiB device-to-device copy (GB/s, read + write) and 8192^3
+matmuls in bf16 and TF32 (TFLOP/s), so that every achieved rate can be read against them.
+
 --quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself:
 IN+ReLU (N,4,8,8) and conv 2 -> 3 3x3 pad 1 at 8x8. It times nothing of interest and skips
 torch.compile unless --compile is given. Ours takes whichever path kernels.runtime.use_triton
@@ -98,7 +106,7 @@ from triton.testing import do_bench
 
 import kernels
 from kernels import choice
-from kernels.runtime import cudnn_conv_tf32, use_triton
+from kernels.runtime import cudnn_conv_tf32, pytorch_norm, use_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -166,8 +174,8 @@ def ours_in_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 def eager_in_relu(x: torch.Tensor) -> torch.Tensor:
-    """nn.InstanceNorm2d (no affine, no running stats) + nn.ReLU(True), as the official model."""
-    return F.relu(F.instance_norm(x, eps=EPS), inplace=True)
+    """nn.InstanceNorm2d (no affine, no running stats) + nn.ReLU, the official layers' math."""
+    return pytorch_norm(x, EPS, 0.0, True)
 
 
 class EagerReflectConv(nn.Module):
@@ -359,6 +367,47 @@ def bench_ops(ops: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str],
     return all_ok
 
 
+def ceilings(device: torch.device, quick: bool) -> list[list[str]]:
+    """Rows (what, median µs, rate) of a device-to-device copy and of square bf16 and TF32 matmuls (--quick:
+    1 MiB and 256^3)."""
+    n = (2**20 if quick else 2**30) // 4  # fp32 elements
+    x, y = torch.empty(n, device=device), torch.empty(n, device=device)
+    ms = op_ms(lambda: y.copy_(x), device)
+    rows = [[f"copy {n * 4 >> 20} MiB, device to device", f"{ms * 1e3:.1f}", _fmt_rate(2 * n * 4, ms, "GB/s")]]
+    m, precision = 256 if quick else 8192, torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
+    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float32, "TF32")):
+        a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in "ab")
+        ms = op_ms(lambda a=a, b=b: a @ b, device)
+        rows.append([f"matmul {m}³, {label}", f"{ms * 1e3:.1f}", _fmt_rate(2 * m**3, ms, "TFLOP/s")])
+    torch.set_float32_matmul_precision(precision)
+    return rows
+
+
+DECISION_COLUMNS = ["layer", "pass", "auto takes", "Triton ms", "PyTorch ms", "err", "worst-tile err", "tolerance"]
+
+
+def decision_rows() -> list[list[str]]:
+    """Every decision of --kernels auto in this process, per pass: the path, the two medians, and the parity
+    check's errors (kernels.choice.rel_err, Triton against PyTorch: whole output, worst tile)."""
+    rows = []
+    for key, d in choice.CHOOSER.decisions.items():
+        tol = choice.TOLERANCES.get(getattr(torch, key[2].removeprefix("torch."), None))
+        for i, pass_name in enumerate(choice.PASSES[d.op]):
+            takes = d.verdict(i, key[0].type == "cuda").replace("|", "/") + (" (cached)" if d.cached else "")
+            ms = [f"{t:.3f}" for t in d.ms[i]] if d.ms else ["—", "—"]
+            err = [f"{e:.1e}" for e in d.errors[i]] if d.errors and i < len(d.errors) else ["—", "—"]
+            rows.append([d.label, pass_name, takes, *ms, *err, f"{tol:.0e}" if tol else "—"])
+    return rows
+
+
+def decisions_section() -> list[str]:
+    """The markdown parts of auto's decisions, or none if it made none."""
+    rows = decision_rows()
+    return ["## What --kernels auto decided, and the parity check's errors", markdown_table(DECISION_COLUMNS, rows),
+            f"Deciding took {choice.CHOOSER.seconds:.1f} s in all."] if rows else []
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -462,14 +511,10 @@ def batch_list(text: str) -> list[int]:
     return [positive_int(t) for t in csv_list(None)(text)]
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.tools.op_bench", description=__doc__.splitlines()[0])
+def common_args(p: argparse.ArgumentParser) -> None:
+    """The flags the op and the iteration benchmarks share."""
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes on CPU to check the harness; not a performance measurement")
-    p.add_argument("--ops", type=csv_list(OPS), default=list(OPS), help="ops to time: in,conv (default: both)")
-    p.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES), help="dtypes: fp32,bf16")
-    p.add_argument("--layouts", type=csv_list(tuple(LAYOUTS)), default=["nchw"],
-                   help="memory layouts: nchw,channels_last (default nchw)")
+                   help="tiny shapes on the CPU to check the harness; not a performance measurement")
     p.add_argument("--batch", type=batch_list, default=[1, 4], help="batch sizes (default 1,4)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: yes, except with --quick)")
@@ -478,30 +523,51 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (CPU with --quick)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
+
+
+def setup(args: argparse.Namespace, cpu_only: bool) -> tuple[torch.device, str | None]:
+    """The device (auto: CUDA when available, unless cpu_only) and why torch.compile is skipped (None: it runs).
+    cudnn.benchmark is on, as the official code and train.py set it."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
+    else:
+        device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    if args.quick:
+        torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
+    if args.compile if args.compile is not None else not args.quick:
+        return device, None
+    return device, "skipped (--quick; pass --compile)" if args.quick else "skipped (--no-compile)"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kernels.tools.op_bench", description=__doc__.splitlines()[0])
+    common_args(p)
+    p.add_argument("--ops", type=csv_list(OPS), default=list(OPS), help="ops to time: in,conv (default: both)")
+    p.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES), help="dtypes: fp32,bf16")
+    p.add_argument("--layouts", type=csv_list(tuple(LAYOUTS)), default=["nchw"],
+                   help="memory layouts: nchw,channels_last (default nchw)")
+    p.add_argument("--ceilings", action="store_true",
+                   help="time the device's ceilings instead: copy GB/s, bf16 and TF32 matmul TFLOP/s")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    else:
-        device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True  # as the official code: eager and compile get cuDNN's fastest algorithms
-    compile_on = args.compile if args.compile is not None else not args.quick
-    compile_note = None if compile_on else ("skipped (--quick; pass --compile)" if args.quick else
-                                            "skipped (--no-compile)")
-    if args.quick and device.type == "cpu":
-        torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
+    device, compile_note = setup(args, cpu_only=args.quick)
     torch.manual_seed(0)
-
     top = header(device, "python -m kernels.tools.op_bench", argv)
+    quick = " (--quick: tiny CPU shapes, a harness check)" if args.quick else ""
+    if args.ceilings:
+        write_report("\n\n".join([top, "## Device ceilings" + quick,
+                                   markdown_table(["what", "median µs", "rate"], ceilings(device, args.quick))])
+                     + "\n", args.out)
+        return 0
     rows: list[list[str]] = []
 
     def report(ok: bool = True) -> str:
-        parts = [top, "## Ops" + (" (--quick: tiny CPU shapes, a harness check)" if args.quick else ""),
-                 markdown_table(OP_COLUMNS, rows), OPS_LEGEND]
+        parts = [top, "## Ops" + quick, markdown_table(OP_COLUMNS, rows), OPS_LEGEND, *decisions_section()]
         if not ok:
             parts.append("**Some checks failed (✗ above).**")
         return "\n\n".join(parts) + "\n"

@@ -468,6 +468,11 @@ def write_file(path: str, text: str) -> None:
         f.write(text)
 
 
+def document(parts: Sequence[str], ok: bool = True) -> str:
+    """A report of these markdown parts, which says at its end whether a check failed."""
+    return "\n\n".join([*parts, *([] if ok else ["**Some checks failed (✗ above).**"])]) + "\n"
+
+
 def write_report(report: str, path: str | None) -> None:
     """Print the markdown report, and write it to path too when given."""
     print(report, end="")
@@ -560,24 +565,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     top = header(device, "python -m kernels.tools.op_bench", argv)
     quick = " (--quick: tiny CPU shapes, a harness check)" if args.quick else ""
     if args.ceilings:
-        write_report("\n\n".join([top, "## Device ceilings" + quick,
-                                   markdown_table(["what", "median µs", "rate"], ceilings(device, args.quick))])
-                     + "\n", args.out)
+        rows = ceilings(device, args.quick)
+        write_report(document([top, "## Device ceilings" + quick, markdown_table(["what", "median µs", "rate"], rows)]),
+                     args.out)
         return 0
-    rows: list[list[str]] = []
+    rows = []
 
     def report(ok: bool = True) -> str:
-        parts = [top, "## Ops" + quick, markdown_table(OP_COLUMNS, rows), OPS_LEGEND, *decisions_section()]
-        if not ok:
-            parts.append("**Some checks failed (✗ above).**")
-        return "\n\n".join(parts) + "\n"
-
-    def partial() -> None:  # the report so far, in case the run is cut short
-        if args.out:
-            write_file(args.out, report())
+        return document([top, "## Ops" + quick, markdown_table(OP_COLUMNS, rows), OPS_LEGEND, *decisions_section()], ok)
 
     ok = bench_ops(args.ops, args.dtypes, args.layouts, args.batch, device, args.quick, compile_note, args.budget,
-                   rows, partial)
+                   rows, lambda: args.out and write_file(args.out, report()))  # a run cut short keeps its rows
     write_report(report(ok), args.out)
     return 0 if ok else 1
 

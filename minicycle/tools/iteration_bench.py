@@ -699,8 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     top = kb.header(device, PROG, argv, "minicycle: kernel launches per training iteration" if args.count_launches
                     else "minicycle benchmark")
     if args.cpu or args.count_launches:
-        kb.write_report("\n\n".join([top, *(cpu_report(args) if args.cpu else count_report(args, cfg, what))])
-                        + "\n", args.out)
+        kb.write_report(kb.document([top, *(cpu_report(args) if args.cpu else count_report(args, cfg, what))]),
+                        args.out)
         return 0
     heading, columns, legend = ((f"## G_A inference ({what})", INFER_COLUMNS, INFER_LEGEND) if args.infer else
                                 (f"## Model: one training iteration and G_A inference ({what})", MODEL_COLUMNS,
@@ -709,19 +709,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof_rows: list[list[str]] = []
 
     def report(ok: bool = True) -> str:
-        parts = [top, heading, kb.markdown_table(columns, rows), legend, *kb.decisions_section()]
-        if prof_rows:
-            parts += ["## Profile of one iteration", kb.markdown_table(PROFILE_COLUMNS, prof_rows), PROFILE_LEGEND]
-        if not ok:
-            parts.append("**Some checks failed (✗ above).**")
-        return "\n\n".join(parts) + "\n"
-
-    def partial() -> None:  # the report so far, in case the run is cut short
-        if args.out:
-            kb.write_file(args.out, report())
+        profile_parts = ["## Profile of one iteration", kb.markdown_table(PROFILE_COLUMNS, prof_rows), PROFILE_LEGEND]
+        return kb.document([top, heading, kb.markdown_table(columns, rows), legend, *kb.decisions_section(),
+                            *(profile_parts if prof_rows else [])], ok)
 
     measure = infer_measure(args, cfg, device) if args.infer else train_measure(args, cfg, device, prof_rows)
-    ok = each_run(args, device, compile_note, len(columns) - 4, measure, rows, partial)
+    ok = each_run(args, device, compile_note, len(columns) - 4, measure, rows,
+                  lambda: args.out and kb.write_file(args.out, report()))  # a run cut short keeps its rows
     kb.write_report(report(ok), args.out)
     return 0 if ok else 1
 

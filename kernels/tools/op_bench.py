@@ -2,91 +2,60 @@
 
     python -m kernels.tools.op_bench                                     # IN+ReLU and reflect-conv, fwd and bwd
     python -m kernels.tools.op_bench --ops conv --dtypes bf16 --batch 4  # a slice, to fit a time limit
-    python -m kernels.tools.op_bench --layouts channels_last # the same on channels_last tensors
+    python -m kernels.tools.op_bench --layouts channels_last             # the same on channels_last tensors
     python -m kernels.tools.op_bench --quick                             # tiny shapes on CPU: checks the harness itself
     python -m kernels.tools.op_bench --ceilings                          # the device's copy GB/s and matmul TFLOP/s
     python -m kernels.tools.op_bench ... --out FILE.md                   # also write the markdown to FILE.md
 
 The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
+Everything is printed as markdown: a header (device, date, versions, the exact command), then the table,
+its legend (OPS_LEGEND: every column's meaning and formula), and every decision --kernels auto made in
+the process, pass by pass, with the parity check's errors. --budget S skips the rows not started within S
+seconds, to fit a time limit.
 
-Everything is printed as markdown: a header (device, date, versions, the exact command), then
-the table. --budget S skips the rows not started within S seconds, to fit a time limit.
-
-Each op is timed three ways, on the same input tensors:
+Each op is timed three ways, on the same input tensors, at the ResNet generator's shapes (ngf 64, 256x256
+images, batch 1 and 4; IN_SHAPES, CONV_SHAPES: the first, the residual-block and the last conv):
 
     ours     kernels.instance_norm_relu, kernels.reflect_conv2d (the Triton kernels on CUDA)
     eager    what the official model runs: F.instance_norm + ReLU (kernels.runtime.pytorch_norm), and
              nn.ReflectionPad2d + F.conv2d (cuDNN on CUDA)
     compile  torch.compile(eager, dynamic=False), compiled afresh for every row
 
-at the shapes of the ResNet generator (ngf 64, 256x256 images, batch 1 and 4):
+Passes. IN+ReLU: fwd (x requires grad, as in training) and bwd (dx from x and dy). Conv: fwd, dgrad (dx
+only) and wgrad (dw only). A backward pass runs one forward outside the timing, then times
+torch.autograd.grad(y, [t], dy, retain_graph=True) with t = x or w the only tensor that requires grad, so
+every implementation computes just that gradient (ours skips the others through ctx.needs_input_grad;
+torch.compile builds its backward graph for t alone; its donated buffers, which forbid retain_graph, are
+switched off). dbias is not timed.
 
-    IN+ReLU  (N, 64, 256, 256), (N, 128, 128, 128), (N, 256, 64, 64)
-    conv     7x7 pad 3, 3 -> 64 at 256^2 (first layer); 3x3 pad 1, 256 -> 256 at 64^2 (the 18
-             residual-block convs); 7x7 pad 3, 64 -> 3 at 256^2 (last layer); all with bias
+Timing (op_ms). CUDA: one call outside the timing (compilation, autotuning), then
+triton.testing.do_bench(fn, return_mode="median"): 25 ms of warm-up calls, then about 100 ms of calls, each
+timed with CUDA events after a write that clears the L2 cache (inputs come from DRAM; host launch overhead
+shorter than that write is hidden: these are close to device times). CPU: the median of three calls.
 
-Passes. IN+ReLU: fwd (x requires grad, as in training) and bwd (dx from x and dy). Conv: fwd,
-dgrad (dx only) and wgrad (dw only). A backward pass runs one forward outside the timing and
-then times torch.autograd.grad(y, [t], dy, retain_graph=True), with t = x or w the only tensor
-that requires grad, so every implementation computes just that gradient: ours skips the others
-through ctx.needs_input_grad, and torch.compile builds its backward graph for t alone. dbias is
-not timed (one reduction over dy). torch.compile's donated buffers are switched off for this
-section, since they forbid retain_graph.
+Precision and cuDNN: fp32 convolutions use TF32 on both sides (cuDNN's default, which our conv follows);
+bf16: every tensor is bf16, both sides accumulate in fp32. cudnn.benchmark is True, as the official code
+and train.py set it. --layouts channels_last holds x, dy and the conv weights in torch.channels_last, as a
+model converted with model.to(memory_format=torch.channels_last) holds them.
 
-Work per pass (the fewest bytes that must cross DRAM, and the arithmetic):
-
-    IN+ReLU fwd     bytes = read x + write y           = 2 * numel * itemsize
-    IN+ReLU bwd     bytes = read x, dy + write dx      = 3 * numel * itemsize
-                    (the saved per-plane mean and rstd, 8 bytes a plane, are left out)
-    conv, each of fwd / dgrad / wgrad
-                    FLOP  = 2 * N * OH * OW * OC * C * KH * KW
-
-The "ours" column of achieved rate is bytes / time (GB/s) or FLOP / time (TFLOP/s), for ours.
-Ratios are eager / ours and compile / ours: above 1 means ours is faster.
-
-Timing. CUDA: one call outside the timing (Triton compilation and autotuning, torch.compile),
-then triton.testing.do_bench(fn, return_mode="median"): its own warm-up (25 ms of calls), then
-about 100 ms of calls, each timed with CUDA events and each preceded by a write that clears the
-L2 cache (so inputs come from DRAM, and host launch overhead shorter than that write is hidden:
-these are close to device times). CPU: time.perf_counter around each call, median of three.
-
-Precision and cuDNN. fp32 runs with PyTorch's defaults: cuDNN convolutions use TF32 tensor cores
-(torch.backends.cudnn.conv.fp32_precision, or allow_tf32 on older torch), and so does our conv (it
-follows the same setting).
-cudnn.benchmark is True, as the official CycleGAN code and train.py set it, so eager and compile
-run the convolution algorithms users of the official code get. bf16: every tensor is bf16; both
-sides accumulate in fp32.
-
-Layouts (--layouts). nchw: contiguous tensors. channels_last: x, dy and the conv weights in
-torch.channels_last, as a model converted with model.to(memory_format=torch.channels_last) and
-fed channels_last inputs would hold them; all three implementations get the same tensors.
-
-auto takes. Each row also says which path `--kernels auto` (kernels/choice.py) takes for that pass
-of a training layer with these inputs, by the choice's own code: its decision, measured after the
-row's timing (once per op and shape), or already made in this process or read from its cache file.
-
-Correctness. After timing, each row compares ours with eager on the benchmarked inputs:
-err = ||ours - eager|| / ||eager|| (kernels.choice.rel_err's whole-tensor number, in float64), and
-the row gets a check mark when err is within TOLERANCES[(op, dtype)], a cross otherwise (NaN
-included). Any cross makes the exit status 1.
-
-auto's decisions. Under the table, every decision `--kernels auto` made in the process, pass by pass: the
-path, both medians, and the parity check's errors (kernels.choice.rel_err of Triton's output against
-PyTorch's: over the whole output and in its worst 8x8 tile), against the check's tolerance.
+Each row also says which path --kernels auto (kernels/choice.py) takes for that pass of a training layer
+with these inputs, by the choice's own decision (made after the row's timing, once per op and shape), and
+checks ours against eager on the benchmarked inputs (kernels.choice.rel_err, over the whole output):
+any row outside TOLERANCES makes the exit status 1.
 
 --ceilings times the device instead: a 1 GiB device-to-device copy (GB/s, read + write) and 8192^3
 matmuls in bf16 and TF32 (TFLOP/s), so that every achieved rate can be read against them.
 
---quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself:
-IN+ReLU (N,4,8,8) and conv 2 -> 3 3x3 pad 1 at 8x8. It times nothing of interest and skips
-torch.compile unless --compile is given. Ours takes whichever path kernels.runtime.use_triton
-picks: the Triton interpreter under TRITON_INTERPRET=1, else the plain PyTorch path.
+--quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself; it times
+nothing of interest and skips torch.compile unless --compile is given. Ours takes the path
+kernels.runtime.use_triton picks: the Triton interpreter under TRITON_INTERPRET=1, else plain PyTorch.
 
 kernels/ stands alone: this file imports nothing from minicycle.
 """
 
 import argparse
 import datetime
+import functools
 import math
 import os
 import shlex
@@ -173,6 +142,10 @@ def ours_in_relu(x: torch.Tensor) -> torch.Tensor:
     return kernels.instance_norm_relu(x, eps=EPS)
 
 
+def ours_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, padding: int) -> torch.Tensor:
+    return kernels.reflect_conv2d(x, w, b, padding=padding)
+
+
 def eager_in_relu(x: torch.Tensor) -> torch.Tensor:
     """nn.InstanceNorm2d (no affine, no running stats) + nn.ReLU, the official layers' math."""
     return pytorch_norm(x, EPS, 0.0, True)
@@ -244,7 +217,7 @@ def conv_cases(batch: int, dtype: str, layout: str, device: torch.device,
         dy = torch.randn(batch, oc, ohw, ohw, device=device, dtype=dt).contiguous(memory_format=fmt)
         flop = 2 * batch * ohw * ohw * oc * c * k * k
         shape = f"N={batch} {c}→{oc} {k}×{k} p{p} @{hw}²"
-        ours = _ours_conv(p)
+        ours = functools.partial(ours_conv, padding=p)
         for pass_name, x_grad, w_grad in (("fwd", True, True), ("dgrad", True, False), ("wgrad", False, True)):
             xi = x.detach().requires_grad_(x_grad)
             wi = w.detach().requires_grad_(w_grad)
@@ -269,13 +242,6 @@ def auto_norm(x: torch.Tensor) -> str:
     if not choice.CHOOSER.applies(x):
         return "the ops' own (CPU)"
     return choice.CHOOSER.norm_decision(x.detach().requires_grad_(), EPS, 0.0, True).verdict(0).replace("|", "/")
-
-
-def _ours_conv(padding: int) -> Callable[..., torch.Tensor]:
-    def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return kernels.reflect_conv2d(x, w, b, padding=padding)
-
-    return ours
 
 
 def _fmt_rate(work: float, ms: float, unit: str) -> str:

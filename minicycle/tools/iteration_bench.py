@@ -202,53 +202,6 @@ def each_run(args: argparse.Namespace, device: torch.device, compile_note: str |
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    losses: dict[str, float]  # the first iteration's
-    train_ms: float
-    peak_mib: float | None  # None off CUDA
-    infer_ms: float | str | None  # None for ours+graph (the same generator as ours); str: why it failed
-    profile: list[str] | None  # the profile table's cells, with --profile-dir
-
-
-def run_variant(variant: str, kernels: str, cfg: Config, device: torch.device, amp: torch.dtype | None,
-                real_A: torch.Tensor, real_B: torch.Tensor, iters: int, channels_last: bool,
-                profile_to: Path | None) -> Result:
-    model, step, read = build(variant, kernels, cfg, device, amp, len(real_A), channels_last)
-    step(real_A, real_B)
-    losses = read()[0]  # the loss check; compiles, autotunes
-    for _ in range(WARMUP - 1):
-        step(real_A, real_B)
-    read()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    kb.sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step(real_A, real_B)
-    read()
-    kb.sync(device)
-    train_ms = (time.perf_counter() - t0) / iters * 1e3
-    peak = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
-    # The training numbers are in: a failing profiler or inference costs only its own cells.
-    profile_cells = None
-    if profile_to:
-        try:
-            profile_cells = profile_iteration(step, read, real_A, real_B, train_ms, profile_to)
-        except Exception as e:
-            profile_cells = [f"n/a ({kb.reason(e)})"] + ["—"] * 5
-    infer_ms: float | str | None = None
-    if variant != "ours+graph":
-        try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                infer_ms = kb.host_median_ms(lambda: model.netG_A(real_A), device, WARMUP, iters)
-        except Exception as e:
-            infer_ms = f"n/a ({kb.reason(e)})"
-    return Result(losses, train_ms, peak, infer_ms, profile_cells)
-
-
 def profile_iteration(step: Callable, read: Callable, real_A: torch.Tensor, real_B: torch.Tensor, train_ms: float,
                       path: Path) -> list[str]:
     """One iteration under torch.profiler: [GPU busy ms, host op ms, wall ms, kernels, host launch calls,
@@ -289,7 +242,7 @@ PROFILE_COLUMNS = ["variant", "layout", "batch", "amp", "GPU busy ms", "host op 
 
 
 def train_measure(args: argparse.Namespace, cfg: Config, device: torch.device, prof_rows: list[list[str]]) -> Measure:
-    """measure() of one training row (see each_run); a profile row goes to prof_rows."""
+    """measure() of one training row (see each_run and the legend); a profile row goes to prof_rows."""
     amp = kb.DTYPES[args.amp] if args.amp != "fp32" else None
     layout = "channels_last" if args.channels_last else "nchw"
 
@@ -297,27 +250,53 @@ def train_measure(args: argparse.Namespace, cfg: Config, device: torch.device, p
         if "images" not in state:
             state["images"] = images(batch, args.size, device, args.channels_last)
         real_A, real_B = state["images"]
+        model, step, read = build(variant, kernels, cfg, device, amp, batch, args.channels_last)
+        step(real_A, real_B)
+        losses = read()[0]  # the loss check; compiles, autotunes
+        for _ in range(WARMUP - 1):
+            step(real_A, real_B)
+        read()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        kb.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step(real_A, real_B)
+        read()
+        kb.sync(device)
+        train_ms = (time.perf_counter() - t0) / args.iters * 1e3
+        peak = f"{torch.cuda.max_memory_reserved(device) / 2**20:,.0f}" if device.type == "cuda" else "n/a (CPU)"
+        # The training numbers are in: a failing profiler or inference costs only its own cells.
         head = [label(variant, kernels), layout, str(batch), args.amp]
-        name = f"{'-'.join(re.findall(r'[a-z]+', head[0]))}-b{batch}-{args.amp}-{layout}.txt"
-        r = run_variant(variant, kernels, cfg, device, amp, real_A, real_B, args.iters, args.channels_last,
-                        args.profile_dir / name if args.profile_dir else None)
+        if args.profile_dir:
+            path = args.profile_dir / f"{'-'.join(re.findall(r'[a-z]+', head[0]))}-b{batch}-{args.amp}-{layout}.txt"
+            try:
+                prof_rows.append(head + profile_iteration(step, read, real_A, real_B, train_ms, path))
+            except Exception as e:
+                prof_rows.append(head + [f"n/a ({kb.reason(e)})"] + ["—"] * 5)
+        infer_ms: float | str = "as ours"  # ours+graph: the same generator
+        if variant != "ours+graph":
+            try:
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    infer_ms = kb.host_median_ms(lambda: model.netG_A(real_A), device, WARMUP, args.iters)
+            except Exception as e:
+                infer_ms = f"n/a ({kb.reason(e)})"
         if variant == "eager":
-            state["eager"] = r
-        ref: Result | None = state.get("eager")
+            state["eager"] = (losses, train_ms)
+        ref = state.get("eager")
         delta, mark, ok = "ref", "ref", True
         if ref is None:
             delta, mark, ok = "no eager reference", "✗", False
         elif variant != "eager":
-            d = max(abs(r.losses[k] - ref.losses[k]) / max(abs(ref.losses[k]), 1e-3) for k in LOSS_NAMES)
+            d = max(abs(losses[k] - ref[0][k]) / max(abs(ref[0][k]), 1e-3) for k in LOSS_NAMES)
             ok = d <= MODEL_TOLERANCES[args.amp]  # NaN fails
             delta, mark = f"{d:.1e}", "✓" if ok else "✗"
-        if r.profile:
-            prof_rows.append(head + r.profile)
-        return [f"{r.train_ms:.1f}", f"{ref.train_ms / r.train_ms:.2f}×" if ref is not None else "—",
-                f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "n/a (CPU)",
-                f"{r.train_ms * iterations_200_epochs(batch) / 3.6e6:.1f} h",
-                f"{r.infer_ms:.2f}" if isinstance(r.infer_ms, float) else r.infer_ms or "as ours",
-                f"{batch / (r.infer_ms * 1e-3):.1f}" if isinstance(r.infer_ms, float) else "—", delta, mark], ok
+        timed = isinstance(infer_ms, float)
+        return [f"{train_ms:.1f}", f"{ref[1] / train_ms:.2f}×" if ref else "—", peak,
+                f"{train_ms * iterations_200_epochs(batch) / 3.6e6:.1f} h", f"{infer_ms:.2f}" if timed else infer_ms,
+                f"{batch / (infer_ms * 1e-3):.1f}" if timed else "—", delta, mark], ok
 
     return measure
 
@@ -444,7 +423,12 @@ def triton_launches_recorded() -> Iterator[None]:
 
 
 def count_events(events) -> Count:
-    """Classify the profiler events of one iteration (see the module docstring)."""
+    """Classify the profiler events of one iteration. ATen ops: aten:: events not nested in another, i.e. the calls
+    Python, autograd, our custom ops and Inductor's generated wrapper make into the dispatcher; those in NO_KERNEL
+    launch no kernel on a GPU (unless they copy), the rest one each (on a GPU a few launch more: cuDNN's batch
+    norm, for one). Custom ops: minicycle:: events. Triton launches: triton:: events (triton_launches_recorded).
+    Inductor kernels: cpp_fused_* (on a CPU; on a GPU it generates Triton kernels, fused by other rules).
+    launches = ATen ops with a kernel + Triton launches + Inductor kernels."""
     c = Count()
     for e in events:
         name, parent = e.name, e.cpu_parent

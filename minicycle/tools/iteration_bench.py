@@ -678,8 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.infer:
         torch.backends.cudnn.benchmark = False  # as infer.py: its input sizes vary
     cfg = Config(netG=args.netG, ngf=args.ngf, ndf=args.ngf)
-    what = (f"{args.netG} G ×2, basic D ×2, ngf=ndf={args.ngf}, {args.size[0]}×{args.size[1]}"
-            + ("; --quick: a harness check" if args.quick else ""))
+    what = (f"{args.netG}{'' if args.infer else ' G ×2, basic D ×2'}, ngf={args.ngf}{'' if args.infer else '=ndf'}, "
+            f"{args.size[0]}×{args.size[1]}" + ("; --quick: a harness check" if args.quick else ""))
     top = kb.header(device, PROG, argv, "minicycle: kernel launches per training iteration" if args.count_launches
                     else "minicycle benchmark")
     if args.cpu or args.count_launches:

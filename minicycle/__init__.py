@@ -18,7 +18,7 @@ The training machinery, each in a room of its own:
     datasets.py    the official downloads and the built-in synthetic dataset; cli.py: the flags' one-line errors
 
 Evaluation: fid.py (FID and KID by pytorch-fid's protocol) over inception.py (its Inception-v3).
-Measuring tools, apart from what they measure: tools/ (the iteration benchmark, launch counts, the GPU suite,
-infer.py's memory per megapixel).
+Measuring tools, apart from what they measure: tools/ (the iteration and inference benchmark with its launch
+counts, the GPU suite, infer.py's memory per megapixel).
 train.py and infer.py at the top level are the scripts; the Triton kernels are in kernels/.
 """

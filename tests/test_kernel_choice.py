@@ -593,8 +593,9 @@ def test_out_of_memory_stops_train_and_infer_in_one_line_and_keeps_the_checkpoin
 
 @pytest.mark.slow
 def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
+    from test_benchmarks import table
+
     from kernels.tools import op_bench as bench
-    from minicycle.tools.gpu_suite import tables
 
     stand_in(monkeypatch, {**TRITON_FASTER, "dgrad": (3.0, 1.0), "fwd+bwd": (1.0, 4.0)})
     threads = torch.get_num_threads()
@@ -602,7 +603,7 @@ def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
         assert bench.main(["--quick", "--batch", "1", "--dtypes", "fp32", "--out", str(tmp_path / "ops.md")]) == 0
     finally:
         torch.set_num_threads(threads)  # --quick uses one thread
-    (cols, rows), = tables((tmp_path / "ops.md").read_text())
+    cols, rows = table((tmp_path / "ops.md").read_text(), "op")
     takes = {(r[0], r[1]): r[cols.index("auto takes")] for r in rows}
     assert takes == {("IN+ReLU", "fwd"): "Triton, by 4.00x", ("IN+ReLU", "bwd"): "Triton, by 4.00x",
                      ("reflect conv", "fwd"): "Triton, by 2.00x", ("reflect conv", "dgrad"): "PyTorch, by 3.00x",
@@ -610,8 +611,9 @@ def test_op_bench_rows_say_which_path_auto_takes(monkeypatch, tmp_path, capsys):
 
 
 def test_model_bench_rows_name_the_kernels_flag(monkeypatch, tmp_path):
+    from test_benchmarks import table
+
     from minicycle.tools import iteration_bench as model_bench
-    from minicycle.tools.gpu_suite import tables
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     threads = torch.get_num_threads()
@@ -620,5 +622,5 @@ def test_model_bench_rows_name_the_kernels_flag(monkeypatch, tmp_path):
                                  "--kernels", "triton", "--out", str(tmp_path / "model.md")]) == 0
     finally:
         torch.set_num_threads(threads)
-    (_, rows), = tables((tmp_path / "model.md").read_text())
+    _, rows = table((tmp_path / "model.md").read_text(), "variant")
     assert [r[0] for r in rows] == ["eager", "ours (triton)"]

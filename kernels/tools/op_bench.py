@@ -2,83 +2,60 @@
 
     python -m kernels.tools.op_bench                                     # IN+ReLU and reflect-conv, fwd and bwd
     python -m kernels.tools.op_bench --ops conv --dtypes bf16 --batch 4  # a slice, to fit a time limit
-    python -m kernels.tools.op_bench --layouts channels_last # the same on channels_last tensors
+    python -m kernels.tools.op_bench --layouts channels_last             # the same on channels_last tensors
     python -m kernels.tools.op_bench --quick                             # tiny shapes on CPU: checks the harness itself
+    python -m kernels.tools.op_bench --ceilings                          # the device's copy GB/s and matmul TFLOP/s
     python -m kernels.tools.op_bench ... --out FILE.md                   # also write the markdown to FILE.md
 
 The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
+Everything is printed as markdown: a header (device, date, versions, the exact command), then the table,
+its legend (OPS_LEGEND: every column's meaning and formula), and every decision --kernels auto made in
+the process, pass by pass, with the parity check's errors. --budget S skips the rows not started within S
+seconds, to fit a time limit.
 
-Everything is printed as markdown: a header (device, date, versions, the exact command), then
-the table. --budget S skips the rows not started within S seconds, to fit a time limit.
-
-Each op is timed three ways, on the same input tensors:
+Each op is timed three ways, on the same input tensors, at the ResNet generator's shapes (ngf 64, 256x256
+images, batch 1 and 4; IN_SHAPES, CONV_SHAPES: the first, the residual-block and the last conv):
 
     ours     kernels.instance_norm_relu, kernels.reflect_conv2d (the Triton kernels on CUDA)
-    eager    what the official model runs: F.instance_norm + in-place ReLU, and
+    eager    what the official model runs: F.instance_norm + ReLU (kernels.runtime.pytorch_norm), and
              nn.ReflectionPad2d + F.conv2d (cuDNN on CUDA)
     compile  torch.compile(eager, dynamic=False), compiled afresh for every row
 
-at the shapes of the ResNet generator (ngf 64, 256x256 images, batch 1 and 4):
+Passes. IN+ReLU: fwd (x requires grad, as in training) and bwd (dx from x and dy). Conv: fwd, dgrad (dx
+only) and wgrad (dw only). A backward pass runs one forward outside the timing, then times
+torch.autograd.grad(y, [t], dy, retain_graph=True) with t = x or w the only tensor that requires grad, so
+every implementation computes just that gradient (ours skips the others through ctx.needs_input_grad;
+torch.compile builds its backward graph for t alone; its donated buffers, which forbid retain_graph, are
+switched off). dbias is not timed.
 
-    IN+ReLU  (N, 64, 256, 256), (N, 128, 128, 128), (N, 256, 64, 64)
-    conv     7x7 pad 3, 3 -> 64 at 256^2 (first layer); 3x3 pad 1, 256 -> 256 at 64^2 (the 18
-             residual-block convs); 7x7 pad 3, 64 -> 3 at 256^2 (last layer); all with bias
+Timing (op_ms). CUDA: one call outside the timing (compilation, autotuning), then
+triton.testing.do_bench(fn, return_mode="median"): 25 ms of warm-up calls, then about 100 ms of calls, each
+timed with CUDA events after a write that clears the L2 cache (inputs come from DRAM; host launch overhead
+shorter than that write is hidden: these are close to device times). CPU: the median of three calls.
 
-Passes. IN+ReLU: fwd (x requires grad, as in training) and bwd (dx from x and dy). Conv: fwd,
-dgrad (dx only) and wgrad (dw only). A backward pass runs one forward outside the timing and
-then times torch.autograd.grad(y, [t], dy, retain_graph=True), with t = x or w the only tensor
-that requires grad, so every implementation computes just that gradient: ours skips the others
-through ctx.needs_input_grad, and torch.compile builds its backward graph for t alone. dbias is
-not timed (one reduction over dy). torch.compile's donated buffers are switched off for this
-section, since they forbid retain_graph.
+Precision and cuDNN: fp32 convolutions use TF32 on both sides (cuDNN's default, which our conv follows);
+bf16: every tensor is bf16, both sides accumulate in fp32. cudnn.benchmark is True, as the official code
+and train.py set it. --layouts channels_last holds x, dy and the conv weights in torch.channels_last, as a
+model converted with model.to(memory_format=torch.channels_last) holds them.
 
-Work per pass (the fewest bytes that must cross DRAM, and the arithmetic):
+Each row also says which path --kernels auto (kernels/choice.py) takes for that pass of a training layer
+with these inputs, by the choice's own decision (made after the row's timing, once per op and shape), and
+checks ours against eager on the benchmarked inputs (kernels.choice.rel_err, over the whole output):
+any row outside TOLERANCES makes the exit status 1.
 
-    IN+ReLU fwd     bytes = read x + write y           = 2 * numel * itemsize
-    IN+ReLU bwd     bytes = read x, dy + write dx      = 3 * numel * itemsize
-                    (the saved per-plane mean and rstd, 8 bytes a plane, are left out)
-    conv, each of fwd / dgrad / wgrad
-                    FLOP  = 2 * N * OH * OW * OC * C * KH * KW
+--ceilings times the device instead: a 1 GiB device-to-device copy (GB/s, read + write) and 8192^3
+matmuls in bf16 and TF32 (TFLOP/s), so that every achieved rate can be read against them.
 
-The "ours" column of achieved rate is bytes / time (GB/s) or FLOP / time (TFLOP/s), for ours.
-Ratios are eager / ours and compile / ours: above 1 means ours is faster.
-
-Timing. CUDA: one call outside the timing (Triton compilation and autotuning, torch.compile),
-then triton.testing.do_bench(fn, return_mode="median"): its own warm-up (25 ms of calls), then
-about 100 ms of calls, each timed with CUDA events and each preceded by a write that clears the
-L2 cache (so inputs come from DRAM, and host launch overhead shorter than that write is hidden:
-these are close to device times). CPU: time.perf_counter around each call, median of three.
-
-Precision and cuDNN. fp32 runs with PyTorch's defaults: cuDNN convolutions use TF32 tensor cores
-(torch.backends.cudnn.conv.fp32_precision, or allow_tf32 on older torch), and so does our conv (it
-follows the same setting).
-cudnn.benchmark is True, as the official CycleGAN code and train.py set it, so eager and compile
-run the convolution algorithms users of the official code get. bf16: every tensor is bf16; both
-sides accumulate in fp32.
-
-Layouts (--layouts). nchw: contiguous tensors. channels_last: x, dy and the conv weights in
-torch.channels_last, as a model converted with model.to(memory_format=torch.channels_last) and
-fed channels_last inputs would hold them; all three implementations get the same tensors.
-
-auto takes. Each row also says which path `--kernels auto` (kernels/choice.py) takes for that pass
-of a training layer with these inputs, by the choice's own code: its decision, measured after the
-row's timing (once per op and shape), or already made in this process or read from its cache file.
-
-Correctness. After timing, each row compares ours with eager on the benchmarked inputs:
-err = ||ours - eager|| / ||eager|| (kernels.choice.rel_err's whole-tensor number, in float64), and
-the row gets a check mark when err is within TOLERANCES[(op, dtype)], a cross otherwise (NaN
-included). Any cross makes the exit status 1.
-
---quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself:
-IN+ReLU (N,4,8,8) and conv 2 -> 3 3x3 pad 1 at 8x8. It times nothing of interest and skips
-torch.compile unless --compile is given. Ours takes whichever path kernels.runtime.use_triton
-picks: the Triton interpreter under TRITON_INTERPRET=1, else the plain PyTorch path.
+--quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself; it times
+nothing of interest and skips torch.compile unless --compile is given. Ours takes the path
+kernels.runtime.use_triton picks: the Triton interpreter under TRITON_INTERPRET=1, else plain PyTorch.
 
 kernels/ stands alone: this file imports nothing from minicycle.
 """
 
 import argparse
 import datetime
+import functools
 import math
 import os
 import shlex
@@ -98,7 +75,7 @@ from triton.testing import do_bench
 
 import kernels
 from kernels import choice
-from kernels.runtime import cudnn_conv_tf32, use_triton
+from kernels.runtime import cudnn_conv_tf32, pytorch_norm, use_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -165,9 +142,13 @@ def ours_in_relu(x: torch.Tensor) -> torch.Tensor:
     return kernels.instance_norm_relu(x, eps=EPS)
 
 
+def ours_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, padding: int) -> torch.Tensor:
+    return kernels.reflect_conv2d(x, w, b, padding=padding)
+
+
 def eager_in_relu(x: torch.Tensor) -> torch.Tensor:
-    """nn.InstanceNorm2d (no affine, no running stats) + nn.ReLU(True), as the official model."""
-    return F.relu(F.instance_norm(x, eps=EPS), inplace=True)
+    """nn.InstanceNorm2d (no affine, no running stats) + nn.ReLU, the official layers' math."""
+    return pytorch_norm(x, EPS, 0.0, True)
 
 
 class EagerReflectConv(nn.Module):
@@ -236,7 +217,7 @@ def conv_cases(batch: int, dtype: str, layout: str, device: torch.device,
         dy = torch.randn(batch, oc, ohw, ohw, device=device, dtype=dt).contiguous(memory_format=fmt)
         flop = 2 * batch * ohw * ohw * oc * c * k * k
         shape = f"N={batch} {c}→{oc} {k}×{k} p{p} @{hw}²"
-        ours = _ours_conv(p)
+        ours = functools.partial(ours_conv, padding=p)
         for pass_name, x_grad, w_grad in (("fwd", True, True), ("dgrad", True, False), ("wgrad", False, True)):
             xi = x.detach().requires_grad_(x_grad)
             wi = w.detach().requires_grad_(w_grad)
@@ -261,13 +242,6 @@ def auto_norm(x: torch.Tensor) -> str:
     if not choice.CHOOSER.applies(x):
         return "the ops' own (CPU)"
     return choice.CHOOSER.norm_decision(x.detach().requires_grad_(), EPS, 0.0, True).verdict(0).replace("|", "/")
-
-
-def _ours_conv(padding: int) -> Callable[..., torch.Tensor]:
-    def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return kernels.reflect_conv2d(x, w, b, padding=padding)
-
-    return ours
 
 
 def _fmt_rate(work: float, ms: float, unit: str) -> str:
@@ -359,6 +333,47 @@ def bench_ops(ops: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str],
     return all_ok
 
 
+def ceilings(device: torch.device, quick: bool) -> list[list[str]]:
+    """Rows (what, median µs, rate) of a device-to-device copy and of square bf16 and TF32 matmuls (--quick:
+    1 MiB and 256^3)."""
+    n = (2**20 if quick else 2**30) // 4  # fp32 elements
+    x, y = torch.empty(n, device=device), torch.empty(n, device=device)
+    ms = op_ms(lambda: y.copy_(x), device)
+    rows = [[f"copy {n * 4 >> 20} MiB, device to device", f"{ms * 1e3:.1f}", _fmt_rate(2 * n * 4, ms, "GB/s")]]
+    m, precision = 256 if quick else 8192, torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
+    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float32, "TF32")):
+        a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in "ab")
+        ms = op_ms(lambda a=a, b=b: a @ b, device)
+        rows.append([f"matmul {m}³, {label}", f"{ms * 1e3:.1f}", _fmt_rate(2 * m**3, ms, "TFLOP/s")])
+    torch.set_float32_matmul_precision(precision)
+    return rows
+
+
+DECISION_COLUMNS = ["layer", "pass", "auto takes", "Triton ms", "PyTorch ms", "err", "worst-tile err", "tolerance"]
+
+
+def decision_rows() -> list[list[str]]:
+    """Every decision of --kernels auto in this process, per pass: the path, the two medians, and the parity
+    check's errors (kernels.choice.rel_err, Triton against PyTorch: whole output, worst tile)."""
+    rows = []
+    for key, d in choice.CHOOSER.decisions.items():
+        tol = choice.TOLERANCES.get(getattr(torch, key[2].removeprefix("torch."), None))
+        for i, pass_name in enumerate(choice.PASSES[d.op]):
+            takes = d.verdict(i, key[0].type == "cuda").replace("|", "/") + (" (cached)" if d.cached else "")
+            ms = [f"{t:.3f}" for t in d.ms[i]] if d.ms else ["—", "—"]
+            err = [f"{e:.1e}" for e in d.errors[i]] if d.errors and i < len(d.errors) else ["—", "—"]
+            rows.append([d.label, pass_name, takes, *ms, *err, f"{tol:.0e}" if tol else "—"])
+    return rows
+
+
+def decisions_section() -> list[str]:
+    """The markdown parts of auto's decisions, or none if it made none."""
+    rows = decision_rows()
+    return ["## What --kernels auto decided, and the parity check's errors", markdown_table(DECISION_COLUMNS, rows),
+            f"Deciding took {choice.CHOOSER.seconds:.1f} s in all."] if rows else []
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -419,6 +434,11 @@ def write_file(path: str, text: str) -> None:
         f.write(text)
 
 
+def document(parts: Sequence[str], ok: bool = True) -> str:
+    """A report of these markdown parts, which says at its end whether a check failed."""
+    return "\n\n".join([*parts, *([] if ok else ["**Some checks failed (✗ above).**"])]) + "\n"
+
+
 def write_report(report: str, path: str | None) -> None:
     """Print the markdown report, and write it to path too when given."""
     print(report, end="")
@@ -462,14 +482,10 @@ def batch_list(text: str) -> list[int]:
     return [positive_int(t) for t in csv_list(None)(text)]
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.tools.op_bench", description=__doc__.splitlines()[0])
+def common_args(p: argparse.ArgumentParser) -> None:
+    """The flags the op and the iteration benchmarks share."""
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes on CPU to check the harness; not a performance measurement")
-    p.add_argument("--ops", type=csv_list(OPS), default=list(OPS), help="ops to time: in,conv (default: both)")
-    p.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES), help="dtypes: fp32,bf16")
-    p.add_argument("--layouts", type=csv_list(tuple(LAYOUTS)), default=["nchw"],
-                   help="memory layouts: nchw,channels_last (default nchw)")
+                   help="tiny shapes on the CPU to check the harness; not a performance measurement")
     p.add_argument("--batch", type=batch_list, default=[1, 4], help="batch sizes (default 1,4)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: yes, except with --quick)")
@@ -478,40 +494,54 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (CPU with --quick)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
+
+
+def setup(args: argparse.Namespace, cpu_only: bool) -> tuple[torch.device, str | None]:
+    """The device (auto: CUDA when available, unless cpu_only) and why torch.compile is skipped (None: it runs).
+    cudnn.benchmark is on, as the official code and train.py set it."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
+    else:
+        device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    if args.quick:
+        torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
+    if args.compile if args.compile is not None else not args.quick:
+        return device, None
+    return device, "skipped (--quick; pass --compile)" if args.quick else "skipped (--no-compile)"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kernels.tools.op_bench", description=__doc__.splitlines()[0])
+    common_args(p)
+    p.add_argument("--ops", type=csv_list(OPS), default=list(OPS), help="ops to time: in,conv (default: both)")
+    p.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES), help="dtypes: fp32,bf16")
+    p.add_argument("--layouts", type=csv_list(tuple(LAYOUTS)), default=["nchw"],
+                   help="memory layouts: nchw,channels_last (default nchw)")
+    p.add_argument("--ceilings", action="store_true",
+                   help="time the device's ceilings instead: copy GB/s, bf16 and TF32 matmul TFLOP/s")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    else:
-        device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True  # as the official code: eager and compile get cuDNN's fastest algorithms
-    compile_on = args.compile if args.compile is not None else not args.quick
-    compile_note = None if compile_on else ("skipped (--quick; pass --compile)" if args.quick else
-                                            "skipped (--no-compile)")
-    if args.quick and device.type == "cpu":
-        torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
+    device, compile_note = setup(args, cpu_only=args.quick)
     torch.manual_seed(0)
-
     top = header(device, "python -m kernels.tools.op_bench", argv)
-    rows: list[list[str]] = []
+    quick = " (--quick: tiny CPU shapes, a harness check)" if args.quick else ""
+    if args.ceilings:
+        rows = ceilings(device, args.quick)
+        write_report(document([top, "## Device ceilings" + quick, markdown_table(["what", "median µs", "rate"], rows)]),
+                     args.out)
+        return 0
+    rows = []
 
     def report(ok: bool = True) -> str:
-        parts = [top, "## Ops" + (" (--quick: tiny CPU shapes, a harness check)" if args.quick else ""),
-                 markdown_table(OP_COLUMNS, rows), OPS_LEGEND]
-        if not ok:
-            parts.append("**Some checks failed (✗ above).**")
-        return "\n\n".join(parts) + "\n"
-
-    def partial() -> None:  # the report so far, in case the run is cut short
-        if args.out:
-            write_file(args.out, report())
+        return document([top, "## Ops" + quick, markdown_table(OP_COLUMNS, rows), OPS_LEGEND, *decisions_section()], ok)
 
     ok = bench_ops(args.ops, args.dtypes, args.layouts, args.batch, device, args.quick, compile_note, args.budget,
-                   rows, partial)
+                   rows, lambda: args.out and write_file(args.out, report()))  # a run cut short keeps its rows
     write_report(report(ok), args.out)
     return 0 if ok else 1
 

@@ -1,71 +1,61 @@
-"""Benchmark of one CycleGAN training iteration: ours against the official model eager, compiled, and
-compiled with CUDA graphs.
+"""Benchmark of one CycleGAN training iteration, and of its generator's inference: ours against the official
+model eager, compiled, and with CUDA graphs; also the kernel launches of one iteration, counted on a CPU.
 
     python -m minicycle.tools.iteration_bench                       # GPU: batch 1 and 4, fp32, every variant
     python -m minicycle.tools.iteration_bench --amp bf16 --batch 1  # a slice, to fit a time limit
     python -m minicycle.tools.iteration_bench --channels_last       # model and inputs in channels_last
-    python -m minicycle.tools.iteration_bench --kernels triton      # ours with the Triton kernels everywhere (not auto)
+    python -m minicycle.tools.iteration_bench --kernels triton,auto # the ours variants once per --kernels mode
     python -m minicycle.tools.iteration_bench --profile-dir DIR     # + a torch.profiler summary of one iteration each
+    python -m minicycle.tools.iteration_bench --infer --size 6000,8000 --batch 1   # G_A on large photos, checked
+    TRITON_INTERPRET=1 python -m minicycle.tools.iteration_bench --count-launches  # launches of one iteration (CPU)
     python -m minicycle.tools.iteration_bench --cpu                 # CPU: train.py's step against a plain eager loop
     python -m minicycle.tools.iteration_bench --plain-loop 300      # CPU: the plain loop alone, timed against train.py
     python -m minicycle.tools.iteration_bench --quick               # tiny model on the CPU: checks the harness itself
     python -m minicycle.tools.iteration_bench ... --out FILE.md     # also write the markdown to FILE.md
 
-GPU mode
---------
-One iteration is CycleGAN.optimize: 6 generator forwards (resnet_9blocks), 6 discriminator forwards
-(basic, 70x70 PatchGAN), both backwards and both Adam steps, at 256x256. Variants of the same model,
-built from the same seed (same weights, same inputs):
+The model (--netG, --ngf = --ndf, --size H[,W]; by default the paper's: resnet_9blocks, 64, 256x256) is
+built from the same seed (same weights, same inputs) in each of these variants:
 
-    eager            set_fused(net, False) on every net: the official layers, as the official code runs them
-    compile          that eager model, each of the 4 nets net.compile(dynamic=False)
-    reduce-overhead  the same with mode="reduce-overhead" (Inductor's CUDA graphs, what an expert tries
-                     first); torch.compiler.cudagraph_mark_step_begin() before every iteration
-    ours             the fused ops: CycleGAN.optimize as train.py runs it, with --kernels (default auto:
-                     Triton or cuDNN per layer shape, as kernels/choice.py measures them at first use;
-                     triton: the Triton kernels everywhere); rows with --kernels triton or pytorch say
-                     so, e.g. "ours (triton)"
-    ours+graph       ours as train.py --cuda_graph runs it: cuda_graph.GraphedStep, the whole iteration
-                     captured once and replayed
+    eager            the official layers (networks.set_kernels(net, "pytorch")), as the official code runs them
+    ours             the fused ops, as train.py runs them, with --kernels (auto: Triton or cuDNN per layer shape,
+                     measured at first use by kernels/choice.py; triton: the Triton kernels everywhere); rows of
+                     a mode other than auto name it, e.g. "ours (triton)"
+    ours+graph       ours as train.py --cuda_graph runs it (cuda_graph.GraphedStep: the whole iteration captured
+                     once and replayed; on a CPU the same step, run eagerly)
+    ours+compile     ours with each of the 4 nets net.compile(), as train.py --compile
+    compile          eager with each of the 4 nets net.compile()
+    reduce-overhead  the same with mode="reduce-overhead" (Inductor's CUDA graphs, what an expert tries first),
+                     torch.compiler.cudagraph_mark_step_begin() before every iteration
 
-cudnn.benchmark is True for all of them, as train.py and the official code set it. What --kernels
-auto chose (kernels.choice.report(), once per new set of shapes) is listed under the table.
+Training (the default): one iteration is CycleGAN.optimize (6 generator forwards, 6 discriminator forwards,
+both backwards and both Adam steps), under cudnn.benchmark as train.py runs it; 5 warm-up iterations (the
+first compiles and autotunes; ours+graph runs 3 eagerly, then captures), then --iters back to back between
+two device synchronisations. Every optimize() reads its 8 losses, as train.py does; ours+graph reads them
+once at the end, as train.py does once per --print_freq images. The first iteration's losses are checked
+against eager's. --profile-dir runs one more iteration under torch.profiler. The legends under the tables
+define every column; under them, what --kernels auto decided per layer and pass, with the parity check's
+errors (kernels.tools.op_bench.decision_rows).
 
-Timing: 5 warm-up iterations (the first compiles and autotunes; ours+graph runs 3 eagerly, then
-captures), then --iters iterations back to back between two device synchronisations; ms/iter is
-their mean. Every optimize() reads its 8 losses (one kb.sync an iteration, as in train.py); ours+graph
-reads them once at the end, as train.py reads them once per --print_freq images. Peak memory is
-torch.cuda.max_memory_reserved over the timed iterations, after empty_cache (reserved, not
-allocated: a CUDA graph's private pool is reserved memory). The projection is ms/iter times the
-iterations of 200 horse2zebra epochs as train.py runs them (1334 images an epoch: 266,800
-iterations at batch 1, 66,800 at batch 4). Inference is G_A(x) under torch.no_grad (and autocast
-with --amp). Loss check: the 8 losses of the first iteration against eager's, max
-|l - l_eager| / max(|l_eager|, 1e-3), within MODEL_TOLERANCES[amp].
+--infer: G_A(x) alone, as infer.py runs it (no_grad, cudnn.benchmark off), on a --batch x 3 x H x W input,
+timed, and checked against eager's output (kernels.choice.rel_err), with the peak memory of one forward
+next to infer.py's estimate (infer.forward_bytes).
 
---profile-dir: after the timing, one more iteration under torch.profiler (CPU and CUDA
-activities): GPU busy time (the sum of kernel and copy times), kernels run, host launch calls
-(cudaLaunchKernel, cuLaunchKernel*, cudaGraphLaunch), and the top kernels by GPU time; the full
-key_averages table goes to DIR/<variant>-b<batch>-<amp>-<layout>.txt. Wall time far above GPU
-busy time means the host sets the pace.
+--count-launches (a CPU, TRITON_INTERPRET=1): the dispatcher calls and kernel launches of one steady-state
+iteration (the third) at batch 1, counted with torch.profiler (see count_events). Triton launches are
+recorded and not executed (nothing in the step branches on tensor values, so the sequence is the same, and
+an interpreted iteration of ours would take minutes). Adam runs with foreach=True, PyTorch's default on
+CUDA. A --size below 256² scales the IN kernel's split threshold (kernels.instance_norm._MAX_BLOCK) by
+pixels / 256², so that every IN layer takes the path it takes at 256²; a kernel that picks its path from
+the channel count can still launch differently in a smaller model.
 
-CPU mode (--cpu)
-----------------
-The quick-start configuration (resnet_6blocks, ngf 16, ndf 16, 32x32 images, batch 1, pool 50),
-iterations/s of:
+--cpu: the quick-start configuration (resnet_6blocks, ngf 16, 32x32, batch 1), iterations/s of a plain
+eager loop of the official layers (plain_step: the official iteration written out), CycleGAN.optimize on
+the official layers, as train.py runs it on a CPU, and the graph-ready step without CUDA; the variants
+take turns in --rounds rounds (the machine may be shared) and the rate is the median over rounds.
 
-    plain loop        a minimal eager loop of the official layers (plain_step below: the official
-                      iteration written out, plain Adam steps, the same losses)
-    optimize, eager   CycleGAN.optimize on the official layers (set_fused(net, False))
-    optimize          CycleGAN.optimize as train.py runs it on a CPU (fused modules, PyTorch path)
-    graph-ready step  cuda_graph.GraphedStep as train.py --cuda_graph runs it without CUDA
-
-on the same preloaded images, with PyTorch's default thread count. The variants take turns in
---rounds rounds of --iters / --rounds iterations (the machine may be shared), and the rate is the
-median over rounds. The first iteration's losses are checked against the plain loop's.
-
---quick runs the GPU mode's variants on a tiny model on the CPU (one thread) so that CI can check
-the harness; it measures nothing of interest and leaves out the compiled variants unless
---compile is given.
+--quick runs the training or --infer variants on a tiny model (resnet_6blocks, ngf 4, 32x32) on the CPU,
+one thread, so that CI can check the harness; it measures nothing of interest and leaves out the compiled
+variants unless --compile is given.
 """
 
 import argparse
@@ -75,16 +65,19 @@ import itertools
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch._dynamo
 import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from kernels import choice
 from kernels.runtime import use_triton
@@ -93,16 +86,20 @@ from minicycle import datasets, networks
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import image_to_tensor, load_image
 from minicycle.model import LOSS_NAMES, Config, CycleGAN, GANLoss
-from minicycle.networks import set_fused
 from minicycle.pool import ImagePool
 
-VARIANTS = ("eager", "ours", "ours+graph", "compile", "reduce-overhead")  # run in this order: the slow compiles last
-CPU_VARIANTS = ("plain loop", "optimize, eager", "optimize", "graph-ready step")
-MODEL_TOLERANCES = {"fp32": 1e-2, "bf16": 5e-2}  # relative, first iteration's losses vs eager's
+VARIANTS = ("eager", "ours", "ours+graph", "ours+compile", "compile", "reduce-overhead")
+TIMED = ("eager", "ours", "ours+graph", "compile", "reduce-overhead")  # the default, in this order: compiles last
+COUNTED = ("eager", "ours", "ours+graph", "ours+compile", "compile")
+INFERRED = ("eager", "ours", "ours+compile", "compile")
+CPU_VARIANTS = {"plain loop": "eager", "optimize, eager": "eager", "optimize": "ours", "graph-ready step": "ours+graph"}
+MODEL_TOLERANCES = {"fp32": 1e-2, "bf16": 5e-2}  # relative: the first iteration's losses, or G_A's output, vs eager's
 WARMUP = 5  # ours+graph: 3 eager steps, the capture, one replay
+COUNT_WARMUP = 2  # the counted iteration is the third
 ITERS, QUICK_ITERS = 20, 3
 H2Z_IMAGES, EPOCHS = 1334, 200  # horse2zebra's larger domain; --n_epochs 100 + --n_epochs_decay 100
 QUICKSTART = dict(netG="resnet_6blocks", ngf=16, ndf=16)  # train.py's preset for the built-in dataset, 32x32
+IN_SPLIT_AT_256 = 4096  # kernels.instance_norm._MAX_BLOCK, elements: scaled by pixels / 256² in --count-launches
 
 
 def iterations_200_epochs(batch: int) -> int:
@@ -111,31 +108,30 @@ def iterations_200_epochs(batch: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU mode (and --quick)
+# The variants, and the loop over them
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    losses: dict[str, float]  # the first iteration's
-    train_ms: float
-    peak_mib: float | None  # None off CUDA
-    infer_ms: float | str | None  # None for ours+graph (the same generator as ours); str: why it failed
-    profile: list[str] | None  # the profile table's cells, with --profile-dir
+def runs(variants: Sequence[str], kernels: Sequence[str]) -> list[tuple[str, str]]:
+    """(variant, kernels mode) in order: each ours variant once per --kernels mode, the others on PyTorch's layers."""
+    return [(v, k) for v in variants for k in (kernels if v.startswith("ours") else ["pytorch"])]
 
 
-def build(variant: str, cfg: Config, device: torch.device, amp: torch.dtype | None, batch: int,
-          channels_last: bool, kernels: str = "auto"
-          ) -> tuple[CycleGAN, Callable[[torch.Tensor, torch.Tensor], None], Callable[[], list]]:
+def label(variant: str, kernels: str) -> str:
+    return f"{variant} ({kernels})" if variant.startswith("ours") and kernels != "auto" else variant
+
+
+def build(variant: str, kernels: str, cfg: Config, device: torch.device, amp: torch.dtype | None, batch: int,
+          channels_last: bool) -> tuple[CycleGAN, Callable[[torch.Tensor, torch.Tensor], None], Callable[[], list]]:
     """The model, one iteration step(real_A, real_B), and read() -> the losses of the steps since the last read."""
     torch.manual_seed(cfg.seed)
     model = CycleGAN(cfg, device, amp=amp)
     if channels_last:
         model.set_memory_format(torch.channels_last)  # as train.py --channels_last: weights, Adam moments, pools
     for net in model.nets().values():
-        networks.set_kernels(net, kernels if variant.startswith("ours") else "pytorch")
-        if variant in ("compile", "reduce-overhead"):
-            net.compile(dynamic=False, mode="reduce-overhead" if variant == "reduce-overhead" else None)
+        networks.set_kernels(net, kernels)
+        if variant.endswith("compile") or variant == "reduce-overhead":
+            net.compile(mode="reduce-overhead" if variant == "reduce-overhead" else None)
     if variant == "ours+graph":
         graphed = GraphedStep(model, batch, graph=device.type == "cuda")
         return model, graphed.step, graphed.read
@@ -154,43 +150,56 @@ def build(variant: str, cfg: Config, device: torch.device, amp: torch.dtype | No
     return model, step, read
 
 
-def run_variant(variant: str, cfg: Config, device: torch.device, amp: torch.dtype | None, real_A: torch.Tensor,
-                real_B: torch.Tensor, iters: int, channels_last: bool, profile_to: Path | None,
-                kernels: str = "auto") -> Result:
-    model, step, read = build(variant, cfg, device, amp, len(real_A), channels_last, kernels)
-    step(real_A, real_B)
-    losses = read()[0]  # the loss check; compiles, autotunes
-    for _ in range(WARMUP - 1):
-        step(real_A, real_B)
-    read()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    kb.sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step(real_A, real_B)
-    read()
-    kb.sync(device)
-    train_ms = (time.perf_counter() - t0) / iters * 1e3
-    peak = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
-    # The training numbers are in: a failing profiler or inference costs only its own cells.
-    profile = None
-    if profile_to:
-        try:
-            profile = profile_iteration(step, read, real_A, real_B, train_ms, profile_to)
-        except Exception as e:
-            profile = [f"n/a ({kb.reason(e)})"] + ["—"] * 5
-    infer_ms: float | str | None = None
-    if variant != "ours+graph":
-        autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-        try:
-            with torch.no_grad(), autocast:
-                infer_ms = kb.host_median_ms(lambda: model.netG_A(real_A), device, WARMUP, iters)
-        except Exception as e:
-            infer_ms = f"n/a ({kb.reason(e)})"
-    return Result(losses, train_ms, peak, infer_ms, profile)
+def images(batch: int, size: tuple[int, int], device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+    """real_A, real_B: uniform in [-1, 1], the same for every variant."""
+    gen = torch.Generator().manual_seed(batch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [(torch.rand(batch, 3, *size, generator=gen) * 2 - 1).to(device).contiguous(memory_format=fmt)
+            for _ in "AB"]
+
+
+Measure = Callable[[str, str, int, dict], tuple[list[str], bool]]  # (variant, kernels, batch, the batch's state)
+
+
+def each_run(args: argparse.Namespace, device: torch.device, compile_note: str | None, width: int,
+             measure: Measure, rows: list[list[str]], on_row: Callable[[], None]) -> bool:
+    """For each batch size and run: a row [variant, layout, batch, amp] + measure()'s `width` cells, or a skipped
+    or failed one, calling on_row() after each so that a run cut short keeps what it measured (measure keeps
+    what the batch's runs share, eager's results among them, in its dict). Returns whether every check passed."""
+    all_ok, start = True, time.monotonic()
+    layout = "channels_last" if args.channels_last else "nchw"
+    for batch in args.batch:
+        state: dict = {}
+        for variant, kernels in runs(args.variants, args.kernels):
+            head = [label(variant, kernels), layout, str(batch), args.amp]
+            skip = None
+            if ("compile" in variant or variant == "reduce-overhead") and compile_note:
+                skip = compile_note
+            elif variant == "reduce-overhead" and device.type != "cuda":
+                skip = "n/a (CUDA graphs need CUDA)"
+            elif args.budget is not None and time.monotonic() - start > args.budget:
+                skip = f"skipped (--budget {args.budget:.0f} s spent)"
+            try:
+                cells, ok = ([skip] + ["—"] * (width - 2) + [""], True) if skip else measure(variant, kernels, batch,
+                                                                                             state)
+            except Exception as e:  # a failing variant is reported in its row; the run goes on
+                ok = not (variant.startswith("ours") or variant == "eager")  # a compile that fails is only n/a
+                cells = [f"{'n/a' if ok else 'error'} ({kb.reason(e)})"] + ["—"] * (width - 2) + ["" if ok else "✗"]
+            finally:
+                torch._dynamo.reset()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(head + cells)
+            all_ok &= ok
+            print(kb.md_row(rows[-1]), file=sys.stderr, flush=True)  # progress
+            on_row()
+    return all_ok
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
 
 
 def profile_iteration(step: Callable, read: Callable, real_A: torch.Tensor, real_B: torch.Tensor, train_ms: float,
@@ -198,7 +207,6 @@ def profile_iteration(step: Callable, read: Callable, real_A: torch.Tensor, real
     """One iteration under torch.profiler: [GPU busy ms, host op ms, wall ms, kernels, host launch calls,
     top kernels]."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if real_A.is_cuda else [])
     with profile(activities=activities) as prof:
@@ -227,111 +235,256 @@ def _short(name: str) -> str:
     return name if len(name) <= 48 else name[:45] + "..."
 
 
-def _release(device: torch.device) -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 MODEL_COLUMNS = ["variant", "layout", "batch", "amp", "train ms/iter", "eager/this", "peak MiB", "200 epochs",
                  "infer ms", "images/s", "loss Δ vs eager", "ok"]
 PROFILE_COLUMNS = ["variant", "layout", "batch", "amp", "GPU busy ms", "host op ms", "wall ms/iter", "kernels",
                    "host launch calls", "top kernels (ms)"]
 
 
-def bench_model(variants: Sequence[str], batches: Sequence[int], amp_name: str, channels_last: bool,
-                device: torch.device, quick: bool, compile_note: str | None, iters: int,
-                profile_dir: Path | None, budget_s: float | None, rows: list[list[str]],
-                prof_rows: list[list[str]], on_row: Callable[[], None], kernels: str = "auto",
-                chosen: list[str] | None = None) -> bool:
-    """Appends a model row (and a profile row) for each batch size and variant, calling on_row() after
-    each, so that a run cut short keeps what it measured; returns whether every check passed. The ours
-    variants run with --kernels `kernels`; what auto chose goes to `chosen` (kernels.choice.report())."""
-    cfg = Config(ngf=4, ndf=4, netG="resnet_6blocks") if quick else Config()
-    size = 32 if quick else 256
-    amp = kb.DTYPES[amp_name] if amp_name != "fp32" else None
-    layout = "channels_last" if channels_last else "nchw"
-    all_ok = True
-    start = time.monotonic()
-    for batch in batches:
-        gen = torch.Generator().manual_seed(batch)
-        real_A, real_B = ((torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device) for _ in "AB")
-        if channels_last:
-            real_A, real_B = (t.contiguous(memory_format=torch.channels_last) for t in (real_A, real_B))
-        ref: Result | None = None
-        for variant in variants:
-            label = f"{variant} ({kernels})" if variant.startswith("ours") and kernels != "auto" else variant
-            head = [label, layout, str(batch), amp_name]
-            skip = None
-            if variant in ("compile", "reduce-overhead") and compile_note:
-                skip = compile_note
-            elif variant == "reduce-overhead" and device.type != "cuda":
-                skip = "n/a (CUDA graphs need CUDA)"
-            elif budget_s is not None and time.monotonic() - start > budget_s:
-                skip = f"skipped (--budget {budget_s:.0f} s spent)"
-            if skip:
-                rows.append(head + [skip] + ["—"] * 6 + [""])
-                on_row()
-                continue
-            name = f"{variant.replace('+', '-')}-b{batch}-{amp_name}-{layout}.txt"
+def train_measure(args: argparse.Namespace, cfg: Config, device: torch.device, prof_rows: list[list[str]]) -> Measure:
+    """measure() of one training row (see each_run and the legend); a profile row goes to prof_rows."""
+    amp = kb.DTYPES[args.amp] if args.amp != "fp32" else None
+    layout = "channels_last" if args.channels_last else "nchw"
+
+    def measure(variant: str, kernels: str, batch: int, state: dict) -> tuple[list[str], bool]:
+        if "images" not in state:
+            state["images"] = images(batch, args.size, device, args.channels_last)
+        real_A, real_B = state["images"]
+        model, step, read = build(variant, kernels, cfg, device, amp, batch, args.channels_last)
+        step(real_A, real_B)
+        losses = read()[0]  # the loss check; compiles, autotunes
+        for _ in range(WARMUP - 1):
+            step(real_A, real_B)
+        read()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        kb.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step(real_A, real_B)
+        read()
+        kb.sync(device)
+        train_ms = (time.perf_counter() - t0) / args.iters * 1e3
+        peak = f"{torch.cuda.max_memory_reserved(device) / 2**20:,.0f}" if device.type == "cuda" else "n/a (CPU)"
+        # The training numbers are in: a failing profiler or inference costs only its own cells.
+        head = [label(variant, kernels), layout, str(batch), args.amp]
+        if args.profile_dir:
+            path = args.profile_dir / f"{'-'.join(re.findall(r'[a-z]+', head[0]))}-b{batch}-{args.amp}-{layout}.txt"
             try:
-                r = run_variant(variant, cfg, device, amp, real_A, real_B, iters, channels_last,
-                                profile_dir / name if profile_dir else None, kernels)
-            except Exception as e:  # a failing variant is reported in its row; the run goes on
-                failed = variant.startswith("ours") or variant == "eager"
-                rows.append(head + [f"{'error' if failed else 'n/a'} ({kb.reason(e)})"] + ["—"] * 6
-                            + ["✗" if failed else ""])
-                all_ok &= not failed
-                on_row()
-                continue
-            finally:
-                _release(device)
-                line = choice.report()  # what --kernels auto decided in this variant (training and inference)
-                if line and chosen is not None:
-                    chosen.append(f"{label}, batch {batch}, {amp_name}, {layout}: {line}")
-            if variant == "eager":
-                ref, delta, mark = r, "ref", "ref"
-            elif ref is None:
-                delta, mark = "no eager reference", "✗"
-                all_ok = False
-            else:
-                d = max(abs(r.losses[k] - ref.losses[k]) / max(abs(ref.losses[k]), 1e-3) for k in LOSS_NAMES)
-                ok = d <= MODEL_TOLERANCES[amp_name]  # NaN fails
-                delta, mark = f"{d:.1e}", "✓" if ok else "✗"
-                all_ok &= ok
-            hours = r.train_ms * iterations_200_epochs(batch) / 3.6e6
-            rows.append(head + [
-                f"{r.train_ms:.1f}",
-                f"{ref.train_ms / r.train_ms:.2f}×" if ref is not None else "—",
-                f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "n/a (CPU)",
-                f"{hours:.1f} h",
-                f"{r.infer_ms:.2f}" if isinstance(r.infer_ms, float) else r.infer_ms or "as ours",
-                f"{batch / (r.infer_ms * 1e-3):.1f}" if isinstance(r.infer_ms, float) else "—",
-                delta,
-                mark,
-            ])
-            if r.profile:
-                prof_rows.append(head + r.profile)
-            print(kb.md_row(rows[-1]), file=sys.stderr, flush=True)  # progress
-            on_row()
-    return all_ok
+                prof_rows.append(head + profile_iteration(step, read, real_A, real_B, train_ms, path))
+            except Exception as e:
+                prof_rows.append(head + [f"n/a ({kb.reason(e)})"] + ["—"] * 5)
+        infer_ms: float | str = "as ours"  # ours+graph: the same generator
+        if variant != "ours+graph":
+            try:
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    infer_ms = kb.host_median_ms(lambda: model.netG_A(real_A), device, WARMUP, args.iters)
+            except Exception as e:
+                infer_ms = f"n/a ({kb.reason(e)})"
+        if variant == "eager":
+            state["eager"] = (losses, train_ms)
+        ref = state.get("eager")
+        delta, mark, ok = "ref", "ref", True
+        if ref is None:
+            delta, mark, ok = "no eager reference", "✗", False
+        elif variant != "eager":
+            d = max(abs(losses[k] - ref[0][k]) / max(abs(ref[0][k]), 1e-3) for k in LOSS_NAMES)
+            ok = d <= MODEL_TOLERANCES[args.amp]  # NaN fails
+            delta, mark = f"{d:.1e}", "✓" if ok else "✗"
+        timed = isinstance(infer_ms, float)
+        return [f"{train_ms:.1f}", f"{ref[1] / train_ms:.2f}×" if ref else "—", peak,
+                f"{train_ms * iterations_200_epochs(batch) / 3.6e6:.1f} h", f"{infer_ms:.2f}" if timed else infer_ms,
+                f"{batch / (infer_ms * 1e-3):.1f}" if timed else "—", delta, mark], ok
+
+    return measure
 
 
 MODEL_LEGEND = (
     "One iteration = 6 G forwards, 6 D forwards, both backwards, both Adam steps. train ms/iter: mean of "
     "back-to-back iterations after 5 warm-up ones. eager/this above 1× means faster than eager. peak MiB = "
-    "torch.cuda.max_memory_reserved over the timed iterations. 200 epochs = ms/iter × 200·ceil(1334/batch) "
-    "iterations (horse2zebra). infer = G_A forward under no_grad. loss Δ = max relative difference of the "
-    "first iteration's 8 losses from eager's (same weights, same inputs). cudnn.benchmark=True throughout."
+    "torch.cuda.max_memory_reserved over the timed iterations, after empty_cache (reserved: a CUDA graph's pool "
+    "is reserved memory). 200 epochs = ms/iter × 200·ceil(1334/batch) iterations (horse2zebra). infer = G_A "
+    "forward under no_grad. loss Δ = max over the first iteration's 8 losses of |ℓ − ℓ_eager| / max(|ℓ_eager|, "
+    "1e-3) (same weights, same inputs); ok: within 1e-2 (fp32) or 5e-2 (bf16). cudnn.benchmark=True throughout."
 )
 PROFILE_LEGEND = (
     "One more iteration under torch.profiler (which slows the host). GPU busy ms: sum of kernel and copy "
     "times; host op ms: CPU time inside the profiled ops and CUDA API calls (profiler overhead included; "
     "Python between them left out); kernels: GPU kernels run; host launch calls: cudaLaunchKernel / "
     "cuLaunchKernel* / cudaGraphLaunch calls; wall ms/iter: from the timing above, without the profiler. "
-    "Full tables in the --profile-dir files."
+    "Wall time far above GPU busy time means the host sets the pace. Full tables in the --profile-dir files."
 )
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference
+# ------------------------------------------------------------------------------------------------
+
+INFER_COLUMNS = ["variant", "layout", "batch", "amp", "infer ms", "eager/this", "megapixels/s", "peak GiB",
+                 "estimate GiB", "max abs Δ vs eager", "err", "worst-tile err", "ok"]
+
+
+def infer_measure(args: argparse.Namespace, cfg: Config, device: torch.device) -> Measure:
+    """measure() of one inference row (see each_run)."""
+    import infer
+
+    amp = kb.DTYPES[args.amp] if args.amp != "fp32" else None
+    with torch.device("meta"):
+        shadow = networks.set_kernels(networks.define_G(3, 3, cfg.ngf, cfg.netG), "pytorch")
+    cuda = device.type == "cuda"
+
+    def measure(variant: str, kernels: str, batch: int, state: dict) -> tuple[list[str], bool]:
+        if "x" not in state:
+            state["x"] = images(batch, args.size, device, args.channels_last)[0]
+        x = state["x"]
+        net = build(variant, kernels, cfg, device, amp, batch, args.channels_last)[0].netG_A
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            y = net(x)  # compiles, autotunes, decides
+            kb.sync(device)
+            before = torch.cuda.memory_allocated(device) if cuda else 0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = kb.host_median_ms(lambda: net(x), device, 0, args.iters)
+        peak = f"{(torch.cuda.max_memory_allocated(device) - before + x.nbytes) / 2**30:.2f}" if cuda else "n/a (CPU)"
+        if variant == "eager":
+            state["eager"] = (y, ms)
+        ref, check, ok = state.get("eager"), ["ref"] * 4, True
+        if ref is None:
+            check, ok = ["no eager reference", "—", "—", "✗"], False
+        elif variant != "eager":
+            err = choice.rel_err(y, ref[0])
+            ok = err.whole <= MODEL_TOLERANCES[args.amp]  # NaN fails
+            check = [f"{(y.float() - ref[0].float()).abs().max():.1e}", f"{err.whole:.1e}", f"{err.tile:.1e}",
+                     "✓" if ok else "✗"]
+        return [f"{ms:.1f}", f"{ref[1] / ms:.2f}×" if ref else "—", f"{x.numel() / 3 / (ms * 1e3):.1f}", peak,
+                f"{infer.forward_bytes(shadow, tuple(x.shape)) / 2**30:.2f}", *check], ok
+
+    return measure
+
+
+INFER_LEGEND = (
+    "G_A(x) under no_grad, as infer.py runs it (cudnn.benchmark off). infer ms: median of --iters forwards after "
+    "one that compiles, autotunes and decides. peak GiB: the tensors one forward holds, input included "
+    "(torch.cuda.max_memory_allocated over the timed forwards, less what was allocated before them); estimate: "
+    "infer.py's count of the same for the official layers (infer.forward_bytes). max abs Δ, err "
+    "(‖y − y_eager‖/‖y_eager‖) and worst-tile err (its worst 8×8 tile; kernels.choice.rel_err) against eager's "
+    "output; ok: err within 1e-2 (fp32) or 5e-2 (bf16)."
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch count
+# ------------------------------------------------------------------------------------------------
+
+# ATen ops that launch no kernel on a GPU: views, allocations, metadata.
+NO_KERNEL = {
+    "aten::" + name for name in (
+        "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "view", "_unsafe_view",
+        "_reshape_alias", "view_as", "reshape", "as_strided", "expand", "expand_as", "t", "transpose", "permute",
+        "squeeze", "unsqueeze", "detach", "detach_", "alias", "slice", "select", "unbind", "split", "chunk",
+        "narrow", "flatten", "lift_fresh", "requires_grad_", "set_", "contiguous", "to", "_nnpack_available",
+        "is_nonzero", "item", "_local_scalar_dense", "result_type", "size", "stride", "numel", "dim",
+    )
+}
+COPIES = {"aten::copy_", "aten::clone", "aten::_to_copy"}  # composite ops that copy only sometimes
+
+
+@dataclass
+class Count:
+    aten: Counter = field(default_factory=Counter)  # top-level ATen ops that launch a kernel, by name
+    no_kernel: int = 0
+    custom: int = 0
+    triton: Counter = field(default_factory=Counter)
+    inductor: int = 0
+
+    @property
+    def launches(self) -> int:
+        return sum(self.aten.values()) + sum(self.triton.values()) + self.inductor
+
+
+@contextlib.contextmanager
+def triton_launches_recorded() -> Iterator[None]:
+    """Every Triton launch becomes a profiler event triton::<kernel> and does nothing else."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    real = InterpretedFunction.run
+
+    def launch(self, *args, **kwargs):
+        with record_function(f"triton::{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"):
+            pass
+
+    InterpretedFunction.run = launch
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = real
+
+
+def count_events(events) -> Count:
+    """Classify the profiler events of one iteration. ATen ops: aten:: events not nested in another, i.e. the calls
+    Python, autograd, our custom ops and Inductor's generated wrapper make into the dispatcher; those in NO_KERNEL
+    launch no kernel on a GPU (unless they copy), the rest one each (on a GPU a few launch more: cuDNN's batch
+    norm, for one). Custom ops: minicycle:: events. Triton launches: triton:: events (triton_launches_recorded).
+    Inductor kernels: cpp_fused_* (on a CPU; on a GPU it generates Triton kernels, fused by other rules).
+    launches = ATen ops with a kernel + Triton launches + Inductor kernels."""
+    c = Count()
+    for e in events:
+        name, parent = e.name, e.cpu_parent
+        ancestors = []
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        if any(a.startswith(("aten::", "triton::")) for a in ancestors):
+            continue  # inside an op already counted, or inside a launch
+        if name.startswith("triton::"):
+            c.triton[name[len("triton::"):]] += 1
+        elif name.startswith("minicycle::"):
+            c.custom += 1
+        elif "cpp_fused" in name:
+            c.inductor += 1
+        elif name.startswith("aten::"):
+            copies = name in {"aten::reshape", "aten::contiguous", "aten::to", "aten::flatten"} and _copies(e)
+            if name in NO_KERNEL and not copies:
+                c.no_kernel += 1
+            else:
+                c.aten[name] += 1
+    return c
+
+
+def _copies(event) -> bool:
+    return any(child.name in COPIES or _copies(child) for child in event.cpu_children)
+
+
+def count_launches(variant: str, kernels: str, cfg: Config, size: tuple[int, int], channels_last: bool) -> Count:
+    """The launches of the third iteration of this variant at batch 1, on the CPU."""
+    model, step, _ = build(variant, kernels, cfg, torch.device("cpu"), None, 1, channels_last)
+    for opt in model.optimizers():
+        for group in opt.param_groups:
+            group["foreach"] = True  # PyTorch's default on CUDA (a CPU defaults to a loop over parameters)
+    real_A, real_B = images(1, size, torch.device("cpu"), channels_last)
+    with triton_launches_recorded():
+        for _ in range(COUNT_WARMUP):
+            step(real_A, real_B)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(real_A, real_B)
+    return count_events(prof.events())
+
+
+COUNT_COLUMNS = ["build", "launches", "ATen ops with a kernel", "ATen ops without (views, allocations)",
+                 "custom ops (minicycle::)", "Triton launches", "Inductor kernels"]
+
+
+def count_row(name: str, c: Count) -> list[str]:
+    return [name, f"{c.launches:,}", f"{sum(c.aten.values()):,}", f"{c.no_kernel:,}", f"{c.custom:,}",
+            f"{sum(c.triton.values()):,}", f"{c.inductor:,}"]
+
+
+def count_detail(name: str, c: Count, top: int = 12) -> str:
+    ops = ", ".join(f"{n.removeprefix('aten::')} {k}" for n, k in c.aten.most_common(top))
+    kernels_ = ", ".join(f"{n} {k}" for n, k in c.triton.most_common())
+    return f"- {name}: ATen {ops}" + (f"; Triton {kernels_}" if kernels_ else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,16 +528,15 @@ def plain_step(nets: dict[str, nn.Module], opt_G: torch.optim.Optimizer, opt_D: 
     return [v.item() for v in losses]
 
 
-def cpu_steppers(cfg: Config, variants: Sequence[str] = CPU_VARIANTS
-                 ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], list[float] | None]]:
-    """Each CPU variant's step, freshly built from the same seed (same weights)."""
+def cpu_steppers(cfg: Config, variants: Sequence[str] = tuple(CPU_VARIANTS)
+                 ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], list[float]]]:
+    """Each CPU variant's step, returning its losses, freshly built from the same seed (same weights)."""
     steppers = {}
-    for variant in variants:
-        torch.manual_seed(cfg.seed)
-        model = CycleGAN(cfg)
-        for net in model.nets().values():
-            set_fused(net, variant not in ("plain loop", "optimize, eager"))
-        if variant == "plain loop":
+    for name in variants:
+        variant = CPU_VARIANTS[name]
+        model, step, read = build(variant, "pytorch" if variant == "eager" else "auto", cfg, torch.device("cpu"),
+                                  None, 1, False)
+        if name == "plain loop":
             # The model's nets, initialised identically; everything else is the plain loop's own.
             nets = model.nets()
             betas = (cfg.beta1, 0.999)
@@ -393,18 +545,10 @@ def cpu_steppers(cfg: Config, variants: Sequence[str] = CPU_VARIANTS
             opt_D = torch.optim.Adam(itertools.chain(nets["D_A"].parameters(), nets["D_B"].parameters()),
                                      lr=cfg.lr, betas=betas)
             pools = {"A": ImagePool(cfg.pool_size, cfg.seed * 2 + 1), "B": ImagePool(cfg.pool_size, cfg.seed * 2 + 2)}
-            steppers[variant] = (lambda a, b, n=nets, g=opt_G, d=opt_D, p=pools:
-                                 plain_step(n, g, d, p, a, b, cfg))
-        elif variant == "graph-ready step":
-            graphed = GraphedStep(model, 1, graph=False)
-
-            def graph_step(a: torch.Tensor, b: torch.Tensor, g: GraphedStep = graphed) -> list[float]:
-                g.step(a, b)
-                return list(g.read()[0].values())  # one read per step: train.py reads less often
-
-            steppers[variant] = graph_step
-        else:
-            steppers[variant] = lambda a, b, m=model: list(m.optimize(a, b).values())
+            steppers[name] = (lambda a, b, n=nets, g=opt_G, d=opt_D, p=pools:
+                              plain_step(n, g, d, p, a, b, cfg))
+        else:  # one read per step: train.py reads less often with --cuda_graph
+            steppers[name] = lambda a, b, s=step, r=read: (s(a, b), list(r()[0].values()))[1]
     return steppers
 
 
@@ -416,16 +560,16 @@ def bench_cpu(iters: int, rounds: int) -> tuple[list[list[str]], str]:
     load = os.getloadavg()[0]
     cfg = Config(**QUICKSTART)
     gen = torch.Generator().manual_seed(0)
-    images = [tuple(torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1 for _ in "AB") for _ in range(16)]
+    pairs = [tuple(torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1 for _ in "AB") for _ in range(16)]
     steppers = cpu_steppers(cfg)
-    first = {name: step(*images[0]) for name, step in steppers.items()}
+    first = {name: step(*pairs[0]) for name, step in steppers.items()}
     rates: dict[str, list[float]] = {name: [] for name in steppers}
     per_round = max(1, iters // rounds)
     for r in range(rounds):
         for name, step in steppers.items():
             t0 = time.perf_counter()
             for i in range(per_round):
-                step(*images[(r * per_round + i) % len(images)])
+                step(*pairs[(r * per_round + i) % len(pairs)])
             rates[name].append(per_round / (time.perf_counter() - t0))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()),
               file=sys.stderr, flush=True)
@@ -467,100 +611,130 @@ CPU_LEGEND = (
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+PROG = "python -m minicycle.tools.iteration_bench"
+
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minicycle.tools.iteration_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--cpu", action="store_true", help="CPU mode: train.py's step against a plain eager loop")
-    p.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS",
-                   help="only run the plain loop ITERS iterations on the built-in dataset: the whole-process "
-                        "yardstick for `python train.py --max_steps ITERS`")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny model on the CPU to check the harness; not a performance measurement")
-    p.add_argument("--variants", type=kb.csv_list(VARIANTS), default=list(VARIANTS),
-                   help=f"GPU mode: {','.join(VARIANTS)} (default: all)")
-    p.add_argument("--batch", type=kb.batch_list, default=[1, 4], help="batch sizes (default 1,4)")
-    p.add_argument("--amp", choices=tuple(kb.DTYPES), default="fp32", help="bf16: train under torch.autocast(bfloat16)")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    kb.common_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--infer", action="store_true", help="G_A inference alone, checked against eager's output")
+    mode.add_argument("--count-launches", action="store_true",
+                      help="count the kernel launches of one iteration on the CPU (needs TRITON_INTERPRET=1)")
+    mode.add_argument("--cpu", action="store_true", help="CPU mode: train.py's step against a plain eager loop")
+    mode.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS",
+                      help="only run the plain loop ITERS iterations on the built-in dataset: the whole-process "
+                           "yardstick for `python train.py --max_steps ITERS`")
+    p.add_argument("--variants", type=kb.csv_list(VARIANTS), default=None,
+                   help=f"of {','.join(VARIANTS)} (default: {','.join(TIMED)}; --infer: {','.join(INFERRED)}; "
+                        f"--count-launches: {','.join(COUNTED)})")
+    p.add_argument("--kernels", type=kb.csv_list(choice.MODES), default=["auto"],
+                   help="what the ours variants run, as train.py --kernels; a list runs each (default auto)")
+    p.add_argument("--netG", choices=networks.GENERATORS, default=None,
+                   help="generator (default resnet_9blocks; --quick resnet_6blocks)")
+    p.add_argument("--ngf", type=kb.positive_int, default=None, help="also --ndf (default 64; --quick 4)")
+    p.add_argument("--size", type=lambda t: [kb.positive_int(v) for v in kb.csv_list(None)(t)], default=None,
+                   help="image H[,W] (default 256; --quick 32)")
+    p.add_argument("--amp", choices=tuple(kb.DTYPES), default="fp32", help="bf16: run under torch.autocast(bfloat16)")
     p.add_argument("--channels_last", action="store_true", help="model and inputs in torch.channels_last")
-    p.add_argument("--kernels", choices=choice.MODES, default="auto",
-                   help="what the ours variants run, as train.py --kernels (default auto)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="include the compiled variants (default: yes, except with --quick)")
     p.add_argument("--iters", type=kb.positive_int, default=None,
                    help=f"timed iterations (default {ITERS}; --quick {QUICK_ITERS}; --cpu 300)")
     p.add_argument("--rounds", type=kb.positive_int, default=10, help="--cpu: rounds the iterations are split into")
     p.add_argument("--threads", type=kb.positive_int, default=None,
                    help="--cpu: torch threads (default: PyTorch's, as train.py)")
     p.add_argument("--profile-dir", type=Path, default=None, help="profile one iteration per variant, tables here")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds: variants not started by then are skipped (to fit a time limit)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available (CPU with --quick and --cpu)")
-    p.add_argument("--out", default=None, help="also write the markdown report to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.netG = args.netG or ("resnet_6blocks" if args.quick else "resnet_9blocks")
+    args.ngf = args.ngf or (4 if args.quick else 64)
+    size = args.size or [32 if args.quick else 256]
+    if len(size) > 2:
+        p.error(f"--size {','.join(map(str, size))}: give H or H,W")
+    args.size = (size[0], size[-1])
+    multiple = networks.input_multiple(args.netG)
+    if min(args.size) < 32 or any(s % multiple for s in args.size):
+        p.error(f"--size: H and W must be multiples of {multiple} (for --netG {args.netG}), at least 32")
+    args.variants = args.variants or (INFERRED if args.infer else COUNTED if args.count_launches else TIMED)
+    if args.infer and {"ours+graph", "reduce-overhead"} & set(args.variants):
+        p.error("--variants: --infer times a forward; ours+graph and reduce-overhead capture training iterations")
+    args.iters = args.iters or (QUICK_ITERS if args.quick else 300 if args.cpu else ITERS)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cpu_only = args.quick or args.cpu
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
-    else:
-        device = torch.device(args.device)
-    if args.cpu and device.type != "cpu":
-        print("python -m minicycle.tools.iteration_bench: error: --cpu measures the CPU; drop --device cuda",
-              file=sys.stderr)
-        return 2
-    torch.backends.cudnn.benchmark = True  # as train.py and the official code
-    if args.quick:
-        torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CI machine
+    device, compile_note = kb.setup(args, cpu_only=args.quick or args.cpu or args.count_launches)
+    if (args.cpu or args.count_launches) and device.type != "cpu":
+        return _error(f"--{'cpu' if args.cpu else 'count-launches'} measures the CPU; drop --device cuda")
+    if args.cpu and use_triton(torch.empty(0)):
+        return _error("--cpu times the PyTorch path that train.py takes on a CPU; run it without TRITON_INTERPRET=1")
+    if args.count_launches and not use_triton(torch.empty(0)):
+        return _error("--count-launches needs TRITON_INTERPRET=1, so that ours reaches its Triton launches on a CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
-    prog = "python -m minicycle.tools.iteration_bench"
     if args.plain_loop:
         plain_loop(args.plain_loop)
         return 0
-    if args.cpu:
-        if use_triton(torch.empty(0)):
-            print("python -m minicycle.tools.iteration_bench: error: --cpu times the PyTorch path that train.py takes "
-                  "on a CPU; run it without TRITON_INTERPRET=1", file=sys.stderr)
-            return 2
-        rows, note = bench_cpu(args.iters or 300, args.rounds)
-        parts = [kb.header(device, prog, argv), "## CPU: train.py's training step against a plain eager loop",
-                 kb.markdown_table(CPU_COLUMNS, rows), CPU_LEGEND + " " + note]
-        kb.write_report("\n\n".join(parts) + "\n", args.out)
+    if args.infer:
+        torch.backends.cudnn.benchmark = False  # as infer.py: its input sizes vary
+    cfg = Config(netG=args.netG, ngf=args.ngf, ndf=args.ngf)
+    what = (f"{args.netG}{'' if args.infer else ' G ×2, basic D ×2'}, ngf={args.ngf}{'' if args.infer else '=ndf'}, "
+            f"{args.size[0]}×{args.size[1]}" + ("; --quick: a harness check" if args.quick else ""))
+    top = kb.header(device, PROG, argv, "minicycle: kernel launches per training iteration" if args.count_launches
+                    else "minicycle benchmark")
+    if args.cpu or args.count_launches:
+        kb.write_report(kb.document([top, *(cpu_report(args) if args.cpu else count_report(args, cfg, what))]),
+                        args.out)
         return 0
-
-    compile_on = args.compile if args.compile is not None else not args.quick
-    compile_note = None if compile_on else ("skipped (--quick; pass --compile)" if args.quick else
-                                            "skipped (--no-compile)")
-    what = ("ngf=4, ndf=4, resnet_6blocks, basic D, 32×32; --quick: a harness check" if args.quick else
-            "resnet_9blocks G ×2, basic D ×2, ngf=ndf=64, 256×256")
-    top = kb.header(device, prog, argv)
-
-    def report(rows: list[list[str]], prof_rows: list[list[str]], ok: bool = True) -> str:
-        parts = [top, f"## Model: one training iteration and G_A inference ({what})",
-                 kb.markdown_table(MODEL_COLUMNS, rows), MODEL_LEGEND]
-        if chosen:
-            parts += ["## What --kernels auto chose", "\n".join(f"- {line}" for line in chosen)]
-        if prof_rows:
-            parts += ["## Profile of one iteration", kb.markdown_table(PROFILE_COLUMNS, prof_rows), PROFILE_LEGEND]
-        if not ok:
-            parts.append("**Some checks failed (✗ above).**")
-        return "\n\n".join(parts) + "\n"
-
-    def partial() -> None:  # the report so far, in case the run is cut short
-        if args.out:
-            kb.write_file(args.out, report(rows, prof_rows))
-
+    heading, columns, legend = ((f"## G_A inference ({what})", INFER_COLUMNS, INFER_LEGEND) if args.infer else
+                                (f"## Model: one training iteration and G_A inference ({what})", MODEL_COLUMNS,
+                                 MODEL_LEGEND))
     rows: list[list[str]] = []
     prof_rows: list[list[str]] = []
-    chosen: list[str] = []
-    ok = bench_model(args.variants, args.batch, args.amp, args.channels_last, device, args.quick, compile_note,
-                     args.iters or (QUICK_ITERS if args.quick else ITERS), args.profile_dir, args.budget,
-                     rows, prof_rows, partial, args.kernels, chosen)
-    kb.write_report(report(rows, prof_rows, ok), args.out)
+
+    def report(ok: bool = True) -> str:
+        profile_parts = ["## Profile of one iteration", kb.markdown_table(PROFILE_COLUMNS, prof_rows), PROFILE_LEGEND]
+        return kb.document([top, heading, kb.markdown_table(columns, rows), legend, *kb.decisions_section(),
+                            *(profile_parts if prof_rows else [])], ok)
+
+    measure = infer_measure(args, cfg, device) if args.infer else train_measure(args, cfg, device, prof_rows)
+    ok = each_run(args, device, compile_note, len(columns) - 4, measure, rows,
+                  lambda: args.out and kb.write_file(args.out, report()))  # a run cut short keeps its rows
+    kb.write_report(report(ok), args.out)
     return 0 if ok else 1
+
+
+def cpu_report(args: argparse.Namespace) -> list[str]:
+    rows, note = bench_cpu(args.iters, args.rounds)
+    return ["## CPU: train.py's training step against a plain eager loop", kb.markdown_table(CPU_COLUMNS, rows),
+            CPU_LEGEND + " " + note]
+
+
+def count_report(args: argparse.Namespace, cfg: Config, what: str) -> list[str]:
+    from torch._inductor import config as inductor
+
+    import kernels.instance_norm
+
+    inductor.cpp.enable_kernel_profile = True  # Inductor's CPU kernels show in the profiler
+    kernels.instance_norm._MAX_BLOCK = max(1, IN_SPLIT_AT_256 * args.size[0] * args.size[1] // 256**2)
+    counts = {}
+    for variant, kernels_mode in runs(args.variants, args.kernels):
+        name = label(variant, kernels_mode)
+        counts[name] = count_launches(variant, kernels_mode, cfg, args.size, args.channels_last)
+        print(kb.md_row(count_row(name, counts[name])), file=sys.stderr, flush=True)
+    what += (f", batch 1, identity loss, pool 50{'; channels_last' if args.channels_last else ''}; "
+             f"IN split threshold {kernels.instance_norm._MAX_BLOCK} elements")
+    return [f"## One steady-state iteration ({what})",
+            kb.markdown_table(COUNT_COLUMNS, [count_row(n, c) for n, c in counts.items()]),
+            "Most frequent kernel-launching ATen ops, and the Triton kernels:",
+            "\n".join(count_detail(n, c) for n, c in counts.items()),
+            "Counted with torch.profiler; the Triton kernels counted at launch, not run (see "
+            "minicycle/tools/iteration_bench.py). Facts about this code and this PyTorch, not timings."]
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

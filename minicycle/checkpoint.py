@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from kernels.runtime import write_atomic
-from minicycle.data import DataError
 from minicycle.distributed import Dist, check_same_weights
 
 if TYPE_CHECKING:
@@ -186,7 +185,7 @@ class RunCheckpoints:
             for leftover in self.dir.glob(".*.pth.*.tmp"):
                 leftover.unlink(missing_ok=True)
         except OSError as e:
-            raise DataError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
+            raise CheckpointError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
 
     def save(self, model: "CycleGAN", run: Run, *, options: dict, dist: Dist, log_bytes: int,
              epoch_label: str | None = None) -> None:

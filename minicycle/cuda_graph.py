@@ -157,12 +157,13 @@ class DevicePool:
     """An ImagePool kept in one device tensor, with the same query, state_dict and RNG stream, whose query
     a CUDA graph can capture: draw(n), on the host before the step, draws the fates of the next n images
     as ImagePool.query does and writes them as row indices into a small device tensor (the plan); query,
-    in the step, gathers and stores with index ops of fixed shapes: no host sync and no allocation that
-    depends on the draws.
+    in the step, moves images with index ops of fixed shapes: no host sync and no allocation that depends
+    on the draws.
 
-    The buffer has pool_size + batch rows: the extra rows take the writes a batch does not need, so
-    every batch writes exactly batch rows. The ImagePool's list holds views of the buffer's rows, so
-    its state_dict (and, after a fallback, its own query) keep working unchanged.
+    The buffer has pool_size + batch rows: query stages the batch in the extra rows, then reads the n
+    images D sees and writes n rows (those the batch does not store in the pool write a staged row onto
+    itself). The ImagePool's list holds views of the buffer's first rows, so its state_dict (and, after a
+    fallback, its own query) keep working unchanged.
     """
 
     def __init__(self, pool: ImagePool, batch: int, shape: tuple[int, ...], dtype: torch.dtype,
@@ -172,23 +173,23 @@ class DevicePool:
         for i, image in enumerate(pool.images):
             self.buffer[i].copy_(image[0])
         pool.images = [self.buffer[i:i + 1] for i in range(len(pool.images))]
-        self.plan = torch.zeros(5 * batch, dtype=torch.int64, device=device)
+        self.plan = torch.zeros(3 * batch, dtype=torch.int64, device=device)
 
     def state_dict(self) -> dict:
         return self.pool.state_dict()
 
     def draw(self, n: int) -> None:
-        """The plan of the next n images, 5n row indices: per image the pool row and the batch row it may
-        return, and whether it returns the pool's; then n (pool row, batch row) writes. An image may return
-        one stored earlier in the same batch: that one is read from the batch (the pool is read before it
-        is written)."""
-        pool, spare = self.pool, self.pool.pool_size  # spare: the first extra row
+        """The plan of the next n images, 3n buffer rows: the row each image D sees is read from (its own
+        staged row, or a pool row), then n (row written, row copied there). An image may return one stored
+        earlier in the same batch: that one is read from its staged row (the pool is read before it is
+        written)."""
+        pool, staged = self.pool, self.pool.pool_size  # staged + j: the row of the batch's image j
         if pool.pool_size == 0:
             return
         if n > self.batch:
             raise ValueError(f"DevicePool sized for batches of {self.batch}, got {n}")
-        holds: dict[int, int] = {}  # pool row -> the batch row stored there by this batch
-        read_pool, read_batch, use_pool = [], [], []
+        holds: dict[int, int] = {}  # pool row -> the staged row stored there by this batch
+        reads = []
         for j in range(n):
             stored = returned = None  # the pool rows image j is stored in and returned from
             if len(pool.images) < pool.pool_size:
@@ -196,25 +197,22 @@ class DevicePool:
                 pool.images.append(self.buffer[stored:stored + 1])
             elif pool.rng.uniform(0, 1) > 0.5:
                 stored = returned = pool.rng.randint(0, pool.pool_size - 1)
-            from_pool = returned is not None and returned not in holds
-            read_pool.append(returned if from_pool else spare)
-            read_batch.append(j if returned is None else holds.get(returned, 0))
-            use_pool.append(int(from_pool))
+            reads.append(staged + j if returned is None else holds.get(returned, returned))
             if stored is not None:
-                holds[stored] = j
-        writes = sorted(holds.items()) + [(spare + k, 0) for k in range(n - len(holds))]
-        plan = torch.tensor(read_pool + read_batch + use_pool + [w for w, _ in writes] + [b for _, b in writes])
-        self.plan[:5 * n].copy_(plan.pin_memory() if self.plan.is_cuda else plan, non_blocking=True)
+                holds[stored] = staged + j
+        writes = list(holds.items()) + [(staged + k, staged + k) for k in range(n - len(holds))]
+        plan = torch.tensor(reads + [row for row, _ in writes] + [source for _, source in writes])
+        self.plan[:3 * n].copy_(plan.pin_memory() if self.plan.is_cuda else plan, non_blocking=True)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """The images D sees, and the pool updated in place, as drawn."""
         if self.pool.pool_size == 0:
             return images
-        images, n = images.detach(), len(images)
-        read_pool, read_batch, use_pool, write_row, write_src = self.plan[:5 * n].view(5, n)
-        from_pool = use_pool.view(n, *[1] * (images.dim() - 1)).bool()
-        out = torch.where(from_pool, self.buffer.index_select(0, read_pool), images.index_select(0, read_batch))
-        self.buffer.index_copy_(0, write_row, images.index_select(0, write_src))
+        n, staged = len(images), self.pool.pool_size
+        reads, rows, sources = self.plan[:3 * n].view(3, n)
+        self.buffer[staged:staged + n].copy_(images.detach())
+        out = self.buffer.index_select(0, reads)
+        self.buffer.index_copy_(0, rows, self.buffer.index_select(0, sources))
         return out
 
 

@@ -6,13 +6,14 @@
 
 Like the official test.py, results go to results/NAME/test_<epoch>/ with an index.html. The generator's
 architecture is read from the checkpoint's keys unless --netG/--ngf/--norm are given.
+
+Reading order: main() calls infer(), the procedure: set-up, then three steps: translate (write the
+translations), score (against the truth), fid_of; how one batch is translated follows (write_batch,
+translated, with the device-memory check of minicycle/memory.py).
 """
 
 import argparse
-import functools
-import itertools
 import sys
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from kernels import choice
-from minicycle import cli, datasets, fid, networks
+from minicycle import cli, datasets, fid, memory, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
 from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
 from minicycle.inception import WeightsError, WeightsMissing, resolve_weights
@@ -35,10 +34,13 @@ from minicycle.report import results_page, save_image_atomic
 class Generator:
     """A generator loaded for translation, and what feeding it needs."""
 
-    net: torch.nn.Module
+    net: torch.nn.Module  # on `device`, with the chosen --kernels, in `layout`
+    device: torch.device
+    layout: torch.memory_format
     input_nc: int  # channels of the images it reads
     multiple: int  # input sides are padded up to a multiple of this
-    shadow: torch.nn.Module  # the same layers on the meta device, official path: what a batch needs (batch_bytes)
+    shadow: torch.nn.Module  # the same layers on the meta device, official path: what a batch needs (memory)
+    said_split: bool = False  # the note that batches are split has been printed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -> Generator:
-    """Read the architecture from the file's keys (explicit flags win), build it, load it strictly."""
+    """Read the architecture from the file's keys (explicit flags win), build it, load it strictly; then the
+    --kernels and the layout it runs with."""
     state = load_file(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -98,7 +101,10 @@ def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -
     load_into(net, path, expected_flags=flags)
     with torch.device("meta"):
         shadow = networks.set_fused(networks.define_G(*args), False).train(not opt.eval)
-    return Generator(net=net.to(device).train(not opt.eval), input_nc=spec["input_nc"],
+    net = networks.set_kernels(net.to(device).train(not opt.eval), opt.kernels)
+    use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
+    layout = torch.channels_last if use_cl else torch.contiguous_format
+    return Generator(net=net.to(memory_format=layout), device=device, layout=layout, input_nc=spec["input_nc"],
                      multiple=networks.input_multiple(netG), shadow=shadow)
 
 
@@ -110,65 +116,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, 
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
     return x, h, w
-
-
-# Device memory. A batch needs the peak of its tensors (forward_bytes: per pixel of the padded batch, a constant
-# of the generator; README gives it), the weights, and MARGIN: 10% of the tensors and 1 GiB for what no tensor
-# shows (cuDNN's handle and workspaces, the timing buffers of Triton's autotuner and of --kernels auto, the
-# caching allocator's rounding). The margin is an allowance, not measured on a GPU.
-MARGIN = (0.10, 2**30)
-
-
-class LiveBytes(TorchDispatchMode):
-    """The bytes of tensor storage alive at once while it is on, and their peak: a storage counts from the op
-    that makes it until it is freed (views and in-place results share their input's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}  # id of each storage made under it and still alive -> its bytes
-        self.now = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(s := t.untyped_storage()) not in self.live:
-                self.live[id(s)] = s.nbytes()
-                self.now += s.nbytes()
-                weakref.finalize(s, self._free, id(s))  # torch keeps this object as long as the storage
-        self.peak = max(self.peak, self.now)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key)
-
-
-@functools.cache
-def forward_bytes(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
-    """Peak bytes of the tensors one no_grad forward of `net` holds at once on an input of `shape`, the input and
-    output included, the weights not. On the meta device (Generator.shadow) it takes milliseconds at any size:
-    meta tensors have sizes, but no memory and no arithmetic."""
-    with torch.no_grad(), LiveBytes() as live:
-        net(torch.empty(shape, device=next(net.parameters()).device))
-    return live.peak
-
-
-def batch_bytes(gen: Generator, shape: tuple[int, ...]) -> int:
-    """Device memory that translating a padded batch of `shape` needs: its tensors' peak, the weights, MARGIN."""
-    weights = sum(t.nbytes for t in itertools.chain(gen.net.parameters(), gen.net.buffers()))
-    return weights + round(forward_bytes(gen.shadow, shape) * (1 + MARGIN[0])) + MARGIN[1]
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """What a CUDA device has for this process: its free memory, and what torch's caching allocator holds (the
-    weights, and blocks that earlier batches freed, which it reuses); None elsewhere (nothing is checked)."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device)
-
-
-def gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def resolve(opt: argparse.Namespace) -> tuple[Path, Path, Path | None, str]:
@@ -233,128 +180,92 @@ def fid_target(opt: argparse.Namespace) -> Path | None:
     return target
 
 
-def translate(opt: argparse.Namespace) -> int:
+def infer(opt: argparse.Namespace) -> int:
+    """The procedure: set-up; translate (write the translations); score them against the truth; FID; the page."""
     if opt.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
-    device = torch.device("cuda" if opt.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if opt.device == "auto" else opt.device))
     if opt.batch_size < 1 or (opt.load_size is not None and opt.load_size < 1):
         raise DataError("--batch_size and --load_size must be positive")
+    device = torch.device("cuda" if opt.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if opt.device == "auto" else opt.device))
     ckpt, source, truth, name = resolve(opt)
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early
     gen = build_generator(opt, ckpt, device)
-    net = networks.set_kernels(gen.net, opt.kernels)
-    use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
-    fmt = torch.channels_last if use_cl else torch.contiguous_format
-    net.to(memory_format=fmt)
-    paths = ImageFolder(source).paths
-    limit = opt.num_test or float("inf")
-
-    if opt.output:
-        out_dir, img_dir = Path(opt.output), Path(opt.output)
-    else:
-        out_dir = Path(opt.results_dir) / name / f"{opt.phase}_{opt.epoch}"
-        img_dir = out_dir / "images"
+    out_dir = Path(opt.output) if opt.output else Path(opt.results_dir) / name / f"{opt.phase}_{opt.epoch}"
+    img_dir = out_dir if opt.output else out_dir / "images"
     try:
         img_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot write to {img_dir} ({e.strerror or e})") from None
 
-    rows, errors, baselines, fakes = [], [], [], []
-    pending: list[tuple[torch.Tensor, Image.Image, str]] = []
-    split_said = []  # the note that batches are split is printed once
+    written, unreadable = translate(opt, gen, source, img_dir)
+    if not written:
+        raise DataError(f"none of the {unreadable} images in {source} can be read")
+    rows, errors = ([], "") if opt.output else score(img_dir, truth, [path for path, _ in written])
+    distances = fid_of([fake for _, fake in written], fid_dir, weights, device) if fid_dir else ""
+    if not opt.output:
+        summary = "; ".join(line for line in (errors, distances) if line)
+        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows, summary=summary)
+    skipped = f" ({unreadable} unreadable, skipped)" if unreadable else ""
+    print(f"translated {len(written)} images {opt.direction} with {ckpt} -> {out_dir}{skipped}")
+    for line in (errors, distances):
+        if line:
+            print(line)
+    return 0
 
-    def forward(batch: list[tuple[torch.Tensor, Image.Image, str]]) -> torch.Tensor:
-        x = torch.stack([t for t, _, _ in batch]).to(device)
-        x, h, w = pad_to_multiple(x, gen.multiple)
-        x = x.contiguous(memory_format=fmt)
-        with torch.no_grad():
-            return net(x)[..., :h, :w].float().cpu()
 
-    def translated(batch: list[tuple[torch.Tensor, Image.Image, str]]) -> torch.Tensor:
-        """The batch's translations, on the CPU: one image at a time where the device cannot hold the batch;
-        an image it cannot hold alone is a DataError naming it (checked first, and on an out-of-memory)."""
-        c, h, w = batch[0][0].shape
-        shape = (len(batch), c, h + -h % gen.multiple, w + -w % gen.multiple)  # padded as forward pads it
-        have = available_bytes(device)
-        if have is not None and (need := batch_bytes(gen, shape)) > have:
-            short = f"needs about {gib(need)} of GPU memory and the GPU has {gib(have)} available"
-        else:
-            try:
-                return forward(batch)
-            except torch.OutOfMemoryError:
-                short = "ran out of GPU memory"
-        if len(batch) == 1:
-            raise DataError(f"{batch[0][2]} ({w}x{h}): translating it {short}; use --preprocess resize "
-                            f"(--load_size N) for smaller images, or --device cpu")
-        if not split_said:
-            split_said.append(True)
-            print(f"infer.py: a batch of {len(batch)} images of {w}x{h} {short}; translating such batches "
-                  f"one image at a time")
-        return torch.cat([translated([item]) for item in batch])
-
-    def flush() -> None:
-        y = translated(pending)
-        chosen = choice.report()  # what --kernels auto decided for this batch's shapes, if they are new
-        if chosen:
-            print(chosen)
-        for (_, img, path), out in zip(pending, y):
-            fake = tensor_to_image(out)
-            stem = Path(path).stem
-            fakes.append(img_dir / (f"{stem}.png" if opt.output else f"{stem}_fake.png"))
-            if opt.output:
-                save_image_atomic(fake, img_dir / f"{stem}.png")
-                continue
-            save_image_atomic(img, img_dir / f"{stem}_real.png")
-            save_image_atomic(fake, img_dir / f"{stem}_fake.png")
-            target = read_truth(truth, Path(path).name, fake)
-            if target is None:
-                rows.append((stem, [("real", f"images/{stem}_real.png"), ("fake", f"images/{stem}_fake.png")]))
-                continue
-            t = np.asarray(target, dtype=np.float64)
-            errors.append(np.abs(np.asarray(fake, dtype=np.float64) - t).mean())
-            baselines.append(np.abs(np.asarray(img.resize(fake.size, Image.BICUBIC), dtype=np.float64) - t).mean())
-            save_image_atomic(target, img_dir / f"{stem}_truth.png")
-            rows.append((stem, [(f"real (identity error {baselines[-1]:.1f})", f"images/{stem}_real.png"),
-                                (f"fake (error {errors[-1]:.1f})", f"images/{stem}_fake.png"),
-                                ("truth", f"images/{stem}_truth.png")]))
-        pending.clear()
-
-    done, unreadable = 0, []
-    for path in paths:
-        if done == limit:
+# ---- the three steps -----------------------------------------------------------------------------------------
+def translate(opt: argparse.Namespace, gen: Generator, source: Path, img_dir: Path
+              ) -> tuple[list[tuple[Path, Path]], int]:
+    """Translate the readable images of `source` (a folder or one file; --num_test at most) in batches of one size,
+    writing each translation to img_dir: with --output as <stem>.png, else as <stem>_fake.png beside the input as
+    <stem>_real.png (for the results page). Returns the (input, translation) files in order, and how many inputs
+    could not be read (each skipped with a warning)."""
+    limit = opt.num_test or float("inf")
+    written: list[tuple[Path, Path]] = []
+    batch: list[tuple[Path, Image.Image]] = []
+    unreadable = 0
+    for path in ImageFolder(source).paths:
+        if len(written) + len(batch) == limit:
             break
         try:
             img = load_image(path, gen.input_nc)
         except DataError as e:
             print(f"infer.py: warning: {e}; skipping it", file=sys.stderr)
-            unreadable.append(path)
+            unreadable += 1
             continue
-        done += 1
         if opt.preprocess == "resize":
             img = img.resize((opt.load_size, opt.load_size), Image.BICUBIC)
-        x = image_to_tensor(img)
-        if pending and (len(pending) == opt.batch_size or pending[0][0].shape != x.shape):
-            flush()
-        pending.append((x, img, str(path)))
-    if pending:
-        flush()
+        if batch and (len(batch) == opt.batch_size or batch[0][1].size != img.size):
+            written += write_batch(gen, batch, img_dir, alone=bool(opt.output))
+            batch = []
+        batch.append((Path(path), img))
+    if batch:
+        written += write_batch(gen, batch, img_dir, alone=bool(opt.output))
+    return written, unreadable
 
-    if not done:
-        raise DataError(f"none of the {len(unreadable)} images in {source} can be read")
-    score = (f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  (identity baseline: "
-             f"{np.mean(baselines):.2f}) over {len(errors)} images") if errors else ""
-    distances = fid_of(fakes, fid_dir, weights, device) if fid_dir else ""
-    if not opt.output:
-        summary = "; ".join(s for s in (score, distances) if s)
-        results_page(out_dir, f"{name}: {opt.direction} with {ckpt.name}", rows, summary=summary)
-    skipped = f" ({len(unreadable)} unreadable, skipped)" if unreadable else ""
-    print(f"translated {done} images {opt.direction} with {ckpt} -> {out_dir}{skipped}")
-    for line in (score, distances):
-        if line:
-            print(line)
-    return 0
+
+def score(img_dir: Path, truth: Path | None, inputs: list[Path]) -> tuple[list, str]:
+    """The results page's rows: per input its real and fake images and, where the truth folder has its correct
+    translation, that image too, with the mean absolute error (0-255) of the fake and of the real (the identity
+    baseline) against it. And the mean errors as one line ('' when nothing had a truth)."""
+    rows, errors, baselines = [], [], []
+    for path in inputs:
+        stem, fake = path.stem, Image.open(img_dir / f"{path.stem}_fake.png")
+        images = [("real", f"images/{stem}_real.png"), ("fake", f"images/{stem}_fake.png")]
+        target = read_truth(truth, path.name, fake)
+        if target is not None:
+            save_image_atomic(target, img_dir / f"{stem}_truth.png")
+            t = np.asarray(target, dtype=np.float64)
+            errors.append(np.abs(np.asarray(fake, dtype=np.float64) - t).mean())
+            baselines.append(np.abs(np.asarray(Image.open(img_dir / f"{stem}_real.png"), dtype=np.float64) - t).mean())
+            images = [(f"real (identity error {baselines[-1]:.1f})", images[0][1]),
+                      (f"fake (error {errors[-1]:.1f})", images[1][1]), ("truth", f"images/{stem}_truth.png")]
+        rows.append((stem, images))
+    line = (f"mean absolute error vs truth (0-255): {np.mean(errors):.2f}  (identity baseline: "
+            f"{np.mean(baselines):.2f}) over {len(errors)} images") if errors else ""
+    return rows, line
 
 
 def fid_of(fakes: list[Path], target: Path, weights: Path, device: torch.device) -> str:
@@ -368,10 +279,52 @@ def fid_of(fakes: list[Path], target: Path, weights: Path, device: torch.device)
             f"{result['n_a']} translations vs {result['n_b']} images of {target}")
 
 
+# ---- translating a batch -------------------------------------------------------------------------------------
+def write_batch(gen: Generator, batch: list[tuple[Path, Image.Image]], img_dir: Path, alone: bool
+                ) -> list[tuple[Path, Path]]:
+    """Translate a batch of same-size images and write each translation (alone: as <stem>.png; else as
+    <stem>_fake.png, after the input as <stem>_real.png). Returns the (input, translation) files."""
+    fakes = translated(gen, torch.stack([image_to_tensor(img) for _, img in batch]), [path for path, _ in batch])
+    chosen = choice.report()  # what --kernels auto decided for this batch's shapes, if they are new
+    if chosen:
+        print(chosen)
+    written = []
+    for (path, img), fake in zip(batch, fakes):
+        if not alone:
+            save_image_atomic(img, img_dir / f"{path.stem}_real.png")
+        written.append((path, img_dir / (f"{path.stem}.png" if alone else f"{path.stem}_fake.png")))
+        save_image_atomic(tensor_to_image(fake), written[-1][1])
+    return written
+
+
+def translated(gen: Generator, x: torch.Tensor, paths: list[Path]) -> torch.Tensor:
+    """The translations of the batch x (N, C, H, W), on the CPU: one image at a time where the device cannot hold
+    the batch; an image it cannot hold alone is a DataError naming it (checked first, and on an out-of-memory)."""
+    n, c, h, w = x.shape
+    have = memory.available_bytes(gen.device)
+    shape = (n, c, h + -h % gen.multiple, w + -w % gen.multiple)  # padded as pad_to_multiple pads it
+    if have is not None and (need := memory.batch_bytes(gen.net, gen.shadow, shape)) > have:
+        short = f"needs about {memory.gib(need)} of GPU memory and the GPU has {memory.gib(have)} available"
+    else:
+        try:
+            with torch.no_grad():
+                padded, _, _ = pad_to_multiple(x.to(gen.device), gen.multiple)
+                return gen.net(padded.contiguous(memory_format=gen.layout))[..., :h, :w].float().cpu()
+        except torch.OutOfMemoryError:
+            short = "ran out of GPU memory"
+    if n == 1:
+        raise DataError(f"{paths[0]} ({w}x{h}): translating it {short}; use --preprocess resize "
+                        f"(--load_size N) for smaller images, or --device cpu")
+    if not gen.said_split:
+        gen.said_split = True
+        print(f"infer.py: a batch of {n} images of {w}x{h} {short}; translating such batches one image at a time")
+    return torch.cat([translated(gen, x[i:i + 1], paths[i:i + 1]) for i in range(n)])
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = build_parser().parse_args(argv)
     try:
-        return translate(opt)
+        return infer(opt)
     except (DataError, CheckpointError, fid.FidError, WeightsError, choice.FatalKernelError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, WeightsMissing) else 1

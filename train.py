@@ -6,11 +6,11 @@
 Flags, defaults and outputs follow the official pytorch-CycleGAN-and-pix2pix train.py. Unlike it,
 checkpoints hold the full training state, so `--continue_train` resumes exactly where a run stopped.
 
-Reading order: main() parses the flags and calls train(), the procedure from top to bottom: set-up,
-resume, the loop over epochs (train_epoch; one iteration is train_step, CycleGAN.optimize), the end.
-The helpers follow in that order. The machinery lives in its own rooms: checkpoints in
-minicycle/checkpoint.py, loss_log.txt, train_opt.txt and the page in minicycle/report.py, data
-parallelism in minicycle/distributed.py, --cuda_graph in minicycle/cuda_graph.py.
+Reading order: main() parses the flags and calls train(), the procedure from top to bottom: set_up (and
+resume), the loop over epochs (train_epoch; one iteration is train_step: CycleGAN.step, run
+by EagerStep or, with --cuda_graph, GraphedStep), the end. The helpers follow in that order. The machinery
+lives in its own rooms: checkpoints in minicycle/checkpoint.py, loss_log.txt, train_opt.txt and the page in
+minicycle/report.py, data parallelism in minicycle/distributed.py, --cuda_graph in minicycle/cuda_graph.py.
 """
 
 import argparse
@@ -33,13 +33,7 @@ from minicycle import cli, datasets, networks, objective
 from minicycle.checkpoint import CheckpointError, Run, RunCheckpoints, caused_by, load_into, restore
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import DataError, UnalignedDataset, check_preprocess, collate_batch, epoch_plan
-from minicycle.distributed import (
-    CollectiveFailed,
-    Dist,
-    RanksDisagree,
-    average_losses,
-    rank_batches,
-)
+from minicycle.distributed import CollectiveFailed, Dist, RanksDisagree, average_losses, rank_batches
 from minicycle.model import LOSS_NAMES, Config, CycleGAN
 from minicycle.optim import LR_POLICIES
 from minicycle.report import LossLog, write_options, write_training_page
@@ -47,70 +41,26 @@ from minicycle.report import LossLog, write_options, write_training_page
 # Used when --dataroot is not given: sizes that learn the built-in dataset in a few CPU minutes.
 # Any flag given explicitly wins over these.
 BUILTIN_PRESET = dict(name="synthetic", load_size=32, crop_size=32, netG="resnet_6blocks", ngf=16, ndf=16,
-                      n_epochs=4, n_epochs_decay=3, batch_size=1, print_freq=100,
-                      save_epoch_freq=4)
+                      n_epochs=4, n_epochs_decay=3, batch_size=1, print_freq=100, save_epoch_freq=4)
 ARCH_FLAGS = ("netG", "netD", "n_layers_D", "ngf", "ndf", "input_nc", "output_nc", "norm", "no_dropout")
 
 
 def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Dist, stop: "StopSignal") -> int:
-    """The training procedure: set-up, resume, the loop over epochs, the end. Returns the exit code."""
-    # ---- set-up: the device, the data, the run's folder, the model -----------------------------------------
-    device = dist.setup(pick_device(opt.device))
-    # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
-    torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
-    if opt.channels_last is None:
-        opt.channels_last = device.type == "cuda"
-    find_dataroot(opt, dist)
-    ckpt = RunCheckpoints(Path(opt.checkpoints_dir) / opt.name)
-    state = None
-    if opt.continue_train and opt.epoch == "latest":
-        state = ckpt.load_latest_state()
-        adopt_resumed_options(opt, explicit, state["options"])
-    dataset, min_size = load_dataset(opt)
-    ckpt.prepare()
-    if opt.seed is None:  # rank 0 draws it; every rank needs it for the same init and data plan
-        opt.seed = dist.broadcast(random.SystemRandom().randrange(2**31) if dist.main else None)
-    torch.manual_seed(opt.seed)
-    model = build_model(opt, device, dist)
-    graphed = graphed_step(opt, model, device)
-    workers, threads = choose_parallelism(opt.num_threads, device, dist.local_world)
-    dist.say(first_line(opt, model, dataset, device, dist, workers, threads, ckpt.dir))
-    if opt.builtin:
-        dist.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
-                 f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
-
-    # ---- resume: the whole state (exact), or an epoch's weights only (as the official code) ----------------
-    run = Run(opt.epoch_count, opt.seed)
-    if state is not None:
-        restore(model, run, state, dist, device)
-        dist.say(f"resuming {ckpt.dir} at epoch {run.epoch}, iteration {run.steps}")
-    elif opt.continue_train:
-        for k, net in model.nets().items():
-            load_into(net, ckpt.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
-        dist.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
-    dist.broadcast_nets(list(model.nets().values()))
-    if opt.channels_last:
-        model.set_memory_format(torch.channels_last)
-    log = LossLog(ckpt.dir / "loss_log.txt", write=dist.main)
-    if dist.main:
-        write_options(vars(opt), vars(build_parser().parse_args([])), ckpt.dir / "train_opt.txt")
-    log.start(resumed_size=state.get("log_bytes") if state is not None else None)
-
+    """The training procedure: set-up and resume, the loop over epochs, the end. Returns the exit code."""
+    s, run = set_up(opt, explicit, dist, stop)
     # ---- the loop: epochs of iterations; at each epoch's end the learning rate, a checkpoint, a page -------
     last_epoch = opt.n_epochs + opt.n_epochs_decay
     stopped = None  # why the run stops before its last epoch: "max_steps" or "signal"
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(s.threads)
     try:
         with stop.loop():
-            s = Setup(opt=opt, device=device, dist=dist, dataset=dataset, min_size=min_size, workers=workers,
-                      model=model, graphed=graphed, ckpt=ckpt, log=log, stop=stop)
             while run.epoch <= last_epoch:
                 stopped = train_epoch(s, run)
                 if stopped is not None:
                     break
                 epoch = run.epoch
-                lr = model.step_schedulers(epoch_metric(run.history, epoch))
+                lr = s.model.step_schedulers(epoch_metric(run.history, epoch))
                 run.epoch, run.epoch_keys = epoch + 1, 0
                 save(s, run, epoch_label=str(epoch) if epoch % opt.save_epoch_freq == 0 else None)
                 if dist.main and not opt.no_html:
@@ -134,13 +84,63 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
     if stopped == "signal":
         resume = resume_command(argv, dist.local_world if dist.enabled else 1)
         print(f"stopped by {stop.name} at epoch {run.epoch}, iteration {run.steps}; state saved in "
-              f"{ckpt.dir}. Resume with: {resume}")
+              f"{s.ckpt.dir}. Resume with: {resume}")
     elif stopped == "max_steps":
-        print(f"reached --max_steps {opt.max_steps}; state saved in {ckpt.dir} (resume with --continue_train "
+        print(f"reached --max_steps {opt.max_steps}; state saved in {s.ckpt.dir} (resume with --continue_train "
               f"and a larger --max_steps)")
     else:
-        print(f"finished {last_epoch} epochs ({run.steps} iterations); generators in {ckpt.dir}/latest_net_G_*.pth")
+        print(f"finished {last_epoch} epochs ({run.steps} iterations); generators in {s.ckpt.dir}/latest_net_G_*.pth")
     return 0
+
+
+def set_up(opt: argparse.Namespace, explicit: set[str], dist: Dist, stop: "StopSignal") -> tuple["Setup", Run]:
+    """The device, the data, the run's folder, the model; then the resumed state (exact), or an epoch's weights
+    only (as the official code)."""
+    device = dist.setup(pick_device(opt.device))
+    # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
+    torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
+    if opt.channels_last is None:
+        opt.channels_last = device.type == "cuda"
+    find_dataroot(opt, dist)
+    ckpt = RunCheckpoints(Path(opt.checkpoints_dir) / opt.name)
+    state = ckpt.load_latest_state() if opt.continue_train and opt.epoch == "latest" else None
+    if state is not None:
+        adopt_resumed_options(opt, explicit, state["options"])
+    dataset, min_size = load_dataset(opt)
+    ckpt.prepare()
+    if opt.seed is None:  # rank 0 draws it; every rank needs it for the same init and data plan
+        opt.seed = dist.broadcast(random.SystemRandom().randrange(2**31) if dist.main else None)
+    torch.manual_seed(opt.seed)
+    model = build_model(opt, device, dist)
+    if opt.cuda_graph and device.type != "cuda":
+        print("note: --cuda_graph: no CUDA device, so the step runs eagerly (same results, no speed-up)",
+              file=sys.stderr)
+    # Made before the state is loaded: a GraphedStep adopts the pools at its first step.
+    stepper = (GraphedStep(model, opt.batch_size, graph=device.type == "cuda") if opt.cuda_graph
+               else EagerStep(model, dist, stop))
+    workers, threads = choose_parallelism(opt.num_threads, device, dist.local_world)
+    dist.say(first_line(opt, model, dataset, device, dist, workers, threads, ckpt.dir))
+    if opt.builtin:
+        dist.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
+                 f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")
+
+    run = Run(opt.epoch_count, opt.seed)
+    if state is not None:
+        restore(model, run, state, dist, device)
+        dist.say(f"resuming {ckpt.dir} at epoch {run.epoch}, iteration {run.steps}")
+    elif opt.continue_train:
+        for k, net in model.nets().items():
+            load_into(net, ckpt.dir / f"{opt.epoch}_net_{k}.pth", map_location=device)
+        dist.say(f"loaded {opt.epoch}_net_*.pth (weights only; optimizer restarts) starting at epoch {run.epoch}")
+    dist.broadcast_nets(list(model.nets().values()))
+    if opt.channels_last:
+        model.set_memory_format(torch.channels_last)
+    log = LossLog(ckpt.dir / "loss_log.txt", write=dist.main)
+    if dist.main:
+        write_options(vars(opt), vars(build_parser().parse_args([])), ckpt.dir / "train_opt.txt")
+    log.start(resumed_size=state.get("log_bytes") if state is not None else None)
+    return Setup(opt=opt, dist=dist, dataset=dataset, min_size=min_size, workers=workers,
+                 threads=threads, model=model, stepper=stepper, ckpt=ckpt, log=log, stop=stop), run
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------
@@ -218,17 +218,6 @@ def build_model(opt: argparse.Namespace, device: torch.device, dist: Dist) -> Cy
     return model
 
 
-def graphed_step(opt: argparse.Namespace, model: CycleGAN, device: torch.device) -> GraphedStep | None:
-    """With --cuda_graph, the iteration captured once and replayed (eagerly off CUDA). Set up before the
-    state is loaded: the pools are adopted at the first step."""
-    if not opt.cuda_graph:
-        return None
-    if device.type != "cuda":
-        print("note: --cuda_graph: no CUDA device, so the step runs eagerly (same results, no speed-up)",
-              file=sys.stderr)
-    return GraphedStep(model, opt.batch_size, graph=device.type == "cuda")
-
-
 def choose_parallelism(num_threads: int | None, device: torch.device, ranks_here: int) -> tuple[int, int]:
     """(data-loading workers, torch intra-op threads) for one rank. An explicit --num_threads wins.
     On a CPU, loading a training image costs a small fraction of a step and a worker process takes
@@ -264,13 +253,13 @@ class Setup:
     """What the set-up built, for the loop."""
 
     opt: argparse.Namespace
-    device: torch.device
     dist: Dist
     dataset: UnalignedDataset
     min_size: int  # the smallest image side the nets accept
     workers: int  # data-loading worker processes
+    threads: int  # torch's intra-op threads
     model: CycleGAN
-    graphed: GraphedStep | None  # --cuda_graph
+    stepper: "GraphedStep | EagerStep"
     ckpt: RunCheckpoints
     log: LossLog
     stop: "StopSignal"
@@ -279,27 +268,24 @@ class Setup:
 
 def train_epoch(s: Setup, run: Run) -> str | None:
     """Train on what is left of epoch run.epoch, logging and saving on the way. Returns None once the epoch
-    is done, else why the run stops: "max_steps" or "signal" (the iteration under way is finished first)."""
+    is done, else why the run stops: "max_steps" or "signal" (the iteration under way is finished first).
+    Losses are read back when they are needed: to log, before a save, before stopping, at the epoch's end."""
     opt = s.opt
     plan = epoch_plan(len(s.dataset.A_paths), len(s.dataset.B_paths), run.epoch, opt.seed, opt.serial_batches)
     batches, consumed = rank_batches(plan, run.epoch_keys, opt.batch_size, s.dist)
     loader = torch.utils.data.DataLoader(s.dataset, batch_sampler=batches, num_workers=s.workers,
-                                         collate_fn=collate_batch, pin_memory=s.device.type == "cuda",
+                                         collate_fn=collate_batch, pin_memory=s.model.device.type == "cuda",
                                          worker_init_fn=_ignore_sigint)
     bar = tqdm(total=len(plan), initial=run.epoch_keys, desc=f"epoch {run.epoch}/{opt.n_epochs + opt.n_epochs_decay}",
                unit="img", dynamic_ncols=True, leave=False, disable=None if s.dist.main else True)
-    window: dict[str, list[float]] = {k: [] for k in LOSS_NAMES}  # the losses since the last log line
+    losses: list[dict[str, float]] = []  # read since the last log line
     unread: list[tuple[int, int]] = []  # (epoch, iteration) of the steps whose losses are not read yet
     t_data = time.perf_counter()
-    t_compute = n_window = 0  # --cuda_graph: compute time and images since the last log line
+    images = seconds = 0  # since the last log line: images trained, and the seconds their steps took
     try:
         for step, batch in enumerate(loader):
             t_start = time.perf_counter()
-            check_image_sizes(batch, s.min_size)
-            results = train_step(s, batch)
-            decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
-            if decided:
-                s.dist.say(decided)
+            train_step(s, batch)
             n, before = consumed[step], run.images
             run.steps, run.images, run.epoch_keys = run.steps + 1, run.images + n, run.epoch_keys + n
             unread.append((run.epoch, run.steps))
@@ -307,55 +293,63 @@ def train_epoch(s: Setup, run: Run) -> str | None:
             saving = run.images // opt.save_latest_freq > before // opt.save_latest_freq
             signalled = bool(s.stop.name)  # a signal arriving after this is handled a step later
             reached = opt.max_steps is not None and run.steps >= opt.max_steps
-            if s.graphed is not None and (logging or saving or reached or signalled or step == len(batches) - 1):
-                results = s.graphed.read()  # the device's loss rows: one sync, and never a NaN saved
-            for (epoch, iteration), losses in zip(unread, results):
-                check_finite(losses, epoch=epoch, iteration=iteration, run_dir=s.ckpt.dir)
-                for k, v in losses.items():
-                    window[k].append(v)
-            if results:
-                unread = []
-                bar.set_postfix({k: f"{results[-1][k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
+            if logging or saving or reached or signalled or step == len(batches) - 1:
+                read = s.stepper.read()  # one device sync under --cuda_graph; before every save: no NaN is saved
+                for (epoch, iteration), row in zip(unread, read, strict=True):
+                    check_finite(row, epoch=epoch, iteration=iteration, run_dir=s.ckpt.dir)
+                losses, unread = losses + read, []
+                bar.set_postfix({k: f"{losses[-1][k]:.3f}" for k in ("D_A", "G_A", "cycle_A", "D_B", "G_B")},
                                 refresh=False)
             bar.update(n)
-            t_compute, n_window = t_compute + time.perf_counter() - t_start, n_window + n
+            # A replayed graph runs ahead of the host and waits at the read: its time shows in the mean only.
+            images, seconds = images + n, seconds + time.perf_counter() - t_start
             if logging:
-                means = {k: sum(v) / len(v) for k, v in window.items()}
-                window = {k: [] for k in LOSS_NAMES}
+                means = {k: sum(v[k] for v in losses) / len(losses) for k in LOSS_NAMES}
                 run.history.append((run.epoch - 1 + run.epoch_keys / len(plan), means))
-                # Graph steps run ahead of the host and wait at the read: their time is the window's mean.
-                compute = t_compute / n_window if s.graphed else (time.perf_counter() - t_start) / n
-                t_compute = n_window = 0
-                line = s.log.line(means, epoch=run.epoch, iters=run.epoch_keys, compute=compute,
+                line = s.log.line(means, epoch=run.epoch, iters=run.epoch_keys, compute=seconds / images,
                                   data=(t_start - t_data) / n)
+                losses, images, seconds = [], 0, 0
                 if s.dist.main and bar.disable:
                     print(line)
             if saving:
                 save(s, run)
-            if reached:
-                return "max_steps"
-            if signalled:
-                return "signal"
+            if reached or signalled:
+                return "max_steps" if reached else "signal"
             t_data = time.perf_counter()
     finally:
         bar.close()
     return None
 
 
-def train_step(s: Setup, batch: dict) -> list[dict[str, float]]:
-    """One iteration (CycleGAN.optimize: the G step, then the D step) on the batch. Returns the losses known
-    now: this step's, averaged over the ranks under torchrun; under --cuda_graph none, until read back."""
+def train_step(s: Setup, batch: dict) -> None:
+    """One iteration (CycleGAN.step: the G step, then the D step); its losses come with the stepper's next read."""
+    check_image_sizes(batch, s.min_size)
     if s.opt.compile and not s.compiled:
         compile_nets(s, batch)
-    if s.graphed is not None:
-        s.graphed.step(batch["A"], batch["B"])
-        return []
-    losses = s.model.optimize(batch["A"], batch["B"])
-    if s.dist.enabled:  # mean losses over ranks, and stop together if any rank was signalled
-        losses, stop = average_losses(s.dist, losses, stop=bool(s.stop.name), device=s.device)
-        if stop and not s.stop.name:
-            s.stop.name = "a signal on another rank"
-    return [losses]
+    s.stepper.step(batch["A"], batch["B"])
+    decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
+    if decided:
+        s.dist.say(decided)
+
+
+class EagerStep:
+    """CycleGAN.optimize in GraphedStep's shape: read() returns the losses of the steps since the last read,
+    under torchrun averaged over the ranks (which also agree at every step on whether one was signalled to stop)."""
+
+    def __init__(self, model: CycleGAN, dist: Dist, stop: "StopSignal"):
+        self.model, self.dist, self.stop, self.ready = model, dist, stop, []
+
+    def step(self, real_A: torch.Tensor, real_B: torch.Tensor) -> None:
+        losses = self.model.optimize(real_A, real_B)
+        if self.dist.enabled:
+            losses, stop = average_losses(self.dist, losses, stop=bool(self.stop.name), device=self.model.device)
+            if stop and not self.stop.name:
+                self.stop.name = "a signal on another rank"
+        self.ready.append(losses)
+
+    def read(self) -> list[dict[str, float]]:
+        out, self.ready = self.ready, []
+        return out
 
 
 def compile_nets(s: Setup, batch: dict) -> None:
@@ -470,6 +464,7 @@ def _ignore_sigint(worker_id: int) -> None:
 
 # ---- the command line --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The official train.py's flags, with its defaults, then ours (add_our_flags)."""
     p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     a = p.add_argument
     a("--dataroot", help="folder with trainA/ and trainB/ (default: the built-in synthetic dataset)")
@@ -517,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_latest_freq", type=int, default=5000, help="save latest_* every this many images")
     a("--print_freq", type=int, default=100, help="log losses every this many images")
     a("--no_html", action="store_true", default=False, help="do not write checkpoints_dir/name/web/index.html")
+    add_our_flags(p)
+    return p
+
+
+def add_our_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     a("--seed", type=int, default=None, help="seed for init, data order and the pools (default: random)")
     a("--max_steps", type=int, default=None, help="stop when the run reaches this many iterations in all")
@@ -533,9 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kernels", default="auto", choices=choice.MODES,
       help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured and checked at first "
            "use (on a CPU, as the ops decide); triton: our Triton kernels always; pytorch: the official layers")
-    return p
-
-
 
 
 def parse_options(argv: list[str] | None) -> argparse.Namespace:

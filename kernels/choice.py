@@ -305,13 +305,11 @@ class Chooser:
         entries = [e for e in _entries(data, section) if e.get("key") != key_json]
         data[section] = entries + [{"key": key_json, "paths": list(decision.paths),
                                     "ms": [list(m) for m in decision.ms], "errors": decision.errors}]
-        tmp = self.cache_file.with_name(f".{self.cache_file.name}.{os.getpid()}.tmp")
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data) + "\n")
-            os.replace(tmp, self.cache_file)
+            runtime.write_atomic(self.cache_file, (json.dumps(data) + "\n").encode())
         except OSError:
-            tmp.unlink(missing_ok=True)
+            pass
 
     # ---- the summary ---------------------------------------------------------------------------
     def report(self) -> str | None:

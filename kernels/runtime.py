@@ -1,12 +1,13 @@
 """Which path an op takes: the Triton kernels, or plain PyTorch. What the kernels need of the installed
 Triton, the PyTorch path that stands in for them without it, the cuDNN precision setting the conv
-follows, and one interpreter fix.
+follows, one interpreter fix, and the atomic file write that the choice's cache and minicycle's files use.
 
 This module imports nothing from Triton beyond its version, so that `import kernels` works with any
 Triton, or none (macOS and Windows have no Triton wheel): kernels/__init__.py imports the kernels only
 when triton_problem() is '' and binds the PyTorch stand-ins below otherwise.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -72,6 +73,35 @@ def cudnn_conv_tf32() -> bool:
         if setting != "none":
             return setting == "tf32"
     return False
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` through a temp file beside it, fsync, then rename over `path` (and fsync the folder):
+    a crash, a full disk or a Ctrl-C at any moment leaves the old file or the new one, never a half-written file
+    under the name. A failure removes the temp file and, if an OSError, names `path`."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")  # named before it exists: never orphaned
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)  # first, in one call on a str: a further Ctrl-C cannot land before it
+        except FileNotFoundError:  # renamed already
+            pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), path) from e
+        raise
+    with contextlib.suppress(OSError):  # the rename, on disk too (where folders can be opened)
+        fd = os.open(folder or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---- PyTorch's path for kernels.* where the installed Triton cannot run the kernels -------------------------

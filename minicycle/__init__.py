@@ -15,6 +15,7 @@ The training machinery, each in a room of its own:
     distributed.py data parallelism under torchrun
     cuda_graph.py  the whole iteration as one CUDA graph (--cuda_graph)
     checkpoint.py  atomic saves and the exact resume; report.py: loss_log.txt, train_opt.txt, the pages
+    memory.py      the device memory a batch needs at translation (infer.py checks it before each batch)
     datasets.py    the official downloads and the built-in synthetic dataset; cli.py: the flags' one-line errors
 
 Evaluation: fid.py (FID and KID by pytorch-fid's protocol) over inception.py (its Inception-v3).

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from minicycle.data import DataError
+from kernels.runtime import write_atomic
 from minicycle.distributed import Dist, check_same_weights
 
 if TYPE_CHECKING:
@@ -25,10 +25,7 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save into memory, then to a temp file in the same folder, fsync, then rename over `path`.
-
-    A crash (or a full disk) at any moment leaves either the old file or the new one, never a
-    half-written file under the final name.
+    """torch.save into memory, then write_atomic: `path` holds the old file or the new one, never half of one.
 
     torch.save never writes to the file itself. A Ctrl-C that lands after torch.save has made its zip
     writer and before its `with` holds it (or as the `with` begins to close it) leaves the writer
@@ -39,25 +36,12 @@ def atomic_save(obj, path: str | Path) -> None:
     writer that holds it. The cost: one copy of the file in memory while it is written (about 0.42 GB
     for the paper's training state: 28.3 M parameters, two Adam moments each, and the two pools).
     """
-    path = Path(path)
-    tmp = os.path.join(path.parent, f".{path.name}.{os.getpid()}.tmp")  # named before it exists: never orphaned
+    data = io.BytesIO()
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            data = io.BytesIO()
-            torch.save(obj, data)
-            f.write(data.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)  # first, in one call on a str: a further Ctrl-C cannot land before it
-        except FileNotFoundError:  # renamed already
-            pass
-        if isinstance(e, OSError):  # name the file being written, not its temp file
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
-    _fsync_dir(path.parent)
+        torch.save(obj, data)
+    except OSError as e:  # named as an error writing the file would be
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    write_atomic(path, data.getbuffer())
 
 
 def caused_by(e: BaseException, kind: type) -> bool:
@@ -69,19 +53,6 @@ def caused_by(e: BaseException, kind: type) -> bool:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_file(path: str | Path, map_location="cpu"):
@@ -214,7 +185,7 @@ class RunCheckpoints:
             for leftover in self.dir.glob(".*.pth.*.tmp"):
                 leftover.unlink(missing_ok=True)
         except OSError as e:
-            raise DataError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
+            raise CheckpointError(f"--checkpoints_dir: cannot write to {self.dir} ({e.strerror or e})") from None
 
     def save(self, model: "CycleGAN", run: Run, *, options: dict, dist: Dist, log_bytes: int,
              epoch_label: str | None = None) -> None:

@@ -8,7 +8,6 @@ an exact resume.
 """
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,6 @@ from minicycle import networks, objective, optim
 from minicycle.distributed import average_gradients
 from minicycle.objective import LOSS_NAMES, GANLoss
 from minicycle.pool import ImagePool
-
-PoolFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -88,7 +85,6 @@ class CycleGAN(nn.Module):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.visuals: dict[str, torch.Tensor] = {}
         self.memory_format = torch.contiguous_format  # see set_memory_format
-        self.capturable = False  # Adam's form; see set_capturable
 
     def nets(self) -> dict[str, nn.Module]:
         return {"G_A": self.netG_A, "G_B": self.netG_B, "D_A": self.netD_A, "D_B": self.netD_B}
@@ -96,9 +92,8 @@ class CycleGAN(nn.Module):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer_G, self.optimizer_D]
 
-    def _autocast(self, cache: bool = True):
-        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
-                              cache_enabled=cache)
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
     def set_memory_format(self, fmt: torch.memory_format) -> None:
         """Hold the nets' 4-d weights, their Adam moments and the inputs (see place) in `fmt`.
@@ -115,32 +110,20 @@ class CycleGAN(nn.Module):
 
     def optimize(self, real_A: torch.Tensor, real_B: torch.Tensor) -> dict[str, float]:
         """One iteration in the official order: forward, G step (D frozen), then D step."""
-        losses = self.step(self.place(real_A), self.place(real_B), self._query_pools)
+        losses = self.step(self.place(real_A), self.place(real_B))
         return dict(zip(LOSS_NAMES, losses.tolist()))  # one device sync
 
-    def _query_pools(self, fake_B: torch.Tensor, fake_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # In the model's memory format whatever the pool holds (a resumed pool's images are contiguous).
-        fmt = self.memory_format
-        return (self.fake_B_pool.query(fake_B).contiguous(memory_format=fmt),
-                self.fake_A_pool.query(fake_A).contiguous(memory_format=fmt))
-
-    def step(self, real_A: torch.Tensor, real_B: torch.Tensor, pools: PoolFn, graph_safe: bool = False) -> torch.Tensor:
+    def step(self, real_A: torch.Tensor, real_B: torch.Tensor) -> torch.Tensor:
         """The iteration on device tensors, with no host sync: returns the 8 losses (LOSS_NAMES order)
-        as one fp32 tensor. pools(fake_B, fake_A) gives the (pooled) fakes D_A and D_B see.
-
-        graph_safe: autocast keeps no cache of cast weights, as CUDA graph capture requires. A weight
-        used several times in one autocast region is then cast once per use, so under bf16 its
-        gradient is summed in fp32 over the uses rather than in bf16: the last bits differ (fp32 is
-        unaffected).
-        """
+        as one fp32 tensor."""
         cfg, G_A, G_B, D_A, D_B = self.cfg, self.netG_A, self.netG_B, self.netD_A, self.netD_B
-        with self._autocast(not graph_safe):
+        with self._autocast():
             images = objective.cycles(G_A, G_B, real_A, real_B)
 
         # The generators' step, the discriminators frozen.
         self._train_discriminators(False)
         self.optimizer_G.zero_grad(set_to_none=True)
-        with self._autocast(not graph_safe):
+        with self._autocast():
             losses = objective.generator_losses(G_A, G_B, D_A, D_B, real_A=real_A, real_B=real_B, images=images,
                                                 gan=self.criterionGAN, lambda_A=cfg.lambda_A,
                                                 lambda_B=cfg.lambda_B, lambda_identity=cfg.lambda_identity)
@@ -152,8 +135,10 @@ class CycleGAN(nn.Module):
         # The discriminators' step, on fakes drawn from the pools of earlier ones.
         self._train_discriminators(True)
         self.optimizer_D.zero_grad(set_to_none=True)
-        pooled_B, pooled_A = pools(images["fake_B"], images["fake_A"])
-        with self._autocast(not graph_safe):
+        # In the model's memory format, whatever the pools hold (a resumed pool's images are contiguous).
+        pooled_B = self.fake_B_pool.query(images["fake_B"]).contiguous(memory_format=self.memory_format)
+        pooled_A = self.fake_A_pool.query(images["fake_A"]).contiguous(memory_format=self.memory_format)
+        with self._autocast():
             losses["D_A"] = objective.discriminator_loss(D_A, real_B, pooled_B, self.criterionGAN)
             losses["D_B"] = objective.discriminator_loss(D_B, real_A, pooled_A, self.criterionGAN)
         self.scaler.scale(losses["D_A"] + losses["D_B"]).backward()
@@ -170,11 +155,6 @@ class CycleGAN(nn.Module):
     def _train_discriminators(self, on: bool) -> None:
         for p in itertools.chain(self.netD_A.parameters(), self.netD_B.parameters()):
             p.requires_grad_(on)
-
-    def set_capturable(self, capturable: bool) -> None:
-        """Adam in its capturable form, as a CUDA graph needs, or the default one (optim.set_capturable)."""
-        self.capturable = capturable
-        optim.set_capturable(self.optimizers(), capturable)
 
     def step_schedulers(self, metric: float) -> float:
         """Called once at the end of every epoch; returns the learning rate for the next one."""
@@ -205,7 +185,6 @@ class CycleGAN(nn.Module):
         self.fake_A_pool.load_state_dict(state["fake_A_pool"], self.device)
         self.fake_B_pool.load_state_dict(state["fake_B_pool"], self.device)
         self.set_memory_format(self.memory_format)  # the loaded Adam moments too
-        self.set_capturable(self.capturable)
 
 
 def _contiguous(obj):

@@ -44,19 +44,6 @@ def step_schedulers(schedulers: list, metric: float) -> None:
             s.step()
 
 
-def set_capturable(optimizers: list[torch.optim.Optimizer], capturable: bool) -> None:
-    """Adam in its capturable form (step counts on the device, bias corrections as tensor ops: no host
-    sync, as a CUDA graph needs; CUDA only) or the default one. The two round differently (last bits).
-    A loaded optimizer state carries the flag it was saved with, so a resume applies it again."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["capturable"] = capturable
-            for p in group["params"]:
-                state = opt.state.get(p, {})
-                if "step" in state:
-                    state["step"] = state["step"].to(p.device if capturable else "cpu")
-
-
 def set_memory_format(optimizers: list[torch.optim.Optimizer], fmt: torch.memory_format) -> None:
     """Hold the 4-d Adam moments in `fmt`, as their weights are."""
     for opt in optimizers:

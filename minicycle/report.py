@@ -2,40 +2,24 @@
 (training samples with loss curves, inference results)."""
 
 import html
-import os
-import tempfile
+import io
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from kernels.runtime import write_atomic
 from minicycle.data import tensor_to_image
 
 STYLE = ("body{font-family:sans-serif;margin:1em}img{image-rendering:pixelated;border:1px solid #ccc}"
          "td{text-align:center;font-size:12px;padding:4px}svg{background:#fafafa;border:1px solid #ddd}")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_image_atomic(img: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = io.BytesIO()
+    img.save(data, format=Image.registered_extensions()[path.suffix.lower()])
+    write_atomic(path, data.getbuffer())
 
 
 def write_options(options: dict, defaults: dict, path: Path) -> None:
@@ -45,7 +29,7 @@ def write_options(options: dict, defaults: dict, path: Path) -> None:
         note = f"\t[default: {defaults[k]}]" if k in defaults and defaults[k] != v else ""
         lines.append(f"{k:>25}: {str(v):<30}{note}")
     lines.append("----------------- End -------------------")
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
 class LossLog:
@@ -67,7 +51,7 @@ class LossLog:
         if resumed_size is not None and self.path.exists():
             data = self.path.read_bytes()
             if len(data) > resumed_size:
-                write_text_atomic(self.path, data[:resumed_size].decode("utf-8", errors="replace"))
+                write_atomic(self.path, data[:resumed_size])
         with open(self.path, "a") as f:
             f.write(f"================ Training Loss ({time.strftime('%c')}) ================\n")
 
@@ -124,7 +108,7 @@ def training_page(web_dir: Path, name: str, rows: list[tuple[int, list[str]]],
             out.append(f"<td><img src='images/{html.escape(f)}' width='128'><br>{html.escape(label)}</td>")
         out.append("</tr></table>")
     out.append("</body></html>")
-    write_text_atomic(web_dir / "index.html", "\n".join(out))
+    write_atomic(web_dir / "index.html", "\n".join(out).encode())
 
 
 def write_training_page(web: Path, name: str, visuals: dict[str, torch.Tensor], epoch: int,
@@ -157,4 +141,4 @@ def results_page(out_dir: Path, title: str, rows: list[tuple[str, list[tuple[str
             out.append(f"<td><img src='{html.escape(path)}' width='256'><br>{html.escape(label)}</td>")
         out.append("</tr>")
     out.append("</table></body></html>")
-    write_text_atomic(out_dir / "index.html", "\n".join(out))
+    write_atomic(out_dir / "index.html", "\n".join(out).encode())

@@ -15,9 +15,9 @@ from helpers import assert_same_tensors
 import train
 from minicycle import datasets
 from minicycle.checkpoint import load_file
-from minicycle.cuda_graph import GraphedStep
+from minicycle.cuda_graph import DevicePool, GraphedStep, capturable_adam
 from minicycle.model import LOSS_NAMES, Config, CycleGAN
-from minicycle.pool import DevicePool, ImagePool
+from minicycle.pool import ImagePool
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
 TINY = ["--ngf", "4", "--ndf", "4", "--netG", "resnet_6blocks", "--load_size", "32", "--crop_size", "32",
@@ -43,8 +43,8 @@ def test_device_pool_matches_image_pool(pool_size, batch):
     for step in range(30):
         n = batch if step % 7 else max(1, batch - 1)  # some short batches
         images = torch.randn(n, 1, 2, 2, generator=gen)
-        plan = torch.tensor(device_pool.plan(n))
-        assert torch.equal(device_pool.apply(images, plan), ref.query(images)), step
+        device_pool.draw(n)
+        assert torch.equal(device_pool.query(images), ref.query(images)), step
         assert_same_tensors(dev.state_dict(), ref.state_dict())  # the list holds views of the buffer
 
 
@@ -57,7 +57,32 @@ def test_device_pool_adopts_a_loaded_pool_and_saves_the_old_format():
     device_pool = DevicePool(pool, 1, (1, 2, 2), torch.float32, torch.device("cpu"))
     assert_same_tensors(pool.state_dict(), old.state_dict())
     x = torch.randn(1, 1, 2, 2)
-    assert torch.equal(device_pool.apply(x, torch.tensor(device_pool.plan(1))), old.query(x))
+    device_pool.draw(1)
+    assert torch.equal(device_pool.query(x), old.query(x))
+
+
+def test_capturable_adam_saves_the_default_form_and_loads_back_capturable():
+    """A checkpoint of capturable Adam (--cuda_graph on CUDA) resumes without --cuda_graph, even on a CPU, where
+    capturable Adam cannot step; a state loaded into capturable Adam takes the capturable form again."""
+    def adam_after_a_step() -> torch.optim.Adam:
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.Adam([w])
+        w.grad = torch.ones(3)
+        opt.step()
+        return opt
+
+    graphed = adam_after_a_step()
+    capturable_adam(graphed)
+    state = graphed.state_dict()
+    assert graphed.param_groups[0]["capturable"] and not state["param_groups"][0]["capturable"]
+    plain = adam_after_a_step()
+    plain.load_state_dict(state)
+    plain.step()  # capturable Adam would raise here: it runs on CUDA only
+    assert plain.state_dict()["state"][0]["step"].item() == 2
+    again = adam_after_a_step()
+    capturable_adam(again)
+    again.load_state_dict(state)
+    assert again.param_groups[0]["capturable"]
 
 
 def run_steps(graphed: bool, sizes: list[int], amp: torch.dtype | None = None,

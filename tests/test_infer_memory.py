@@ -1,4 +1,4 @@
-"""infer.py's device memory: the estimate (infer.forward_bytes) against a CPU measurement, and the check before
+"""infer.py's device memory: the estimate (memory.forward_bytes) against a CPU measurement, and the check before
 each batch, run on a CPU with a CUDA device's memory mocked: an image that cannot fit is refused in one line,
 a batch that cannot fit is split into single images, an out-of-memory becomes one line naming the image."""
 
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import infer
-from minicycle import networks
+from minicycle import memory, networks
 from minicycle.tools import infer_memory
 
 GiB = 2**30
@@ -26,19 +26,19 @@ def shadow(netG: str, ngf: int = 64) -> torch.nn.Module:
 def test_forward_bytes_counts_the_tensors_alive_at_once():
     conv_in_place = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(inplace=True), torch.nn.Conv2d(8, 2, 1))
     # the input, the first conv's output (the ReLU writes into it) and the last output: 3 + 8 + 2 channels of 4 bytes
-    assert infer.forward_bytes(conv_in_place, (1, 3, 10, 10)) == (3 + 8 + 2) * 100 * 4
+    assert memory.forward_bytes(conv_in_place, (1, 3, 10, 10)) == (3 + 8 + 2) * 100 * 4
     conv_relu = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
     # a ReLU out of place holds its input and output at once: 3 + 8 + 8, then the first conv's output is freed
-    assert infer.forward_bytes(conv_relu, (2, 3, 10, 10)) == 2 * (3 + 8 + 8) * 100 * 4
+    assert memory.forward_bytes(conv_relu, (2, 3, 10, 10)) == 2 * (3 + 8 + 8) * 100 * 4
 
 
 @pytest.mark.parametrize("netG", networks.GENERATORS)
 def test_estimate_is_linear_in_pixels_and_images_as_readme_states(netG):
     net = shadow(netG)
     sides = [256, 512, 768]
-    a, b, residual = infer_memory.fit([s * s for s in sides], [infer.forward_bytes(net, (1, 3, s, s)) for s in sides])
+    a, b, residual = infer_memory.fit([s * s for s in sides], [memory.forward_bytes(net, (1, 3, s, s)) for s in sides])
     assert residual < 0.005 and b == pytest.approx(README_BYTES_PER_PIXEL[netG], abs=0.1)
-    assert infer.forward_bytes(net, (3, 3, 256, 512)) == 3 * infer.forward_bytes(net, (1, 3, 256, 512))
+    assert memory.forward_bytes(net, (3, 3, 256, 512)) == 3 * memory.forward_bytes(net, (1, 3, 256, 512))
 
 
 @pytest.mark.parametrize("netG, side", [("resnet_6blocks", 64), ("unet_128", 128)])
@@ -48,16 +48,16 @@ def test_estimate_against_a_cpu_measurement(netG, side, torch_path):
     torch.manual_seed(0)
     net = networks.set_fused(networks.define_G(3, 3, 8, netG), False)
     shape = (1, 3, side, side)
-    estimate = infer.forward_bytes(shadow(netG, 8), shape)
-    assert infer.forward_bytes(net, shape) == estimate
+    estimate = memory.forward_bytes(shadow(netG, 8), shape)
+    assert memory.forward_bytes(net, shape) == estimate
     assert estimate <= infer_memory.cpu_peak_bytes(net, shape) <= 3 * estimate
 
 
 def test_available_bytes_is_free_memory_and_what_the_allocator_holds(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * GiB, 24 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: GiB)
-    assert infer.available_bytes(torch.device("cuda")) == 6 * GiB
-    assert infer.available_bytes(torch.device("cpu")) is None
+    assert memory.available_bytes(torch.device("cuda")) == 6 * GiB
+    assert memory.available_bytes(torch.device("cpu")) is None
 
 
 # ---- the check, through infer.main ----
@@ -80,13 +80,13 @@ def on_a_gpu_with(monkeypatch, free: int) -> None:
     """The run stays on the CPU, but the check sees a CUDA device with `free` bytes free and nothing held."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GiB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    available = infer.available_bytes
-    monkeypatch.setattr(infer, "available_bytes", lambda device: available(torch.device("cuda")))
+    available = memory.available_bytes
+    monkeypatch.setattr(memory, "available_bytes", lambda device: available(torch.device("cuda")))
 
 
 def needs(ckpt: Path, images: int, side_w: int = 40, side_h: int = 24) -> int:
     gen = infer.build_generator(infer.build_parser().parse_args(["--checkpoint", str(ckpt)]), ckpt, torch.device("cpu"))
-    return infer.batch_bytes(gen, (images, 3, side_h, side_w))
+    return memory.batch_bytes(gen.net, gen.shadow, (images, 3, side_h, side_w))
 
 
 def translate(ckpt: Path, folder: Path, out: Path, *flags: str) -> int:
@@ -111,8 +111,8 @@ def test_an_image_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, 
     on_a_gpu_with(monkeypatch, free=need - 1)
     assert translate(ckpt, folder, tmp_path / "out") == 1
     line = one_error_line(capsys.readouterr().err)
-    for needle in (str(folder / "p0.png"), "(40x24)", f"needs about {infer.gib(need)} of GPU memory",
-                   f"{infer.gib(need - 1)} available", "--preprocess resize", "--device cpu"):
+    for needle in (str(folder / "p0.png"), "(40x24)", f"needs about {memory.gib(need)} of GPU memory",
+                   f"{memory.gib(need - 1)} available", "--preprocess resize", "--device cpu"):
         assert needle in line, line
     assert not list((tmp_path / "out").iterdir())  # nothing written
 
@@ -126,8 +126,9 @@ def test_a_batch_that_cannot_fit_is_translated_one_image_at_a_time(tmp_path, mon
     capsys.readouterr()
     assert translate(ckpt, folder, tmp_path / "split", "--batch_size", "3") == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "one image at a time" in line]
-    assert notes == [f"infer.py: a batch of 3 images of 40x24 needs about {infer.gib(three)} of GPU memory and the "
-                     f"GPU has {infer.gib((one + three) // 2)} available; translating such batches one image at a time"]
+    assert notes == [f"infer.py: a batch of 3 images of 40x24 needs about {memory.gib(three)} of GPU memory and "
+                     f"the GPU has {memory.gib((one + three) // 2)} available; translating such batches one image at "
+                     f"a time"]
     split, single = outputs(tmp_path / "split"), outputs(tmp_path / "one")
     assert list(split) == [f"p{i}.png" for i in range(6)]
     assert all(np.array_equal(split[name], single[name]) for name in single)
@@ -171,7 +172,7 @@ def test_the_tool_prints_the_fits(capsys, torch_path):
     assert infer_memory.main(["--netG", "resnet_6blocks,unet_128", "--ngf", "4", "--sizes", "128,256"]) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet")]
     assert [row[1] for row in rows] == ["tensors", "CPU"]
-    estimate = [infer.forward_bytes(shadow("resnet_6blocks", 4), (1, 3, s, s)) for s in sides]
+    estimate = [memory.forward_bytes(shadow("resnet_6blocks", 4), (1, 3, s, s)) for s in sides]
     assert float(rows[0][2]) == pytest.approx((estimate[1] - estimate[0]) / (sides[1] ** 2 - sides[0] ** 2), abs=0.1)
     with pytest.raises(SystemExit):
         infer_memory.main(["--netG", "unet_256", "--sizes", "128,256"])

@@ -402,6 +402,12 @@ def test_continue_train_falls_back_to_newest_intact_state(trained, tmp_path):
     assert "no intact training state" in msg
 
 
+def test_unwritable_checkpoint_folder_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "file.txt").write_text("a regular file: nothing can be created under it, not even by root")
+    with pytest.raises(CheckpointError, match=r"^--checkpoints_dir: cannot write to .*file.txt/t \(Not a directory\)$"):
+        RunCheckpoints(tmp_path / "file.txt" / "t").prepare()
+
+
 def test_continue_train_with_corrupt_latest_resumes_from_prev(trained, tmp_path, dataroot, capsys, torch_path):
     ckpt = copy_run(trained, tmp_path)
     run = ckpt / "t"

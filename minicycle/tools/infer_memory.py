@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import infer
+from minicycle import memory as infer
 from minicycle import networks
 
 PHOTO = 4000 * 3000  # pixels of a 12-MP photo

@@ -6,7 +6,7 @@
 For each generator (the official layers, as --kernels pytorch runs them; fp32, as infer.py runs; one S x S
 image for each S in --sizes, multiples of what the generator pads to), two peaks over one no_grad forward:
 
-    tensors  infer.py's estimate, infer.forward_bytes: the bytes of the tensors alive at once (input and
+    tensors  infer.py's estimate, minicycle.memory.forward_bytes: the bytes of the tensors alive at once (input and
              output included, weights not), counted on the meta device. On a GPU the same tensors are made
              (cuDNN's path), or fewer (the Triton path writes no padded copies).
     CPU      measured: the bytes that CPU kernels allocated and had not yet freed, from torch.profiler with
@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from minicycle import memory as infer
-from minicycle import networks
+from minicycle import memory, networks
 
 PHOTO = 4000 * 3000  # pixels of a 12-MP photo
 
@@ -53,7 +52,7 @@ def measure(netG: str, ngf: int, sizes: list[int]) -> dict[str, tuple[float, flo
         shadow = networks.set_fused(networks.define_G(3, 3, ngf, netG), False)
     shapes = [(1, 3, s, s) for s in sizes]
     pixels = [s * s for s in sizes]
-    return {"tensors": fit(pixels, [infer.forward_bytes(shadow, shape) for shape in shapes]),
+    return {"tensors": fit(pixels, [memory.forward_bytes(shadow, shape) for shape in shapes]),
             "CPU": fit(pixels, [cpu_peak_bytes(net, shape) for shape in shapes])}
 
 

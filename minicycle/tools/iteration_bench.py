@@ -38,7 +38,7 @@ errors (kernels.tools.op_bench.decision_rows).
 
 --infer: G_A(x) alone, as infer.py runs it (no_grad, cudnn.benchmark off), on a --batch x 3 x H x W input,
 timed, and checked against eager's output (kernels.choice.rel_err), with the peak memory of one forward
-next to infer.py's estimate (infer.forward_bytes).
+next to infer.py's estimate (memory.forward_bytes).
 
 --count-launches (a CPU, TRITON_INTERPRET=1): the dispatcher calls and kernel launches of one steady-state
 iteration (the third) at batch 1, counted with torch.profiler (see count_events). Triton launches are
@@ -82,7 +82,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from kernels import choice
 from kernels.runtime import use_triton
 from kernels.tools import op_bench as kb
-from minicycle import datasets, networks
+from minicycle import datasets, memory, networks
 from minicycle.cuda_graph import GraphedStep
 from minicycle.data import image_to_tensor, load_image
 from minicycle.model import LOSS_NAMES, Config, CycleGAN, GANLoss
@@ -328,8 +328,6 @@ INFER_COLUMNS = ["variant", "layout", "batch", "amp", "infer ms", "eager/this", 
 
 def infer_measure(args: argparse.Namespace, cfg: Config, device: torch.device) -> Measure:
     """measure() of one inference row (see each_run)."""
-    import infer
-
     amp = kb.DTYPES[args.amp] if args.amp != "fp32" else None
     with torch.device("meta"):
         shadow = networks.set_kernels(networks.define_G(3, 3, cfg.ngf, cfg.netG), "pytorch")
@@ -359,7 +357,7 @@ def infer_measure(args: argparse.Namespace, cfg: Config, device: torch.device) -
             check = [f"{(y.float() - ref[0].float()).abs().max():.1e}", f"{err.whole:.1e}", f"{err.tile:.1e}",
                      "✓" if ok else "✗"]
         return [f"{ms:.1f}", f"{ref[1] / ms:.2f}×" if ref else "—", f"{x.numel() / 3 / (ms * 1e3):.1f}", peak,
-                f"{infer.forward_bytes(shadow, tuple(x.shape)) / 2**30:.2f}", *check], ok
+                f"{memory.forward_bytes(shadow, tuple(x.shape)) / 2**30:.2f}", *check], ok
 
     return measure
 
@@ -368,7 +366,7 @@ INFER_LEGEND = (
     "G_A(x) under no_grad, as infer.py runs it (cudnn.benchmark off). infer ms: median of --iters forwards after "
     "one that compiles, autotunes and decides. peak GiB: the tensors one forward holds, input included "
     "(torch.cuda.max_memory_allocated over the timed forwards, less what was allocated before them); estimate: "
-    "infer.py's count of the same for the official layers (infer.forward_bytes). max abs Δ, err "
+    "infer.py's count of the same for the official layers (memory.forward_bytes). max abs Δ, err "
     "(‖y − y_eager‖/‖y_eager‖) and worst-tile err (its worst 8×8 tile; kernels.choice.rel_err) against eager's "
     "output; ok: err within 1e-2 (fp32) or 5e-2 (bf16)."
 )

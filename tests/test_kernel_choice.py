@@ -583,8 +583,8 @@ def test_out_of_memory_stops_train_and_infer_in_one_line_and_keeps_the_checkpoin
     assert capsys.readouterr().err.splitlines() == [
         f"train.py: error: {ran_out}; try a smaller --batch_size, --load_size or --crop_size, or --amp bf16 (the last "
         f"saved checkpoint is intact)",
-        f"infer.py: error: {ran_out}; try a smaller --batch_size or --load_size, or --preprocess resize for large "
-        f"images"]
+        f"infer.py: error: {tmp_path / 'in' / 'x.png'} (16x16): translating it ran out of GPU memory; use "
+        f"--preprocess resize (--load_size N) for smaller images, or --device cpu"]
     assert saved and {f: f.read_bytes() for f in (tmp_path / "oom").glob("*.pth")} == saved
 
 

@@ -236,7 +236,13 @@ class RunCheckpoints:
 
 def restore(model: "CycleGAN", run: Run, state: dict, dist: Dist, device: torch.device) -> None:
     """Everything a saved training state holds, back in place: the model's state, this rank's pools, the
-    counters and history, the RNGs."""
+    counters and history, the RNGs. Adam comes back in its default form (a state saved by a capturable Adam,
+    on a GPU, resumes anywhere; --cuda_graph makes it capturable again once loaded)."""
+    for name in ("optimizer_G", "optimizer_D"):
+        for group in state["model"][name]["param_groups"]:
+            group["capturable"] = False
+        for moments in state["model"][name]["state"].values():
+            moments["step"] = moments["step"].cpu()
     model.load_training_state(state["model"])
     pools = state.get("pools_by_rank", [])
     if len(pools) == dist.world:

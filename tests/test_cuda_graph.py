@@ -176,6 +176,21 @@ def test_train_with_cuda_graph_flag_matches_and_resumes_exactly(dataroot, tmp_pa
     assert strip[0] == strip[1] and len(strip[0]) == 2  # the same means, at images 4 and 8
 
 
+def test_a_state_saved_by_capturable_adam_resumes_on_a_cpu(dataroot, tmp_path, torch_path, capsys):
+    """A training state whose Adams were saved capturable, with their step counts on the device (as --cuda_graph
+    on a GPU saved them before its save hook existed), resumes on a CPU: restore loads Adam in its default form."""
+    common = CPU + ["--dataroot", str(dataroot), "--max_dataset_size", "4", "--n_epochs", "1", "--n_epochs_decay", "0"]
+    assert train_run(common + ["--max_steps", "2"], tmp_path) == 0
+    path = tmp_path / "t" / "latest_state.pth"
+    state = load_file(path)
+    for name in ("optimizer_G", "optimizer_D"):
+        for group in state["model"][name]["param_groups"]:
+            group["capturable"] = True
+    torch.save(state, path)
+    assert train_run(common + ["--max_steps", "4", "--continue_train"], tmp_path) == 0
+    assert load_file(path)["run"]["steps"] == 4
+
+
 def test_nan_under_cuda_graph_names_the_step_and_saves_nothing(dataroot, tmp_path, torch_path, capsys, monkeypatch):
     """Losses are read back late (here at the 10th step), but the error still names the loss and
     the iteration where it went bad, and no checkpoint is written after it."""

@@ -26,6 +26,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+import kernels.instance_norm as inorm
 import kernels.reflect_conv as rc
 
 case, layout = sys.argv[1], sys.argv[2]
@@ -88,6 +89,27 @@ def conv(N, C, OC, k, p, spread_x, spread_dy, out_far=False):
         check(rc._conv_dbias(dyf, torch.float32), db_ref, "db")
 
 
+def norm(spread, max_block):
+    shape = (1, 3, 8, 8) if spread == 1 else (1, 3, 3, 3) if spread == 3 else (3, 3, 8, 8)
+    x, dy = torch.randn(shape) * 2 + 1, torch.randn(shape)
+    x64 = x.double().requires_grad_()
+    y_ref = F.leaky_relu(F.instance_norm(x64), 0.2)
+    (dx_ref,) = torch.autograd.grad(y_ref, x64, dy.double())
+    xf = far(x, spread)
+    empty_like = torch.empty_like
+
+    def far_output(t, **kwargs):  # y and dx, which the op allocates like x
+        return far(empty_like(t), spread) if t.data_ptr() == xf.data_ptr() else empty_like(t, **kwargs)
+
+    with mock.patch.object(inorm, "_MAX_BLOCK", max_block), \
+         mock.patch.object(inorm, "_COMBINE_BLOCK", 2, create=True), \
+         mock.patch.object(torch, "empty_like", far_output):
+        y, mu, rstd = inorm._forward(*inorm._flat(xf), 1e-5, 0.2)
+        check(y, y_ref.detach(), "y")
+        if case.startswith("in_bwd"):
+            check(inorm._backward(xf, far(dy, spread), mu, rstd, 0.2), dx_ref, "dx")
+
+
 CASES = {
     # conv forward: x read far (N = 3 samples 2**30 apart), or y written far; C = 3 is read by the packing kernel
     "conv_fwd": lambda: conv(3, 5, 6, 3, 1, 0, None),
@@ -103,13 +125,22 @@ CASES = {
     "conv_wgrad_small_oc": lambda: conv(3, 20, 3, 3, 1, 0, 0),
     "conv_wgrad_packed": lambda: conv(3, 3, 6, 3, 1, 0, 0),
     "conv_dbias": lambda: conv(3, 5, 6, 3, 1, None, 0),
+    # InstanceNorm: channels 2**30 apart (NCHW) or pixels 2**28 apart (channels_last); samples 2**30
+    # apart; one tile per plane, or planes split into chunks
+    "in_fwd": lambda: norm(1 if layout == "nchw" else 3, 4096),
+    "in_fwd_split": lambda: norm(1 if layout == "nchw" else 3, 4),
+    "in_fwd_samples": lambda: norm(0, 16),
+    "in_bwd": lambda: norm(1 if layout == "nchw" else 3, 4096),
+    "in_bwd_split": lambda: norm(1 if layout == "nchw" else 3, 4),
+    "in_bwd_samples": lambda: norm(0, 16),
 }
 CASES[case]()
 print("ok")
 '''
 
 CASES = ["conv_fwd", "conv_fwd_packed", "conv_fwd_out", "conv_dgrad", "conv_dgrad_packed", "conv_dgrad_fold",
-         "conv_wgrad", "conv_wgrad_small_oc", "conv_wgrad_packed", "conv_dbias"]
+         "conv_wgrad", "conv_wgrad_small_oc", "conv_wgrad_packed", "conv_dbias",
+         "in_fwd", "in_fwd_split", "in_fwd_samples", "in_bwd", "in_bwd_split", "in_bwd_samples"]
 
 
 @pytest.mark.slow

@@ -153,3 +153,28 @@ def test_offsets_past_int32(case, layout):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), \
         f"exit {run.returncode}: {run.stdout[-2000:]}{run.stderr[-3000:]}"
 
+
+def _extent(t) -> int:
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+
+
+def test_int64_only_where_an_offset_passes_int32():
+    """The generator's layers, every kernel launch recorded (not run) on meta tensors: the 32-bit index
+    math wherever every offset fits, so at 256 x 256 and for one 12-MP photo; int64 in every launch
+    with an operand that reaches 2**31, as for two 24-MP photos at once."""
+    import torch
+
+    from kernels.tools.compile_report import LAYERS, LAYOUTS, layer_launches
+
+    for layout in LAYOUTS.values():
+        for layer in LAYERS:
+            for size, batch in (((256, 256), 4), ((3000, 4000), 1)):
+                launches = layer_launches(layer, batch, torch.float32, layout, size=size)
+                assert not [(p, launch.name) for p, launch in launches if launch.kwargs["INT64"]], (layer, size)
+            wide = 0
+            for p, launch in layer_launches(layer, 2, torch.float32, layout, size=(4000, 6000)):
+                if any(_extent(a) > 2**31 - 1 for a in launch.args if isinstance(a, torch.Tensor)):
+                    assert launch.kwargs["INT64"], (layer, p, launch.name)
+                    wide += 1
+            # The full-size layers hold 2 x 64 x 24e6 = 3.07e9 elements; the others 1.5e9 or fewer.
+            assert bool(wide) == (layer in ("stem7x7", "head7x7", "in256")), layer

@@ -20,10 +20,30 @@ layouts are made contiguous. Programs work on [BLOCK_C, BLOCK_HW] tiles: BLOCK_C
 (contiguous vector loads along HW), and for channels_last BLOCK_C channels side by side so each
 tile row is one 32-byte sector.
 
-Grid. If a plane fits one tile, one program per (n, channel block) reads x once and writes y.
-Otherwise each plane is split into S = cdiv(HW, BLOCK_HW) chunks, one program per chunk:
-stage 1 writes per-chunk partials, stage 2 merges them (Chan et al.) and applies. Backward is
-split the same way, with deterministic sums (no atomics, fixed reduction order).
+Grid. If a plane fits one tile, one program per (n, channel block) reads x once and writes y
+(backward: reads x and dy, writes dx). Otherwise each plane is split into S = cdiv(HW, BLOCK_HW)
+chunks, and three launches do that program's work:
+
+    partial   one program per tile (n, chunk, channel block): each plane's chunk statistics, the
+              count n_j, mean mu_j and M2_j = sum((x - k - mu_j)^2) (backward: sum(g), sum(g * xhat))
+    combine   one program per plane: its S partials merged, BLOCK_S at a time in a fixed order
+              (backward: summed), into mu and rstd (backward: mean(g), mean(g * xhat))
+    apply     one program per tile: y from x and its plane's mu and rstd (backward: dx)
+
+Two parts a and b of a plane merge by Chan et al.'s rule, the order fixed (deterministic, no atomics):
+
+    n = n_a + n_b      mu = mu_a + (mu_b - mu_a) n_b / n      M2 = M2_a + M2_b + (mu_b - mu_a)^2 n_a n_b / n
+
+so work and traffic grow with H*W, and every program holds one tile, whatever the plane's size.
+Grid axis 0 takes a sample's tiles (up to 2**31 - 1), the channel block fastest, so that
+neighbouring programs read neighbouring channels of channels_last x: (chunk, channel block) is
+program chunk * 2**CB_SHIFT + channel block, the channel blocks rounded up to a power of two (a
+shift, not a division, which costs registers). Axis 1 takes the samples, up to 65,535 (CUDA's limit
+there) per launch; a larger batch is launched in slabs. A combine's programs are all on axis 0.
+
+Offsets. Triton computes indices in int32; a launch whose element offsets can reach 2**31 (a
+batch of large photos) sets INT64, which widens the kernel's index math, and no other launch pays
+for it (a sample's offset n * stride_n is always formed in int64: a scalar).
 """
 
 import torch
@@ -36,6 +56,10 @@ from kernels.runtime import use_triton
 # Largest tile (elements) one program holds in registers; larger planes take the split path.
 # Tests lower it to run the split path on small tensors.
 _MAX_BLOCK = 4096
+# Partials a combine program merges at a time, in registers (tests lower it too).
+_COMBINE_BLOCK = 1024
+# CUDA launches up to 65,535 programs on grid axis 1, the samples; more are launched in slabs.
+_MAX_SAMPLES = 65535
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -46,12 +70,31 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _tile(pid_c, pid_s, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Channel indices, spatial indices and mask of tile (pid_c, pid_s) of one sample."""
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = pid_s * BLOCK_HW + tl.arange(0, BLOCK_HW)
+def _index(i, INT64: tl.constexpr):
+    """i as int64 when INT64 (a launch whose offsets can pass int32), else as it is (int32)."""
+    if INT64:
+        i = tl.cast(i, tl.int64)
+    return i
+
+
+@triton.jit
+def _tile(C, HW, CB_SHIFT, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, SPLIT: tl.constexpr,
+          INT64: tl.constexpr):
+    """This program's tile: its sample n (grid axis 1), chunk and channel block (axis 0: chunk .
+    2**CB_SHIFT + channel block when SPLIT, else the channel block of chunk 0), the tile's channel
+    indices c, spatial indices s, and mask."""
+    n = tl.program_id(1).to(tl.int64)  # n * stride_n may pass int32 alone
+    tile = _index(tl.program_id(0), INT64)
+    if SPLIT:
+        chunk = tile >> CB_SHIFT
+        cb = tile & ((1 << CB_SHIFT) - 1)
+    else:
+        chunk = _index(0, INT64)
+        cb = tile
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = (c < C)[:, None] & (s < HW)[None, :]
-    return c, s, mask
+    return n, chunk, c, s, mask
 
 
 @triton.jit
@@ -60,32 +103,6 @@ def _load_shifted(x_ptr, c, s, mask, C, stride_c, stride_hw):
     k = tl.load(x_ptr + c * stride_c, mask=c < C, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + c[:, None] * stride_c + s[None, :] * stride_hw, mask=mask, other=0.0)
     return tl.where(mask, x.to(tl.float32) - k[:, None], 0.0)
-
-
-@triton.jit
-def _load_partials(part_ptr, row, c, C, n_chunks, S_BLOCK: tl.constexpr):
-    """[BLOCK_C, S_BLOCK] tile of per-chunk partials (laid out [N*C, n_chunks]), 0 if masked."""
-    j = tl.arange(0, S_BLOCK)
-    mask = (c < C)[:, None] & (j < n_chunks)[None, :]
-    return tl.load(part_ptr + row[:, None] * n_chunks + j[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _chan_merge(part_mu_ptr, part_m2_ptr, row, c, C, HW, n_chunks, BLOCK_HW,
-                S_BLOCK: tl.constexpr):
-    """Merge per-chunk (count, mu, M2) of the planes in `row` into each plane's (mu, var).
-
-    mu = sum(n_j mu_j) / HW,  M2 = sum(M2_j) + sum(n_j (mu_j - mu)^2)  (Chan et al.)
-    """
-    mu_j = _load_partials(part_mu_ptr, row, c, C, n_chunks, S_BLOCK)
-    m2_j = _load_partials(part_m2_ptr, row, c, C, n_chunks, S_BLOCK)
-    j = tl.arange(0, S_BLOCK)
-    # Chunk j holds min(BLOCK_HW, HW - j * BLOCK_HW) elements (0 past the last chunk).
-    cnt = tl.minimum(BLOCK_HW, tl.maximum(HW - j * BLOCK_HW, 0)).to(tl.float32)[None, :]
-    mu = tl.sum(cnt * mu_j, axis=1) / HW
-    dmu = mu_j - mu[:, None]
-    var = (tl.sum(m2_j, axis=1) + tl.sum(cnt * dmu * dmu, axis=1)) / HW
-    return mu, var
 
 
 @triton.jit
@@ -103,13 +120,12 @@ def _fwd_kernel(
     C, HW,
     sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
     eps, slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Whole planes in one tile. Grid (N, cdiv(C, BLOCK_C))."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    x_ptr += pid_n * sx_n
-    y_ptr += pid_n * sy_n
-    c, s, mask = _tile(tl.program_id(1), 0, C, HW, BLOCK_C, BLOCK_HW)
+    """Whole planes in one tile, one program per (n, channel block)."""
+    n, _, c, s, mask = _tile(C, HW, 0, BLOCK_C, BLOCK_HW, False, INT64)
+    x_ptr += n * sx_n
+    y_ptr += n * sy_n
 
     # Two passes over the tile in registers: mu = mean(x - k), var = mean((x - k - mu)^2).
     xs = _load_shifted(x_ptr, c, s, mask, C, sx_c, sx_hw)
@@ -118,7 +134,7 @@ def _fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / HW + eps)
 
     _normalize_store(y_ptr, xs, mu, rstd, c, s, mask, sy_c, sy_hw, slope)
-    row = pid_n * C + c
+    row = n * C + c
     tl.store(mu_ptr + row, mu, mask=c < C)
     tl.store(rstd_ptr + row, rstd, mask=c < C)
 
@@ -126,57 +142,76 @@ def _fwd_kernel(
 @triton.jit
 def _fwd_partial_kernel(
     x_ptr, part_mu_ptr, part_m2_ptr,
-    C, HW, n_chunks,
+    C, HW, n_chunks, CB_SHIFT,
     sx_n, sx_c, sx_hw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Split stage 1: each chunk's mean mu_j = mean(x - k) and M2_j = sum((x - k - mu_j)^2).
-
-    Grid (N, cdiv(C, BLOCK_C), n_chunks); partials are laid out [N*C, n_chunks].
-    """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(2)
-    x_ptr += pid_n * sx_n
-    c, s, mask = _tile(tl.program_id(1), pid_s, C, HW, BLOCK_C, BLOCK_HW)
+    """Split, partial: each chunk's mean mu_j = mean(x - k) and M2_j = sum((x - k - mu_j)^2),
+    laid out [N*C, n_chunks]."""
+    n, chunk, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
+    x_ptr += n * sx_n
 
     xs = _load_shifted(x_ptr, c, s, mask, C, sx_c, sx_hw)
-    count = tl.minimum(HW - pid_s * BLOCK_HW, BLOCK_HW).to(tl.float32)
+    count = tl.minimum(HW - chunk * BLOCK_HW, BLOCK_HW).to(tl.float32)
     mu = tl.sum(xs, axis=1) / count
     d = tl.where(mask, xs - mu[:, None], 0.0)
-    m2 = tl.sum(d * d, axis=1)
 
-    idx = (pid_n * C + c) * n_chunks + pid_s
+    idx = (n * C + c) * n_chunks + chunk
     tl.store(part_mu_ptr + idx, mu, mask=c < C)
-    tl.store(part_m2_ptr + idx, m2, mask=c < C)
+    tl.store(part_m2_ptr + idx, tl.sum(d * d, axis=1), mask=c < C)
+
+
+@triton.jit
+def _fwd_combine_kernel(
+    part_mu_ptr, part_m2_ptr, mu_ptr, rstd_ptr,
+    HW, n_chunks, eps,
+    BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split, combine: one program per plane merges its chunks' (n_j, mu_j, M2_j) into its mu and
+    rstd. Lane l of a BLOCK_S-wide block merges chunks l, l + BLOCK_S, ... in turn, then the lanes
+    are merged (Chan et al., as in the module's docstring)."""
+    plane = _index(tl.program_id(0), INT64)
+    part_mu_ptr += plane * n_chunks
+    part_m2_ptr += plane * n_chunks
+    count = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    mu = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for j0 in range(0, n_chunks, BLOCK_S):
+        j = _index(j0, INT64) + tl.arange(0, BLOCK_S)
+        # Chunk j holds min(BLOCK_HW, HW - j * BLOCK_HW) elements (0 past the last chunk).
+        count_j = tl.minimum(BLOCK_HW, tl.maximum(HW - j * BLOCK_HW, 0)).to(tl.float32)
+        mu_j = tl.load(part_mu_ptr + j, mask=j < n_chunks, other=0.0)
+        m2_j = tl.load(part_m2_ptr + j, mask=j < n_chunks, other=0.0)
+        total = count + count_j
+        share = count_j / tl.maximum(total, 1.0)  # n_b / n, and 0 where both parts are empty
+        delta = mu_j - mu
+        mu += delta * share
+        m2 += m2_j + delta * delta * count * share
+        count = total
+    # The lanes at once: mu = sum(n_l mu_l) / HW, M2 = sum(M2_l) + sum(n_l (mu_l - mu)^2).
+    mean = tl.sum(count * mu, axis=0) / HW
+    d = mu - mean
+    var = (tl.sum(m2, axis=0) + tl.sum(count * d * d, axis=0)) / HW
+    tl.store(mu_ptr + plane, mean)
+    tl.store(rstd_ptr + plane, 1.0 / tl.sqrt(var + eps))
 
 
 @triton.jit
 def _fwd_apply_kernel(
-    x_ptr, y_ptr, mu_ptr, rstd_ptr, part_mu_ptr, part_m2_ptr,
-    C, HW, n_chunks,
+    x_ptr, y_ptr, mu_ptr, rstd_ptr,
+    C, HW, n_chunks, CB_SHIFT,
     sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
-    eps, slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, S_BLOCK: tl.constexpr,
+    slope,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Split stage 2: merge the partials, then normalize + activate this program's chunk.
-
-    Every chunk's program redoes the (small) merge; chunk 0 also saves mu and rstd.
-    """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(2)
-    x_ptr += pid_n * sx_n
-    y_ptr += pid_n * sy_n
-    c, s, mask = _tile(tl.program_id(1), pid_s, C, HW, BLOCK_C, BLOCK_HW)
-    row = pid_n * C + c
-
-    mu, var = _chan_merge(part_mu_ptr, part_m2_ptr, row, c, C, HW, n_chunks, BLOCK_HW, S_BLOCK)
-    rstd = 1.0 / tl.sqrt(var + eps)
-
+    """Split, apply: normalize + activate this program's tile with its planes' mu and rstd."""
+    n, _, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
+    x_ptr += n * sx_n
+    y_ptr += n * sy_n
+    mu = tl.load(mu_ptr + n * C + c, mask=c < C, other=0.0)
+    rstd = tl.load(rstd_ptr + n * C + c, mask=c < C, other=0.0)
     xs = _load_shifted(x_ptr, c, s, mask, C, sx_c, sx_hw)
     _normalize_store(y_ptr, xs, mu, rstd, c, s, mask, sy_c, sy_hw, slope)
-    if pid_s == 0:
-        tl.store(mu_ptr + row, mu, mask=c < C)
-        tl.store(rstd_ptr + row, rstd, mask=c < C)
 
 
 @triton.jit
@@ -206,15 +241,14 @@ def _bwd_kernel(
     C, HW,
     sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw,
     slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Whole planes in one tile. Grid (N, cdiv(C, BLOCK_C))."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    x_ptr += pid_n * sx_n
-    dy_ptr += pid_n * sdy_n
-    dx_ptr += pid_n * sdx_n
-    c, s, mask = _tile(tl.program_id(1), 0, C, HW, BLOCK_C, BLOCK_HW)
-    row = pid_n * C + c
+    """Whole planes in one tile, one program per (n, channel block)."""
+    n, _, c, s, mask = _tile(C, HW, 0, BLOCK_C, BLOCK_HW, False, INT64)
+    x_ptr += n * sx_n
+    dy_ptr += n * sdy_n
+    dx_ptr += n * sdx_n
+    row = n * C + c
 
     xhat, g, rstd = _load_g_xhat(x_ptr, dy_ptr, mu_ptr, rstd_ptr, row, c, s, mask, C,
                                  sx_c, sx_hw, sdy_c, sdy_hw, slope)
@@ -226,46 +260,62 @@ def _bwd_kernel(
 @triton.jit
 def _bwd_partial_kernel(
     x_ptr, dy_ptr, mu_ptr, rstd_ptr, part_g_ptr, part_gx_ptr,
-    C, HW, n_chunks,
+    C, HW, n_chunks, CB_SHIFT,
     sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw,
     slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Split stage 1: each chunk's sum(g) and sum(g * xhat). Grid as _fwd_partial_kernel."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(2)
-    x_ptr += pid_n * sx_n
-    dy_ptr += pid_n * sdy_n
-    c, s, mask = _tile(tl.program_id(1), pid_s, C, HW, BLOCK_C, BLOCK_HW)
-    row = pid_n * C + c
+    """Split, partial: each chunk's sum(g) and sum(g * xhat), laid out [N*C, n_chunks]."""
+    n, chunk, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
+    x_ptr += n * sx_n
+    dy_ptr += n * sdy_n
+    row = n * C + c
 
     xhat, g, _ = _load_g_xhat(x_ptr, dy_ptr, mu_ptr, rstd_ptr, row, c, s, mask, C,
                               sx_c, sx_hw, sdy_c, sdy_hw, slope)
-    idx = row * n_chunks + pid_s
+    idx = row * n_chunks + chunk
     tl.store(part_g_ptr + idx, tl.sum(g, axis=1), mask=c < C)
     tl.store(part_gx_ptr + idx, tl.sum(g * xhat, axis=1), mask=c < C)
 
 
 @triton.jit
+def _bwd_combine_kernel(
+    part_g_ptr, part_gx_ptr, mean_g_ptr, mean_gx_ptr,
+    HW, n_chunks,
+    BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """Split, combine: one program per plane sums its chunks' partials, BLOCK_S at a time, in a
+    fixed order, into mean(g) and mean(g * xhat)."""
+    plane = _index(tl.program_id(0), INT64)
+    part_g_ptr += plane * n_chunks
+    part_gx_ptr += plane * n_chunks
+    sum_g = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    sum_gx = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for j0 in range(0, n_chunks, BLOCK_S):
+        j = _index(j0, INT64) + tl.arange(0, BLOCK_S)
+        sum_g += tl.load(part_g_ptr + j, mask=j < n_chunks, other=0.0)
+        sum_gx += tl.load(part_gx_ptr + j, mask=j < n_chunks, other=0.0)
+    tl.store(mean_g_ptr + plane, tl.sum(sum_g, axis=0) / HW)
+    tl.store(mean_gx_ptr + plane, tl.sum(sum_gx, axis=0) / HW)
+
+
+@triton.jit
 def _bwd_apply_kernel(
-    x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, part_g_ptr, part_gx_ptr,
-    C, HW, n_chunks,
+    x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, mean_g_ptr, mean_gx_ptr,
+    C, HW, n_chunks, CB_SHIFT,
     sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw,
     slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, S_BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Split stage 2: sum the chunk partials in a fixed order, then write this chunk's dx."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(2)
-    x_ptr += pid_n * sx_n
-    dy_ptr += pid_n * sdy_n
-    dx_ptr += pid_n * sdx_n
-    c, s, mask = _tile(tl.program_id(1), pid_s, C, HW, BLOCK_C, BLOCK_HW)
-    row = pid_n * C + c
+    """Split, apply: this program's tile of dx, with its planes' mean(g) and mean(g * xhat)."""
+    n, _, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
+    x_ptr += n * sx_n
+    dy_ptr += n * sdy_n
+    dx_ptr += n * sdx_n
+    row = n * C + c
 
-    mean_g = tl.sum(_load_partials(part_g_ptr, row, c, C, n_chunks, S_BLOCK), axis=1) / HW
-    mean_gx = tl.sum(_load_partials(part_gx_ptr, row, c, C, n_chunks, S_BLOCK), axis=1) / HW
-
+    mean_g = tl.load(mean_g_ptr + row, mask=c < C, other=0.0)
+    mean_gx = tl.load(mean_gx_ptr + row, mask=c < C, other=0.0)
     xhat, g, rstd = _load_g_xhat(x_ptr, dy_ptr, mu_ptr, rstd_ptr, row, c, s, mask, C,
                                  sx_c, sx_hw, sdy_c, sdy_hw, slope)
     _store_dx(dx_ptr, xhat, g, rstd, mean_g, mean_gx, c, s, mask, sdx_c, sdx_hw)
@@ -307,6 +357,26 @@ def _config(x: torch.Tensor, strides: tuple[int, int, int]) -> tuple[int, dict]:
     return triton.cdiv(HW, block_hw), meta
 
 
+def _slabs(N: int, C: int):
+    """(samples, their planes) of each launch: grid axis 1 takes up to 65,535 samples at a time."""
+    for n0 in range(0, N, _MAX_SAMPLES):
+        n1 = min(N, n0 + _MAX_SAMPLES)
+        yield slice(n0, n1), slice(n0 * C, n1 * C)
+
+
+def _int64(N: int, C: int, HW: int, n_chunks: int, meta: dict, *strides: tuple[int, int, int]) -> bool:
+    """Whether some offset or index the launches compute can pass int32: into a tensor with these
+    plane strides (x, y, dy, dx: the tiles run past C, to the power-of-two count of channel blocks,
+    and past HW, masked), into the partials (the combine's last block past the chunks), and the
+    chunks' element counts."""
+    c_end = triton.next_power_of_2(triton.cdiv(C, meta["BLOCK_C"])) * meta["BLOCK_C"]
+    hw_end = n_chunks * meta["BLOCK_HW"]
+    tensors = max(abs(sn) * (N - 1) + abs(sc) * (c_end - 1) + abs(shw) * (hw_end - 1) for sn, sc, shw in strides)
+    partials = N * C * n_chunks + _COMBINE_BLOCK
+    counts = (n_chunks + _COMBINE_BLOCK) * meta["BLOCK_HW"]
+    return max(tensors, partials, counts) > 2**31 - 1
+
+
 def _flat(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """t and its plane strides, copying to contiguous only for layouts the kernels can't index."""
     strides = _plane_strides(t)
@@ -332,19 +402,25 @@ def _forward(
     sy = _plane_strides(y)
     if x.numel() == 0:
         return y, mu, rstd
+    HW = H * W
     n_chunks, meta = _config(x, sx)
-    HW, c_blocks = H * W, triton.cdiv(C, meta["BLOCK_C"])
-    if n_chunks == 1:
-        _fwd_kernel[(N, c_blocks)](x, y, mu, rstd, C, HW, *sx, *sy, eps, slope, **meta)
-    else:
-        part_mu = torch.empty(N * C * n_chunks, device=x.device, dtype=torch.float32)
+    meta["INT64"] = _int64(N, C, HW, n_chunks, meta, sx, sy)
+    c_blocks = triton.cdiv(C, meta["BLOCK_C"])
+    cb_shift = (c_blocks - 1).bit_length()  # split: the channel blocks, rounded up to a power of 2
+    for samples, planes in _slabs(N, C):
+        xs, ys, mus, rstds = x[samples], y[samples], mu[planes], rstd[planes]
+        if n_chunks == 1:
+            _fwd_kernel[(c_blocks, xs.shape[0])](xs, ys, mus, rstds, C, HW, *sx, *sy, eps, slope, **meta)
+            continue
+        grid = (n_chunks << cb_shift, xs.shape[0])
+        part_mu = torch.empty(mus.numel() * n_chunks, device=x.device, dtype=torch.float32)
         part_m2 = torch.empty_like(part_mu)
-        grid = (N, c_blocks, n_chunks)
-        _fwd_partial_kernel[grid](x, part_mu, part_m2, C, HW, n_chunks, *sx, **meta)
-        _fwd_apply_kernel[grid](
-            x, y, mu, rstd, part_mu, part_m2, C, HW, n_chunks, *sx, *sy, eps, slope,
-            S_BLOCK=triton.next_power_of_2(n_chunks), **meta,
+        _fwd_partial_kernel[grid](xs, part_mu, part_m2, C, HW, n_chunks, cb_shift, *sx, **meta)
+        _fwd_combine_kernel[(mus.numel(),)](
+            part_mu, part_m2, mus, rstds, HW, n_chunks, eps,
+            BLOCK_HW=meta["BLOCK_HW"], BLOCK_S=_COMBINE_BLOCK, INT64=meta["INT64"], num_warps=4,
         )
+        _fwd_apply_kernel[grid](xs, ys, mus, rstds, C, HW, n_chunks, cb_shift, *sx, *sy, slope, **meta)
     return y, mu, rstd
 
 
@@ -359,20 +435,29 @@ def _backward(
     sdx = _plane_strides(dx)
     if x.numel() == 0:
         return dx
+    HW = H * W
     n_chunks, meta = _config(x, sx)
-    HW, c_blocks = H * W, triton.cdiv(C, meta["BLOCK_C"])
-    if n_chunks == 1:
-        _bwd_kernel[(N, c_blocks)](x, dy, dx, mu, rstd, C, HW, *sx, *sdy, *sdx, slope, **meta)
-    else:
-        part_g = torch.empty(N * C * n_chunks, device=x.device, dtype=torch.float32)
+    meta["INT64"] = _int64(N, C, HW, n_chunks, meta, sx, sdy, sdx)
+    c_blocks = triton.cdiv(C, meta["BLOCK_C"])
+    cb_shift = (c_blocks - 1).bit_length()
+    for samples, planes in _slabs(N, C):
+        xs, dys, dxs, mus, rstds = x[samples], dy[samples], dx[samples], mu[planes], rstd[planes]
+        if n_chunks == 1:
+            _bwd_kernel[(c_blocks, xs.shape[0])](xs, dys, dxs, mus, rstds, C, HW, *sx, *sdy, *sdx, slope, **meta)
+            continue
+        grid = (n_chunks << cb_shift, xs.shape[0])
+        part_g = torch.empty(mus.numel() * n_chunks, device=x.device, dtype=torch.float32)
         part_gx = torch.empty_like(part_g)
-        grid = (N, c_blocks, n_chunks)
+        mean_g, mean_gx = torch.empty_like(mus), torch.empty_like(mus)
         _bwd_partial_kernel[grid](
-            x, dy, mu, rstd, part_g, part_gx, C, HW, n_chunks, *sx, *sdy, slope, **meta
+            xs, dys, mus, rstds, part_g, part_gx, C, HW, n_chunks, cb_shift, *sx, *sdy, slope, **meta
+        )
+        _bwd_combine_kernel[(mus.numel(),)](
+            part_g, part_gx, mean_g, mean_gx, HW, n_chunks,
+            BLOCK_S=_COMBINE_BLOCK, INT64=meta["INT64"], num_warps=4,
         )
         _bwd_apply_kernel[grid](
-            x, dy, dx, mu, rstd, part_g, part_gx, C, HW, n_chunks, *sx, *sdy, *sdx, slope,
-            S_BLOCK=triton.next_power_of_2(n_chunks), **meta,
+            xs, dys, dxs, mus, rstds, mean_g, mean_gx, C, HW, n_chunks, cb_shift, *sx, *sdy, *sdx, slope, **meta
         )
     return dx
 

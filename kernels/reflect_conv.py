@@ -201,6 +201,7 @@ def _prune_wgrad(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 
 _MAX_SPLIT = 64
+_TILE = 256  # no config's tile edge (BM, BN, BK) is wider
 _DBIAS_BLOCK_C = 16
 _DBIAS_BLOCK_P = 128
 _SUM_BLOCK = 1024
@@ -215,6 +216,14 @@ def _reflect(i, n):
     """Reflect an index in [-(n-1), 2(n-1)] into [0, n-1] (edge pixel not repeated)."""
     i = tl.abs(i)
     return (n - 1) - tl.abs((n - 1) - i)
+
+
+@triton.jit
+def _index(i, INT64: tl.constexpr):
+    """i as int64 when INT64 (a launch whose offsets can pass int32), else as it is (int32)."""
+    if INT64:
+        i = tl.cast(i, tl.int64)
+    return i
 
 
 @triton.jit
@@ -249,7 +258,7 @@ def _conv_kernel(
     swo, swc, swh, sww,
     syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, REFLECT: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    X_ALIGN: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    X_ALIGN: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """out[p, oc] = sum over (kh, kw, c) of x[n, pad(oh+kh-PH), pad(ow+kw-PW), c] . w[oc, c, kh, kw] (+ b[oc]).
@@ -257,20 +266,23 @@ def _conv_kernel(
     pad reflects (REFLECT) or reads zeros outside x. X_ALIGN divides x's pixel strides (the JIT
     only knows multiples of 16), so 16-byte copies are provably aligned. FOLD: (oh, ow) runs over the padded grid of
     a forward conv with padding FP; interior positions go to y[n, oh-FP, ow-FP], the border
-    strip to ws[n, _strip_index, oc] in fp32 (for _fold_kernel). Grid: (M tiles, OC tiles).
+    strip to ws[n, _strip_index, oc] in fp32 (for _fold_kernel). INT64: the index math in int64
+    (the program ids, the channel offsets, and so every index and offset derived from them).
+    Grid: (M tiles, OC tiles).
     """
-    M = N * OH * OW
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    OHW = _index(OH, INT64) * OW
+    M = N * OHW
+    rm = _index(tl.program_id(0), INT64) * BM + tl.arange(0, BM)
+    rn = _index(tl.program_id(1), INT64) * BN + tl.arange(0, BN)
     # Wrap the row and column tails around so the loads need no masks; the store masks them.
     m = rm % M
     oc = rn % OC
-    n = m // (OH * OW)
-    oh = (m % (OH * OW)) // OW
+    n = m // OHW
+    oh = (m % OHW) // OW
     ow = m % OW
     x_n = n * sxn
     w_oc = oc * swo
-    rk = tl.arange(0, BK)
+    rk = _index(tl.arange(0, BK), INT64)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # One flat loop over K = (tap, channel block), so the software pipeline runs across taps.
@@ -313,7 +325,7 @@ def _conv_kernel(
         inside = (oh >= FP) & (oh < H0 + FP) & (ow >= FP) & (ow < W0 + FP)
         y_off = n * syn + (oh - FP) * syh + (ow - FP) * syw
         tl.store(y + (y_off[:, None] + oc[None, :] * syc), acc.to(y.dtype.element_ty), mask=ok & inside[:, None])
-        strip = OH * OW - H0 * W0
+        strip = OHW - _index(H0, INT64) * W0
         s = n * strip + _strip_index(oh, ow, H0, W0, FP)
         tl.store(ws + (s[:, None] * OC + oc[None, :]), acc, mask=ok & ~inside[:, None])
     else:
@@ -333,14 +345,14 @@ def _wgrad_kernel(
     sdn, sdc, sdh, sdw,
     swo, swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr, X_IS_A: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """ws[s] (laid out as dw, strides sw*) = sum over split s's pixels p of dy[p, oc] . x[refl(p + (kh, kw) - P), c].
 
     The GEMM's rows are dy's channels (A = dy^T, B = x), or x's channels when X_IS_A (A = x^T,
     B = dy: for few output channels, so the 64-row MMA tile is not mostly padding). X_ALIGN and
-    DY_ALIGN divide the pixel strides, as in _conv_kernel.
+    DY_ALIGN divide the pixel strides, and INT64 widens the index math, as in _conv_kernel.
     Grid: (row tiles x column tiles, KH.KW, splits). Split s covers output rows (n, oh) in
     [s . ROWS_PER_SPLIT, (s + 1) . ROWS_PER_SPLIT), a row BK pixels at a time, so a step's
     reflected input row is one scalar and only its columns are reflected per pixel.
@@ -350,18 +362,19 @@ def _wgrad_kernel(
     else:
         MC, NC = OC, C
     num_n = tl.cdiv(NC, BN)
-    rm = (tl.program_id(0) // num_n) * BM + tl.arange(0, BM)
-    rn = (tl.program_id(0) % num_n) * BN + tl.arange(0, BN)
+    tile = _index(tl.program_id(0), INT64)
+    rm = (tile // num_n) * BM + tl.arange(0, BM)
+    rn = (tile % num_n) * BN + tl.arange(0, BN)
     kh = tl.program_id(1) // KW
     kw = tl.program_id(1) % KW
-    s = tl.program_id(2)
+    s = _index(tl.program_id(2), INT64)
     cm = rm % MC
     cn = rn % NC
-    rk = tl.arange(0, BK)
+    rk = _index(tl.arange(0, BK), INT64)
 
     # Steps walk the split's output rows (n, oh), BK pixels of a row at a time.
     row0 = s * ROWS_PER_SPLIT
-    rows = tl.minimum(ROWS_PER_SPLIT, N * OH - row0)
+    rows = tl.minimum(ROWS_PER_SPLIT, _index(N, INT64) * OH - row0)
     num_ob = tl.cdiv(OW, BK)
     n = row0 // OH
     oh = row0 - n * OH
@@ -374,7 +387,7 @@ def _wgrad_kernel(
             ob = 0
             oh += 1
             if oh == OH:
-                oh = 0
+                oh -= OH  # (not = 0: oh may be int64)
                 n += 1
             ih = _reflect(oh + kh - P, H)
         ow = ob * BK + rk
@@ -394,7 +407,7 @@ def _wgrad_kernel(
         ws_off = rm[:, None] * swc + rn[None, :] * swo
     else:
         ws_off = rm[:, None] * swo + rn[None, :] * swc
-    ws_ptr = ws + s * (OC * C * KH * KW) + ws_off + (kh * swh + kw * sww)
+    ws_ptr = ws + s * OC * C * KH * KW + ws_off + (kh * swh + kw * sww)
     tl.store(ws_ptr, acc, mask=(rm < MC)[:, None] & (rn < NC)[None, :])
 
 
@@ -402,18 +415,19 @@ def _wgrad_kernel(
 def _dbias_kernel(
     dy, ws, N, OC, OH, OW, PIX_PER_SPLIT,
     sdn, sdc, sdh, sdw,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
     """ws[s, oc] = sum over pixels p of split s of dy[n, oc, oh, ow]. Grid: (OC tiles, splits)."""
-    oc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    oc = _index(tl.program_id(0), INT64) * BLOCK_C + tl.arange(0, BLOCK_C)
     oc_ok = oc < OC
-    s = tl.program_id(1)
-    p_end = tl.minimum((s + 1) * PIX_PER_SPLIT, N * OH * OW)
+    s = _index(tl.program_id(1), INT64)
+    OHW = _index(OH, INT64) * OW
+    p_end = tl.minimum((s + 1) * PIX_PER_SPLIT, N * OHW)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for p0 in range(s * PIX_PER_SPLIT, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        n = p // (OH * OW)
-        oh = (p % (OH * OW)) // OW
+        n = p // OHW
+        oh = (p % OHW) // OW
         ow = p % OW
         g = tl.load(
             dy + oc[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :],
@@ -424,13 +438,13 @@ def _dbias_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(ws, out, SPLITS, NUMEL, BLOCK: tl.constexpr):
+def _sum_splits_kernel(ws, out, SPLITS, NUMEL, BLOCK: tl.constexpr, INT64: tl.constexpr):
     """out[i] = sum over s = 0, 1, ... of ws[s, i], in that fixed order (deterministic)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = _index(tl.program_id(0), INT64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NUMEL
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(SPLITS):
-        acc += tl.load(ws + s * NUMEL + offs, mask=ok, other=0.0)
+        acc += tl.load(ws + _index(s, INT64) * NUMEL + offs, mask=ok, other=0.0)
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=ok)
 
 
@@ -454,15 +468,15 @@ def _sum_splits_kernel(ws, out, SPLITS, NUMEL, BLOCK: tl.constexpr):
 def _pack_kernel(
     x, xp, N, C, H, W, HP, WP, PH, PW,
     sxn, sxc, sxh, sxw,
-    CP: tl.constexpr, REFLECT: tl.constexpr, BLOCK: tl.constexpr,
+    CP: tl.constexpr, REFLECT: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
     """xp[n, h, w, c] (contiguous, HP x WP x CP) = x[n, c, pad(h - PH), pad(w - PW)] for c < C,
     else 0. pad reflects (REFLECT; columns right of the W + 2PW padded width stay 0) or reads
     zeros outside x."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = _index(tl.program_id(0), INT64) * BLOCK + tl.arange(0, BLOCK)
     c = offs % CP
     pix = offs // CP
-    n = pix // (HP * WP)
+    n = pix // (_index(HP, INT64) * WP)
     h = (pix // WP) % HP - PH
     w = pix % WP - PW
     ok = (n < N) & (c < C)
@@ -498,7 +512,10 @@ def _pack(t: torch.Tensor, ph: int, pw: int, hp: int, wp: int, cp: int, reflect:
     wp = triton.cdiv(wp * cp, 16) * 16 // cp
     out = torch.empty((N, hp, wp, cp), dtype=t.dtype, device=t.device)
     grid = (triton.cdiv(out.numel(), _PACK_BLOCK),)
-    _pack_kernel[grid](t, out, N, C, H, W, hp, wp, ph, pw, *t.stride(), CP=cp, REFLECT=reflect, BLOCK=_PACK_BLOCK)
+    # The last block's tail runs into sample N (masked); zero padding reads up to (ph, pw) before 0.
+    int64 = _int64(_reach(t.stride(), (N + 1, max(C, cp), hp, wp)), out.numel() + _PACK_BLOCK)
+    _pack_kernel[grid](t, out, N, C, H, W, hp, wp, ph, pw, *t.stride(), CP=cp, REFLECT=reflect, BLOCK=_PACK_BLOCK,
+                       INT64=int64)
     return out
 
 
@@ -574,7 +591,7 @@ def _fold_kernel(
     dx, ws, N, C, H, W, P,
     F0H, NFH, S0H, NSH, F0W, NFW, S0W, NSW,
     sxn, sxc, sxh, sxw,
-    BM: tl.constexpr, BC: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr, INT64: tl.constexpr,
 ):
     """dx[n, i, j, c] += the gradient of (i, j)'s mirror images on the padded border (in ws).
 
@@ -583,10 +600,10 @@ def _fold_kernel(
     columns down the other rows. Each pixel sums its up-to-8 mirror terms in a fixed order.
     Grid: (pixel tiles, C tiles).
     """
-    rows, cols = NFH + NSH, NFW + NSW
-    per_image = rows * W + H * cols
-    e = tl.program_id(0) * BM + tl.arange(0, BM)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    rows, cols = _index(NFH + NSH, INT64), NFW + NSW
+    per_image = rows * W + _index(H, INT64) * cols
+    e = _index(tl.program_id(0), INT64) * BM + tl.arange(0, BM)
+    c = _index(tl.program_id(1), INT64) * BC + tl.arange(0, BC)
     n = e // per_image
     e = e % per_image
     in_rows = e < rows * W
@@ -596,7 +613,7 @@ def _fold_kernel(
     ok = (n < N) & (in_rows | ~_in_band(i, F0H, NFH, S0H, NSH))
 
     acc = tl.zeros((BM, BC), dtype=tl.float32)
-    strip = (H + 2 * P) * (W + 2 * P) - H * W
+    strip = _index(H + 2 * P, INT64) * (W + 2 * P) - _index(H, INT64) * W
     c_ok = c < C
     for th in tl.static_range(3):
         qh, ok_h = _preimage(i, th, P, H)
@@ -629,7 +646,12 @@ def _fold(dx: torch.Tensor, ws: torch.Tensor, p: int) -> None:
     bm, bc = 32, min(64, triton.next_power_of_2(C))
     pixels = (bh[1] + bh[3]) * W + H * (bw[1] + bw[3])
     grid = (triton.cdiv(N * pixels, bm), triton.cdiv(C, bc))
-    _fold_kernel[grid](dx, ws, N, C, H, W, p, *bh, *bw, *dx.stride(), BM=bm, BC=bc)
+    int64 = _int64(
+        _reach(dx.stride(), (N + 1, grid[1] * bc, H, W)),  # the last pixel tile's tail runs into sample N (masked)
+        _strip_reach(ws, H + 2 * p, W + 2 * p, grid[1] * bc),
+        N * pixels + bm,
+    )
+    _fold_kernel[grid](dx, ws, N, C, H, W, p, *bh, *bw, *dx.stride(), BM=bm, BC=bc, INT64=int64)
 
 
 # ----------------------------------------------------------------------------- host code
@@ -665,8 +687,32 @@ def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (dense, in its own memory order) = ws.sum(0) in a fixed order."""
     numel = out.numel()
     grid = (triton.cdiv(numel, _SUM_BLOCK),)
-    _sum_splits_kernel[grid](ws, out, ws.shape[0], numel, BLOCK=_SUM_BLOCK)
+    _sum_splits_kernel[grid](ws, out, ws.shape[0], numel, BLOCK=_SUM_BLOCK, INT64=_int64(ws.numel() + _SUM_BLOCK))
     return out
+
+
+# Offsets. Triton computes a kernel's indices in int32 (its int arguments below 2**31, program ids,
+# aranges), so each launch says whether an offset it computes can pass int32; INT64 then widens the
+# kernel's index math, and every other launch keeps its 32-bit math. A launch's reach counts the
+# indices it computes and masks: zero padding before 0 and past the edge, tile tails, negative strides.
+_INT32_MAX = 2**31 - 1
+
+
+def _reach(strides: tuple[int, ...], extents: tuple[int, ...]) -> int:
+    """The farthest element offset, sum of i_d . stride_d, over indices |i_d| < extent_d."""
+    return sum(abs(s) * (e - 1) for s, e in zip(strides, extents))
+
+
+def _int64(*reaches: int) -> bool:
+    """Whether a launch whose offsets and indices reach this far needs int64 index math."""
+    return max(reaches) > _INT32_MAX
+
+
+def _strip_reach(ws: torch.Tensor, HQ: int, WQ: int, C: int) -> int:
+    """Beyond the farthest offset into the dgrad's border strips ws (N strips of C channels) that the
+    GEMM's epilogue and the fold compute: a masked position's strip index (an interior position, a
+    missing mirror image) lies within one padded HQ x WQ grid of its strip, n <= N."""
+    return ws.numel() + 2 * HQ * WQ * C
 
 
 def _empty_like_layout(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -700,6 +746,14 @@ def _launch_conv(
     With ws (the dgrad), (OH, OW) is the padded grid of a forward conv with padding fold_pad:
     the interior goes to out, the border strip to the fp32 workspace ws."""
     N = out.shape[0]
+    k_end = _cap(C, 32)  # the channel index's bound: the K tile BK <= next_pow2(C) (or 32, the smallest config's)
+    int64 = _int64(
+        _reach(x_strides, (N, k_end, H + PH, W + PW)),  # zero padding: PH rows before 0 and past H - 1
+        _reach(w_strides, (OC, k_end, KH, KW)),
+        _reach(out.stride(), (N, OC, OH - fold_pad, OW - fold_pad)),  # FOLD: rows oh - FP, oh in [0, OH)
+        0 if ws is None else _strip_reach(ws, OH, OW, OC),
+        N * OH * OW + _TILE,  # the GEMM row index, before it wraps around M
+    )
 
     def grid(meta):
         return triton.cdiv(N * OH * OW, meta["BM"]), triton.cdiv(OC, meta["BN"])
@@ -709,7 +763,7 @@ def _launch_conv(
         N, C, H, W, OC, OH, OW, PH, PW, fold_pad,
         *x_strides, *w_strides, *out.stride(),
         KH=KH, KW=KW, REFLECT=reflect, FOLD=ws is not None, HAS_BIAS=bias is not None, X_ALIGN=_align(x_strides),
-        PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
+        PRECISION=_precision(x), DOT_FP32=_dot_fp32(x), INT64=int64,
     )
 
 
@@ -809,6 +863,12 @@ def _launch_wgrad(
     m, n = (C, OC) if x_is_a else (OC, C)
     per, splits = _rows_per_split(N * OH, triton.cdiv(m, 64) * triton.cdiv(n, 64) * KH * KW, x.device)
     ws = torch.empty((splits, out.numel()), dtype=torch.float32, device=x.device)
+    int64 = _int64(
+        _reach(x_strides, (N, C, H, W)),  # reflected, and the channel tails wrapped: inside x
+        _reach(dy_strides, (N, OC, OH, OW + _TILE)),  # a row's last pixel block runs past OW (masked)
+        ws.numel() + _reach(out_strides, (OC + _TILE, C + _TILE, KH, KW)),  # the tile tails (masked)
+        N * OH * OW + _TILE,
+    )
 
     def grid(meta):
         return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), KH * KW, splits
@@ -818,7 +878,7 @@ def _launch_wgrad(
         N, C, H, W, OC, OH, OW, P, per,
         *x_strides, *dy_strides, *out_strides,
         KH=KH, KW=KW, X_IS_A=x_is_a, X_ALIGN=_align(x_strides), DY_ALIGN=_align(dy_strides),
-        PRECISION=_precision(x), DOT_FP32=_dot_fp32(x),
+        PRECISION=_precision(x), DOT_FP32=_dot_fp32(x), INT64=int64,
     )
     _sum_splits(ws, out)
 
@@ -835,9 +895,13 @@ def _conv_dbias(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     splits = triton.cdiv(npix, per)
     ws = torch.empty((splits, OC), dtype=torch.float32, device=dy.device)
     grid = (triton.cdiv(OC, _DBIAS_BLOCK_C), splits)
+    int64 = _int64(
+        _reach(dy.stride(), (N, grid[0] * _DBIAS_BLOCK_C, OH, OW)),
+        splits * per + _DBIAS_BLOCK_P,  # the pixel index, past the last split's end (masked)
+    )
     _dbias_kernel[grid](
         dy, ws, N, OC, OH, OW, per, *dy.stride(),
-        BLOCK_C=_DBIAS_BLOCK_C, BLOCK_P=_DBIAS_BLOCK_P,
+        BLOCK_C=_DBIAS_BLOCK_C, BLOCK_P=_DBIAS_BLOCK_P, INT64=int64,
     )
     return _sum_splits(ws, db)
 

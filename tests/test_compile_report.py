@@ -29,8 +29,9 @@ import kernels.tools.compile_report as ki
 ROOT = Path(__file__).resolve().parents[1]
 GEMM_KERNELS = {"_conv_kernel", "_wgrad_kernel"}
 SMEM_LIMIT = 227 * 1024  # the most shared memory an H100 thread block can have
-KEYS = {"arch", "kernel", "config", "dtype", "layout", "shape", "registers", "spill_bytes", "shared_bytes", "hgmma",
-        "ldgsts", "tma", "ldg128"}
+KEYS = {"arch", "kernel", "config", "dtype", "layout", "shape", "pass", "registers", "spill_bytes", "shared_bytes",
+        "hgmma", "ldgsts", "tma", "ldg128", "grid"}
+MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's limits on grid axes x, y, z
 
 
 def _report(*args: str) -> list[dict]:
@@ -52,6 +53,7 @@ def conv_rows() -> list[dict]:
 def test_report_has_every_pass_and_the_documented_keys(conv_rows):
     for row in conv_rows:
         assert KEYS <= row.keys(), row
+        assert len(row["grid"]) == 3 and row["grid"][0] * row["grid"][1] * row["grid"][2] == row["programs"], row
     seen = {(r["shape"], r["pass"], r["dtype"]) for r in conv_rows}
     for shape in {r["shape"] for r in conv_rows}:
         for dtype in ("fp32", "bf16"):
@@ -88,10 +90,49 @@ def test_shared_memory_fits_an_h100_block(conv_rows):
 @pytest.mark.slow
 def test_instance_norm_kernels_compile_clean_in_both_layouts():
     rows = _report("--layers", "in256,in64", "--batch", "1", "--dtypes", "fp32,bf16", "--layouts", "nchw,channels_last")
-    assert {r["kernel"] for r in rows} == {"_fwd_kernel", "_fwd_partial_kernel", "_fwd_apply_kernel", "_bwd_kernel",
-                                          "_bwd_partial_kernel", "_bwd_apply_kernel"}
-    # The bulk loads are 16 bytes wide in both layouts (a per-plane scalar, the shift k, may be narrower).
-    assert all(not r["spill_bytes"] and r["ldg128"] for r in rows), rows
+    assert {r["kernel"] for r in rows} == {"_fwd_kernel", "_fwd_partial_kernel", "_fwd_combine_kernel",
+                                          "_fwd_apply_kernel", "_bwd_kernel", "_bwd_partial_kernel",
+                                          "_bwd_combine_kernel", "_bwd_apply_kernel"}
+    assert not [r for r in rows if r["spill_bytes"]], rows
+    # The bulk loads are 16 bytes wide in both layouts (a per-plane scalar, the shift k, may be narrower;
+    # the combines read a plane's partials, whose start is aligned only when the chunk count is).
+    assert all(r["ldg128"] for r in rows if "combine" not in r["kernel"]), rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["2048,2048", "3000,4000"])
+def test_instance_norm_kernels_at_photo_sizes(size):
+    """The IN layers of a 2048² image and of a 12-MP photo, on sm_90 and sm_86, fp32 and bf16, both
+    layouts: every kernel compiles with no spill (its registers do not depend on the plane's size),
+    and every launch grid is one CUDA takes."""
+    rows = _report("--arch", "sm_90,sm_86", "--layers", "in256,in128,in64", "--batch", "1", "--dtypes", "fp32,bf16",
+                   "--layouts", "nchw,channels_last", "--size", size)
+    seen = {(r["arch"], r["dtype"], r["layout"], r["pass"], r["kernel"]) for r in rows}
+    kernels = {"fwd": ("_fwd_partial_kernel", "_fwd_combine_kernel", "_fwd_apply_kernel"),
+               "bwd": ("_bwd_partial_kernel", "_bwd_combine_kernel", "_bwd_apply_kernel")}
+    assert seen == {(a, d, lay, p, k) for a in ("sm_90", "sm_86") for d in ("fp32", "bf16")
+                    for lay in ("nchw", "channels_last") for p, ks in kernels.items() for k in ks}
+    bad = [(r["arch"], r["shape"], r["dtype"], r["layout"], r["kernel"], r.get("error"), r.get("spill_bytes"))
+           for r in rows if "error" in r or r["spill_bytes"] or r["stl"] or r["ldl"]]
+    assert not bad, bad
+    assert all(0 < g <= limit for r in rows for g, limit in zip(r["grid"], MAX_GRID)), rows
+
+
+def test_size_sets_the_layers_shapes():
+    """--size H,W: the stem, the head and the first norm at H x W, the next at H/2, the ResNet blocks at
+    H/4, the image padded up to a multiple of 4 as the generator needs."""
+    assert [ki.layer_size(layer, (3000, 4000)) for layer in ki.LAYERS] == \
+        [(3000, 4000), (750, 1000), (3000, 4000), (3000, 4000), (1500, 2000), (750, 1000)]
+    assert ki.layer_size("in128", (301, 402)) == (152, 202)
+    assert ki.layer_size("conv3x3", ki.DEFAULT_SIZE) == (64, 64)
+
+
+@pytest.mark.parametrize("size", ["3000", "3000,0", "a,b", "1,2,3"])
+def test_bad_size_is_a_one_line_error(size, capsys):
+    with pytest.raises(SystemExit) as e:
+        ki.main(["--size", size])
+    assert e.value.code == 2
+    assert "--size" in capsys.readouterr().err
 
 
 def test_skips_cleanly_without_the_compiler_tools(monkeypatch, capsys):

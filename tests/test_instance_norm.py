@@ -33,9 +33,11 @@ TOL = {
 KERNELS = [
     "_fwd_kernel",
     "_fwd_partial_kernel",
+    "_fwd_combine_kernel",
     "_fwd_apply_kernel",
     "_bwd_kernel",
     "_bwd_partial_kernel",
+    "_bwd_combine_kernel",
     "_bwd_apply_kernel",
 ]
 
@@ -254,10 +256,11 @@ def test_channels_last_is_not_copied(launches, monkeypatch, max_block):
     y.backward(dy)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
-    # Every launch got x's own storage (args[0] is x in every kernel), not a contiguous copy.
-    launched = [args for records in launches.values() for args in records]
-    assert len(launched) == (2 if max_block == 4096 else 4)
-    assert all(args[0].data_ptr() == x.data_ptr() for args in launched)
+    # Every launch that reads x got x's own storage (args[0] is x in every kernel but the combines,
+    # which read only the partials), not a contiguous copy.
+    reads_x = [args for name, records in launches.items() if "combine" not in name for args in records]
+    assert len(reads_x) == (2 if max_block == 4096 else 4)
+    assert all(args[0].data_ptr() == x.data_ptr() for args in reads_x)
 
 
 @pytest.mark.slow
@@ -289,6 +292,57 @@ def test_split_and_single_paths_agree():
             out.append((y, xi.grad))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-4)
+
+
+def ramp(shape, kind):
+    """Planes whose chunks differ: a ramp along H*W (mean far from 0) plus noise, so the chunks'
+    means spread and merging them in the wrong proportions shows."""
+    gen = torch.Generator().manual_seed(4)
+    N, C, H, W = shape
+    x = torch.linspace(0, 50, H * W).view(1, 1, H, W) + torch.randn(shape, generator=gen) + 1e2
+    return layout(x, kind), torch.randn(shape, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_many_chunks_merged_per_plane(kind, launches, monkeypatch):
+    """Planes of 143 elements in tiles of 16 (9 chunks, NCHW) or 4 (36 chunks, 4 channels side by side),
+    merged 4 partials at a time: the combine loops over blocks with a ragged last one."""
+    monkeypatch.setattr(inorm, "_MAX_BLOCK", 16)
+    monkeypatch.setattr(inorm, "_COMBINE_BLOCK", 4)
+    x, dy = ramp((2, 3, 13, 11), kind)
+    check_against_reference(x, dy, 1e-5, 0.2, True)
+    assert counts(launches) == dict.fromkeys(KERNELS, 1) | {"_fwd_kernel": 0, "_bwd_kernel": 0}
+
+
+@pytest.mark.parametrize("max_block", [4096, 8])
+def test_batch_in_slabs(max_block, launches, monkeypatch):
+    """More samples than a launch's grid axis takes (65,535; lowered to 2 here): slabs of 2, 2, 1."""
+    monkeypatch.setattr(inorm, "_MAX_SAMPLES", 2)
+    monkeypatch.setattr(inorm, "_MAX_BLOCK", max_block)
+    x, dy = ramp((5, 3, 4, 5), "channels_last")
+    check_against_reference(x, dy, 1e-5, 0.2, True)
+    assert counts(launches)["_fwd_kernel" if max_block == 4096 else "_fwd_apply_kernel"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_large_plane_with_real_tiles(kind):
+    """A 600 x 1000 plane with the real tile sizes and combine block: 147 chunks of 4096 (NCHW) or
+    1,172 chunks of 8 channels x 512 pixels (channels_last, two combine blocks)."""
+    x, dy = ramp((1, 8, 600, 1000), kind)
+    check_against_reference(x, dy, 1e-5, 0.2, True)
+
+
+@pytest.mark.parametrize("max_block", [4096, 8])
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_int64_index_math(kind, max_block, monkeypatch):
+    """The kernels with INT64 forced on (as a launch whose offsets pass int32 runs them) agree with
+    the reference, and (the autouse fixture) stay inside their tensors."""
+    monkeypatch.setattr(inorm, "_int64", lambda *args: True)
+    monkeypatch.setattr(inorm, "_MAX_BLOCK", max_block)
+    monkeypatch.setattr(inorm, "_COMBINE_BLOCK", 4)
+    x, dy = ramp((2, 3, 5, 7), kind)
+    check_against_reference(x, dy, 1e-5, 0.2, True)
 
 
 @pytest.mark.slow

@@ -175,6 +175,54 @@ def test_channels_last_and_strided_grad():
     assert got[1].is_contiguous(memory_format=torch.channels_last)
 
 
+BAND = 64
+
+
+def _banded(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t's values, in a view with t's strides inside a NaN-filled buffer, BAND elements of it (a
+    guard band) before and after: (the view, the buffer)."""
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    buf = torch.full((span + 2 * BAND,), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf.as_strided(t.shape, t.stride(), BAND)
+    view.copy_(t)
+    return view, buf
+
+
+@pytest.mark.slow
+@needs_triton
+@pytest.mark.parametrize("int64", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_guard_bands(monkeypatch, fmt, int64):
+    """Operands and outputs inside NaN-filled buffers: no read outside an operand reaches a result,
+    no write lands outside an output (its bands stay NaN), with the 32-bit index math and with
+    INT64 forced on (as a launch whose offsets pass int32 runs). The plain path, packed x (3 input
+    channels) and packed dy (3 output channels, and x's channels on the wgrad's MMA rows)."""
+    if int64:
+        monkeypatch.setattr(rc, "_int64", lambda *reaches: True)
+    outputs = []
+    empty_like_layout = rc._empty_like_layout
+
+    def banded_output(x, shape):
+        view, buf = _banded(empty_like_layout(x, shape).fill_(float("nan")))
+        outputs.append(buf)
+        return view
+
+    monkeypatch.setattr(rc, "_empty_like_layout", banded_output)
+    for N, C, OC, k, p in ((2, 5, 6, 3, 1), (1, 3, 8, 7, 3), (1, 8, 3, 7, 3)):
+        x, w, b = _inputs(N, C, OC, 9, 10, k, True, torch.float32)
+        x, w = (t.contiguous(memory_format=fmt) for t in (x, w))
+        dy = torch.randn(N, OC, 9 + 2 * p - k + 1, 10 + 2 * p - k + 1).to(DEVICE).contiguous(memory_format=fmt)
+        (xb, _), (wb, _), (bb, _), (dyb, _) = (_banded(t) for t in (x, w, b, dy))
+        got = rc._conv_fwd(xb, wb, bb, p), rc._conv_dgrad(dyb, wb, xb, p), rc._conv_wgrad(dyb, wb, xb, p), \
+            rc._conv_dbias(dyb, torch.float32)
+        ref = _reference(x, w, b, p, dy)
+        for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+            _assert_close(g, r, torch.float32, f"{name} for C={C} OC={OC} k={k}")
+    assert len(outputs) == 6  # y and dx of each case
+    for buf in outputs:
+        assert buf[:BAND].isnan().all() and buf[-BAND:].isnan().all(), "a write outside an output"
+
+
 @needs_triton
 def test_nchw_output_is_contiguous():
     x, w, b = _inputs(1, 2, 3, 5, 5, 3, False, torch.float32)

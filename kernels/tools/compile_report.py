@@ -1,14 +1,17 @@
 """Compile report: what the compiler makes of every kernel for sm_90 (H100) or any arch, on any machine.
 
     python -m kernels.tools.compile_report               # the generator's layers: batch 1, 4, fp32, bf16, channels_last
+    python -m kernels.tools.compile_report --size 3000,4000 --batch 1   # its layers for a 12-MP photo
     python -m kernels.tools.compile_report --json        # the same rows as a JSON list
     python -m kernels.tools.compile_report --arch sm_80,sm_86,sm_89,sm_90 --summary   # per arch, with its device limits
     python -m kernels.tools.compile_report --layers conv3x3 --batch 1 --dtypes bf16 --layouts nchw,channels_last
     python -m kernels.tools.compile_report --compile-only  # only compile, on every core, into Triton's cache
     python -m kernels.tools.compile_report --jit-replay    # the launches through Triton's JIT: what compiles, how long
 
-No GPU is needed. For each layer, the op's host code runs on CPU tensors of the layer's real
-shape and strides with every kernel launch intercepted (recorded, not run). Each recorded
+No GPU is needed. For each layer, the op's host code runs on tensors of the layer's real shape and
+strides (for an H x W input image, --size) on PyTorch's meta device (shapes and strides, no memory,
+so a batch of photos costs nothing; its pointers are 0 plus the view's offset, so aligned as a GPU
+allocation's), with every kernel launch intercepted (recorded, not run). Each recorded
 launch is then specialised exactly as the JIT would specialise it on the GPU, through Triton's
 own argument binder (pointers and ints that are multiples of 16 marked divisible, ints equal to
 1 made constants), and compiled with triton.compile for GPUTarget("cuda", arch), once for every
@@ -24,6 +27,8 @@ From each cubin, cuobjdump reads:
     spill_bytes  the stack frame (local memory); STL / LDL count its stores and loads
     shared_bytes shared memory per program (Triton's dynamic allocation plus any static); Triton
                  refuses to launch a kernel needing more than the device's limit (OutOfResources)
+    grid         the launch grid [x, y, z] (--json rows also give "programs", their product): CUDA
+                 launches up to 2**31 - 1 programs on x, 65,535 on y and on z
     hgmma, hmma  Hopper warpgroup MMA (wgmma) and the older mma.sync instructions
     ldgsts, tma  pipelined global->shared copies: cp.async (LDGSTS; ldgsts128: 16 bytes each) and TMA (UTMALDG)
     ldg128 ...   global loads by width: 16-byte (LDG.E.128), 8, 4, and 2-or-1-byte
@@ -67,7 +72,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver as triton_driver
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
 import kernels.device
 import kernels.instance_norm as inorm
@@ -80,22 +85,25 @@ warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 DEFAULT_ARCH = 90
 MODULES = (rconv, inorm)
 
-# The generator's hot layers (ResNet-9, ngf 64, 256x256 images): (name, op, args).
-#   conv: (C, OC, K, P, H = W);  in: (C, H = W)
+# The generator's hot layers (ResNet-9, ngf 64), named by their size on a 256x256 image: (name, op, args).
+#   conv: (C, OC, K, P, scale);  in: (C, scale). A layer runs at (H / scale) x (W / scale) of the image.
 LAYERS = {
-    "stem7x7": ("conv", (3, 64, 7, 3, 256)),
-    "conv3x3": ("conv", (256, 256, 3, 1, 64)),
-    "head7x7": ("conv", (64, 3, 7, 3, 256)),
-    "in256": ("in", (64, 256)),
-    "in128": ("in", (128, 128)),
-    "in64": ("in", (256, 64)),
+    "stem7x7": ("conv", (3, 64, 7, 3, 1)),
+    "conv3x3": ("conv", (256, 256, 3, 1, 4)),
+    "head7x7": ("conv", (64, 3, 7, 3, 1)),
+    "in256": ("in", (64, 1)),
+    "in128": ("in", (128, 2)),
+    "in64": ("in", (256, 4)),
 }
+DEFAULT_SIZE = (256, 256)
+# The generator downsamples twice by 2, so an image is padded up to a multiple of 4 (as infer.py does).
+SIZE_MULTIPLE = 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PASSES = ("fwd", "dgrad", "wgrad", "dbias", "bwd")
 
 GEMM_KERNELS = ("_conv_kernel", "_wgrad_kernel")
-COLUMNS = ["arch", "shape", "pass", "dtype", "layout", "kernel", "config", "programs", "registers", "spill_bytes",
+COLUMNS = ["arch", "shape", "pass", "dtype", "layout", "kernel", "config", "grid", "registers", "spill_bytes",
            "stl", "ldl", "shared_bytes", "hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32",
            "ldg16", "int_ops", "step_int_ops", "loop_ldg"]
 INT_OPS = {"IMAD", "IADD3", "IADD", "LOP3", "ISETP", "SHF", "LEA", "SEL", "IABS", "IMNMX", "VIMNMX", "PRMT", "SGXT",
@@ -126,7 +134,7 @@ def recording() -> Iterator[list[Launch]]:
     with contextlib.ExitStack() as stack:
         for module in MODULES:
             for name, obj in vars(module).items():
-                if isinstance(obj, (JITFunction, Autotuner)):
+                if isinstance(obj, KernelInterface):  # a kernel, autotuned, or run by the interpreter
                     def record(*args, grid, warmup, _m=module.__name__, _n=name, **kwargs):
                         launches.append(Launch(_m, _n, args, kwargs, grid))
                     stack.enter_context(mock.patch.object(obj, "run", record))
@@ -146,23 +154,30 @@ def _policy(arch: int) -> contextlib.ExitStack:
     return stack
 
 
+def layer_size(layer: str, size: tuple[int, int] = DEFAULT_SIZE) -> tuple[int, int]:
+    """The layer's (H, W) on an image of `size`, padded up to a multiple of SIZE_MULTIPLE."""
+    scale = LAYERS[layer][1][-1]
+    return tuple(-(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE // scale for n in size)
+
+
 def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory_format,
-                   passes: tuple[str, ...] = PASSES, arch: int = DEFAULT_ARCH) -> list[tuple[str, Launch]]:
-    """(pass, launch) for every kernel launch of the layer's forward and backward passes, on the arch's
-    stand-in GPU."""
+                   passes: tuple[str, ...] = PASSES, arch: int = DEFAULT_ARCH,
+                   size: tuple[int, int] = DEFAULT_SIZE) -> list[tuple[str, Launch]]:
+    """(pass, launch) for every kernel launch of the layer's forward and backward passes on an image of
+    `size`, on the arch's stand-in GPU."""
     op, dims = LAYERS[layer]
+    H, W = layer_size(layer, size)
     out: list[tuple[str, Launch]] = []
-    gen = torch.Generator().manual_seed(0)
 
     def act(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
+        return torch.empty(shape, dtype=dtype, memory_format=fmt, device="meta")
 
     with _policy(arch):
         if op == "conv":
-            C, OC, K, P, HW = dims
-            x, w = act(batch, C, HW, HW), act(OC, C, K, K)
-            b = torch.zeros(OC, dtype=dtype)
-            dy = act(batch, OC, HW + 2 * P - K + 1, HW + 2 * P - K + 1)
+            C, OC, K, P, _ = dims
+            x, w = act(batch, C, H, W), act(OC, C, K, K)
+            b = torch.empty(OC, dtype=dtype, device="meta")
+            dy = act(batch, OC, H + 2 * P - K + 1, W + 2 * P - K + 1)
             todo: list[tuple[str, Callable[[], object]]] = [
                 ("fwd", lambda: rconv._conv_fwd(x, w, b, P)),
                 ("dgrad", lambda: rconv._conv_dgrad(dy, w, x, P)),
@@ -170,9 +185,9 @@ def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory
                 ("dbias", lambda: rconv._conv_dbias(dy, dtype)),
             ]
         else:
-            C, HW = dims
-            x, dy = act(batch, C, HW, HW), act(batch, C, HW, HW)
-            mu = torch.zeros(batch * C)
+            C, _ = dims
+            x, dy = act(batch, C, H, W), act(batch, C, H, W)
+            mu = torch.empty(batch * C, device="meta")
             todo = [
                 ("fwd", lambda: inorm._forward(*inorm._flat(x), 1e-5, 0.0)),
                 ("bwd", lambda: inorm._backward(inorm._flat(x)[0], dy, mu, mu, 0.0)),
@@ -389,13 +404,14 @@ class Replay:
 
 
 def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
-               passes: tuple[str, ...] = PASSES, arch: int = DEFAULT_ARCH) -> Replay:
+               passes: tuple[str, ...] = PASSES, arch: int = DEFAULT_ARCH,
+               size: tuple[int, int] = DEFAULT_SIZE) -> Replay:
     """Every launch and config through the JIT itself, as on the arch's stand-in GPU:
     JITFunction.run(warmup=True) specialises, keys, looks in Triton's cache and compiles on a miss;
     then Triton's loader checks the kernel against the device's limits (shared memory, threads) as
     before a first launch, and nothing is launched. 0 compiled after --compile-only."""
     launches = [launch for layer in layers for batch in batches for dtype in dtypes for layout in layouts
-                for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch)]
+                for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch, size)]
     cache = Path(triton.knobs.cache.dir)
     before = set(cache.glob("*"))
     replay = Replay(0, 0, 0, [])
@@ -424,15 +440,13 @@ def _config_name(kernel: str, kwargs: dict, config: triton.Config | None) -> str
     return " ".join(blocks + [f"w{meta.get('num_warps', 4)}", f"s{meta.get('num_stages', 3)}"])
 
 
-def _programs(launch: Launch, config: triton.Config | None) -> int:
+def _grid(launch: Launch, config: triton.Config | None) -> list[int]:
+    """The launch grid as [x, y, z]."""
     grid = launch.grid
     if callable(grid):
         fn = _jit_fn(launch.module, launch.name)
         grid = grid({**dict(zip(fn.arg_names, launch.args)), **launch.kwargs, **(config.kwargs if config else {})})
-    total = 1
-    for g in grid:
-        total *= int(g)
-    return total
+    return [int(g) for g in grid] + [1] * (3 - len(grid))
 
 
 def _configs(launch: Launch) -> list[triton.Config | None]:
@@ -447,13 +461,13 @@ def _configs(launch: Launch) -> list[triton.Config | None]:
         obj.nargs = None
 
 
-def _shape_label(layer: str, batch: int) -> str:
+def _shape_label(layer: str, batch: int, size: tuple[int, int]) -> str:
     op, dims = LAYERS[layer]
+    H, W = layer_size(layer, size)
     if op == "conv":
-        C, OC, K, _, HW = dims
-        return f"N={batch} {C}→{OC} {K}×{K} @{HW}²"
-    C, HW = dims
-    return f"({batch},{C},{HW},{HW})"
+        C, OC, K, _, _ = dims
+        return f"N={batch} {C}→{OC} {K}×{K} @{f'{H}²' if H == W else f'{H}×{W}'}"
+    return f"({batch},{dims[0]},{H},{W})"
 
 
 @triton.jit
@@ -472,7 +486,7 @@ def unsupported(arch: int) -> str | None:
 
 def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
            jobs: int, passes: tuple[str, ...] = PASSES, compile_only: bool = False,
-           archs: tuple[int, ...] = (DEFAULT_ARCH,)) -> list[dict]:
+           archs: tuple[int, ...] = (DEFAULT_ARCH,), size: tuple[int, int] = DEFAULT_SIZE) -> list[dict]:
     """One row per arch x layer x pass x kernel launch x config, with the compile facts (none if compile_only)."""
     _tool("ptxas")
     if not compile_only:
@@ -484,15 +498,16 @@ def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: li
                 for dtype in dtypes:
                     for layout in layouts:
                         for pass_name, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout],
-                                                                passes, arch):
+                                                                passes, arch, size):
                             for config in _configs(launch):
                                 job = specialise(launch, config)
                                 todo.setdefault(job, None)
-                                rows.append(({"arch": f"sm_{arch}", "shape": _shape_label(layer, batch),
+                                grid = _grid(launch, config)
+                                rows.append(({"arch": f"sm_{arch}", "shape": _shape_label(layer, batch, size),
                                               "pass": pass_name, "dtype": dtype, "layout": layout,
                                               "kernel": launch.name,
                                               "config": _config_name(launch.name, launch.kwargs, config),
-                                              "programs": _programs(launch, config)}, job))
+                                              "grid": grid, "programs": grid[0] * grid[1] * grid[2]}, job))
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         results = dict(zip(todo, pool.map(functools.partial(_analyse_in_worker, compile_only=compile_only), todo)))
@@ -600,6 +615,13 @@ def _local_arch() -> int:
     return DEFAULT_ARCH
 
 
+def _size(value: str) -> tuple[int, int]:
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{value!r}: give the image's height and width, e.g. 3000,4000")
+    return int(parts[0]), int(parts[1])
+
+
 def _archs(value: str) -> list[int]:
     names = _csv(value, [f"sm_{a}" for a in kernels.device.KNOWN])
     return [int(n.removeprefix("sm_")) for n in names]
@@ -608,7 +630,7 @@ def _archs(value: str) -> list[int]:
 def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> int:
     refused = 0
     for arch in archs:
-        r = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes), arch)
+        r = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes), arch, args.size)
         limit = kernels.device.for_arch(arch).shared_bytes
         print(f"sm_{arch}: the JIT ran {r.runs} launch configs and compiled {r.compiled} kernels (the rest were in "
               f"Triton's cache, {triton.knobs.cache.dir}) in {time.monotonic() - start:.1f} s; the most shared "
@@ -628,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", type=lambda v: _csv(v, DTYPES), default=list(DTYPES), help="fp32,bf16 (default)")
     p.add_argument("--layouts", type=lambda v: _csv(v, LAYOUTS), default=["channels_last"],
                    help="activation and weight layouts: channels_last (default: how the generator runs on CUDA), nchw")
+    p.add_argument("--size", type=_size, default=DEFAULT_SIZE, metavar="H,W",
+                   help="the input image's height and width, which set the layers' shapes (padded up to a multiple "
+                        f"of {SIZE_MULTIPLE}, as the generator needs; default: 256,256)")
     p.add_argument("--passes", type=lambda v: _csv(v, PASSES), default=list(PASSES),
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
     known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
@@ -664,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.jit_replay:
             return _print_replays(args, archs, start)
         rows = report(args.layers, args.batch, args.dtypes, args.layouts, max(1, args.jobs), tuple(args.passes),
-                      args.compile_only, tuple(archs))
+                      args.compile_only, tuple(archs), args.size)
     except ToolMissing as e:
         print(f"kernels.tools.compile_report: skipped: {e}", file=sys.stderr)
         return 0

@@ -2,8 +2,9 @@
 conv), measured at first use, as cudnn.benchmark measures cuDNN's own algorithms.
 
     --kernels  what minicycle.networks.FusedSequential calls
-    auto       reflect_conv2d / instance_norm_relu below: on CUDA, per (op, shapes, dtype, strides,
-               device), the faster correct path, decided once; on a CPU, the ops (their own rule)
+    auto       measured_reflect_conv2d / measured_instance_norm_relu below: on CUDA, per (op, channels,
+               kernel size, dtype, layout, device, and N and H.W up to powers of two), the faster correct
+               path, decided once; on a CPU, the ops (their own rule)
     triton     kernels.reflect_conv2d / kernels.instance_norm_relu, always
     pytorch    nothing here: set_fused(net, False) runs the official layers
 
@@ -183,23 +184,23 @@ class Chooser:
     # ---- deciding ------------------------------------------------------------------------------
     def _decide_conv(self, key: tuple, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                      p: int) -> Decision:
-        dev = self.facts(x.device)
+        dev, label = self.facts(x.device), _label(key, x.shape)
         why = _cannot_profit("conv", dev, x.dtype)
         if why:
-            return Decision(key[1], _label(key), dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
+            return Decision(key[1], label, dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
         need_b = b is not None
         with torch.no_grad():
             dy = _probe(rc._out_shape(x, w, p), x)
             runs = {path: (lambda q=path: forward(q, x, w, b, p),
                            lambda q=path: dgrad(q, dy, x, w, p),
                            lambda q=path: wgrad(q, dy, x, w, p, True, need_b)) for path in (TRITON, PYTORCH)}
-            return self._measure(key, dev, {path: r[:len(PASSES[key[1]])] for path, r in runs.items()})
+            return self._measure(key, label, dev, {path: r[:len(PASSES[key[1]])] for path, r in runs.items()})
 
     def _decide_norm(self, key: tuple, x: torch.Tensor, eps: float, slope: float, activation: bool) -> Decision:
-        dev = self.facts(x.device)
+        dev, label = self.facts(x.device), _label(key, x.shape)
         why = _cannot_profit("norm", dev, x.dtype)
         if why:
-            return Decision(key[1], _label(key), dev.name, (PYTORCH,), why=why)
+            return Decision(key[1], label, dev.name, (PYTORCH,), why=why)
         dy = _probe(tuple(x.shape), x)
 
         def triton_norm(t: torch.Tensor) -> torch.Tensor:
@@ -210,52 +211,54 @@ class Chooser:
 
         if key[1] == "norm_fwd":
             with torch.no_grad():
-                return self._measure(key, dev, {TRITON: (lambda: triton_norm(x),), PYTORCH: (lambda: torch_norm(x),)})
+                runs = {TRITON: (lambda: triton_norm(x),), PYTORCH: (lambda: torch_norm(x),)}
+                return self._measure(key, label, dev, runs)
         runs = {TRITON: (lambda: _forward_backward(triton_norm, x, dy),),
                 PYTORCH: (lambda: _forward_backward(torch_norm, x, dy),)}
-        return self._measure(key, dev, runs, kink=activation and slope != 1.0)
+        return self._measure(key, label, dev, runs, kink=activation and slope != 1.0)
 
-    def _measure(self, key: tuple, dev: devices.Device, runs: dict[str, tuple[Callable[[], object], ...]],
+    def _measure(self, key: tuple, label: str, dev: devices.Device, runs: dict[str, tuple[Callable[[], object], ...]],
                  kink: bool = False) -> Decision:
         """Check every Triton pass against PyTorch's, then time both per pass and keep the faster.
         kink: the pass returns (y, dx) of an activation with a kink at 0 (see rel_err)."""
         op, dtype, passes = key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
         tol, errors = TOLERANCES[dtype], []
         for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
-            with _fatal(key, name, PYTORCH):
+            with _fatal(key[0], label, name, PYTORCH):
                 want = _outputs(torch_run(), name)
             try:
-                with _fatal(key, name, TRITON):
+                with _fatal(key[0], label, name, TRITON):
                     got = _outputs(triton_run(), name)
                     kinks = [(got[0], want[0]) if kink and i == 1 else None for i in range(len(want))]
                     err = [rel_err(g, w, kink=k) for g, w, k in zip(got, want, kinks)]
             except (FatalKernelError, torch.OutOfMemoryError):
                 raise
             except Exception as e:  # our kernels failed, the GPU still usable: PyTorch, never a crash
-                return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}")
+                return self._fall_back(key, label, dev, f"the Triton kernels failed: {_reason(e)}")
             del got, want
             errors.append(Errors(max(e.whole for e in err), max(e.tile for e in err)))
             if not (errors[-1].whole <= tol and errors[-1].tile <= tol):  # NaN included
-                return self._fall_back(key, dev, f"Triton's {name} differs from PyTorch's by {errors[-1].whole:.1e} "
-                                                 f"over the whole output and {errors[-1].tile:.1e} in its worst "
-                                                 f"{TILE}x{TILE} tile (tolerance {tol:.0e} for "
-                                                 f"{key[2].removeprefix('torch.')})", tuple(errors))
+                why = (f"Triton's {name} differs from PyTorch's by {errors[-1].whole:.1e} over the whole output "
+                       f"and {errors[-1].tile:.1e} in its worst {TILE}x{TILE} tile (tolerance {tol:.0e} for "
+                       f"{key[2].removeprefix('torch.')})")
+                return self._fall_back(key, label, dev, why, tuple(errors))
         ms = []
         for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
             try:
-                with _fatal(key, name, TRITON):
+                with _fatal(key[0], label, name, TRITON):
                     t = self.timer(triton_run, TRITON, name)
             except (FatalKernelError, torch.OutOfMemoryError):
                 raise
             except Exception as e:  # a timing launch that fails: PyTorch too
-                return self._fall_back(key, dev, f"the Triton kernels failed: {_reason(e)}", tuple(errors))
-            with _fatal(key, name, PYTORCH):
+                return self._fall_back(key, label, dev, f"the Triton kernels failed: {_reason(e)}", tuple(errors))
+            with _fatal(key[0], label, name, PYTORCH):
                 ms.append((t, self.timer(torch_run, PYTORCH, name)))
         paths = tuple(TRITON if t < q else PYTORCH for t, q in ms)
-        return Decision(op, _label(key), dev.name, paths, tuple(ms), errors=tuple(errors))
+        return Decision(op, label, dev.name, paths, tuple(ms), errors=tuple(errors))
 
-    def _fall_back(self, key: tuple, dev: devices.Device, why: str, errors: tuple[Errors, ...] = ()) -> Decision:
-        decision = Decision(key[1], _label(key), dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why,
+    def _fall_back(self, key: tuple, label: str, dev: devices.Device, why: str,
+                   errors: tuple[Errors, ...] = ()) -> Decision:
+        decision = Decision(key[1], label, dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why,
                             errors=errors or None)
         print(f"kernels: {decision.pytorch_name(key[0].type == 'cuda')} for {decision.label}: {why}",
               file=sys.stderr, flush=True)
@@ -288,13 +291,13 @@ class Chooser:
         for entry in _entries(_read(self.cache_file), self._section(device)):
             try:
                 key = (device, *(tuple(e) if isinstance(e, list) else e for e in entry["key"]))
-                paths, ms = tuple(entry["paths"]), tuple(tuple(m) for m in entry["ms"])
+                label, paths, ms = entry["label"], tuple(entry["paths"]), tuple(tuple(m) for m in entry["ms"])
                 errors = tuple(Errors(*e) for e in entry.get("errors", ())) or None
                 ok = key[1] in PASSES and len(paths) == len(ms) == len(PASSES[key[1]])
             except (KeyError, TypeError, IndexError):
                 ok = False
             if ok and key not in self.paths:
-                self.stored[key] = Decision(key[1], _label(key), name, paths, ms, cached=True, errors=errors)
+                self.stored[key] = Decision(key[1], label, name, paths, ms, cached=True, errors=errors)
 
     def _save(self, key: tuple, decision: Decision) -> None:
         """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""
@@ -303,7 +306,7 @@ class Chooser:
         section, key_json = self._section(key[0]), list(_jsonable(key[1:]))
         data = _read(self.cache_file)
         entries = [e for e in _entries(data, section) if e.get("key") != key_json]
-        data[section] = entries + [{"key": key_json, "paths": list(decision.paths),
+        data[section] = entries + [{"key": key_json, "label": decision.label, "paths": list(decision.paths),
                                     "ms": [list(m) for m in decision.ms], "errors": decision.errors}]
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -387,28 +390,29 @@ def _format(t: torch.Tensor) -> torch.memory_format:
 
 
 @torch.library.custom_op("minicycle::reflect_conv2d_chosen", mutates_args=())
-def _chosen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, fwd: str, dx: str,
-            dw: str) -> torch.Tensor:
-    return forward(fwd, x, weight, bias, padding)
+def _chosen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, fwd_path: str,
+            dgrad_path: str, wgrad_path: str) -> torch.Tensor:
+    return forward(fwd_path, x, weight, bias, padding)
 
 
 @_chosen.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, fwd: str, dx: str,
-      dw: str) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, fwd_path: str,
+      dgrad_path: str, wgrad_path: str) -> torch.Tensor:
     return rc._empty_like_layout(x, rc._out_shape(x, weight, padding))
 
 
 @torch.library.custom_op("minicycle::reflect_conv2d_chosen_backward", mutates_args=())
 def _chosen_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, need_x: bool,
-                     need_w: bool, need_b: bool, dx: str, dw: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gx = dgrad(dx, dy, x, weight, padding) if need_x else x.new_empty(0)
-    gw, gb = wgrad(dw, dy, x, weight, padding, need_w, need_b)
+                     need_w: bool, need_b: bool, dgrad_path: str,
+                     wgrad_path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx = dgrad(dgrad_path, dy, x, weight, padding) if need_x else x.new_empty(0)
+    gw, gb = wgrad(wgrad_path, dy, x, weight, padding, need_w, need_b)
     return gx, x.new_empty(0) if gw is None else gw, x.new_empty(0) if gb is None else gb
 
 
 @_chosen_backward.register_fake
 def _(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, need_x: bool, need_w: bool,
-      need_b: bool, dx: str, dw: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+      need_b: bool, dgrad_path: str, wgrad_path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx = rc._empty_like_layout(x, x.shape) if need_x else x.new_empty(0)
     gw = torch.empty_like(weight) if need_w else x.new_empty(0)
     gb = x.new_empty(weight.shape[0]) if need_b else x.new_empty(0)
@@ -416,15 +420,16 @@ def _(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, nee
 
 
 def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, _, padding, _, dx, dw = inputs
+    x, weight, _, padding, _, dgrad_path, wgrad_path = inputs
     ctx.save_for_backward(x, weight)
-    ctx.padding, ctx.dx, ctx.dw = padding, dx, dw
+    ctx.padding, ctx.dgrad_path, ctx.wgrad_path = padding, dgrad_path, wgrad_path
 
 
 def _autograd_backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = _chosen_backward(dy, x, weight, ctx.padding, need_x, need_w, need_b, ctx.dx, ctx.dw)
+    gx, gw, gb = _chosen_backward(dy, x, weight, ctx.padding, need_x, need_w, need_b, ctx.dgrad_path,
+                                  ctx.wgrad_path)
     return gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None, None, None
 
 
@@ -530,15 +535,15 @@ def sticky(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _fatal(key: tuple, pass_name: str, path: str):
+def _fatal(device: torch.device, label: str, pass_name: str, path: str):
     """Runs a pass of the check (then waits for the GPU, so that a kernel's fault shows here and not in a
     later layer), and turns the errors that end the run into ones that name the layer: a sticky CUDA error
     into FatalKernelError, running out of memory into torch.OutOfMemoryError."""
-    what = f"{_label(key)} {pass_name}"
+    what = f"{label} {pass_name}"
     try:
         yield
-        if key[0].type == "cuda":
-            torch.cuda.synchronize(key[0])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except torch.OutOfMemoryError as e:
         raise torch.OutOfMemoryError(f"out of GPU memory while checking {what} (Triton against PyTorch): "
                                      f"{_reason(e)}") from None
@@ -567,8 +572,8 @@ def _cache_file() -> Path | None:
 CHOOSER = Chooser(cache_file=_cache_file())
 
 
-def reflect_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                   padding: int) -> torch.Tensor:
+def measured_reflect_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                            padding: int) -> torch.Tensor:
     """kernels.reflect_conv2d's result, by the paths CHOOSER decided for these inputs (pass by pass)."""
     if not CHOOSER.applies(x):
         return kernels.reflect_conv2d(x, weight, bias, padding=padding)
@@ -585,8 +590,8 @@ def reflect_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return _chosen(x, weight, bias, padding, *paths)  # training: (fwd, dgrad, wgrad), some of each
 
 
-def instance_norm_relu(x: torch.Tensor, *, eps: float = 1e-5, negative_slope: float = 0.0,
-                       activation: bool = True) -> torch.Tensor:
+def measured_instance_norm_relu(x: torch.Tensor, *, eps: float = 1e-5, negative_slope: float = 0.0,
+                                activation: bool = True) -> torch.Tensor:
     """kernels.instance_norm_relu's result, by the path CHOOSER decided for these inputs."""
     if not CHOOSER.applies(x) or x.dim() != 4 or x.shape[2] * x.shape[3] == 1:  # the op's own rule, or its error
         return kernels.instance_norm_relu(x, eps=eps, negative_slope=negative_slope, activation=activation)
@@ -626,16 +631,27 @@ def describe(mode: str, device: torch.device) -> str:
 
 
 def _conv_key(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple:
-    """(device, op, dtype, x shape and strides, w shape and strides, bias, padding, cuDNN flags); the op
-    is 'conv' when a gradient will be needed (three passes), else 'conv_fwd'."""
+    """(device, op, dtype, size, C, OC, KH, KW, layouts, bias, padding, cuDNN flags); the op is 'conv' when a
+    gradient will be needed (three passes), else 'conv_fwd'. size: see _size."""
     grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-    return (x.device, "conv" if grad else "conv_fwd", str(x.dtype), x.shape, x.stride(), w.shape, w.stride(),
-            b is not None, padding, *_cudnn_flags())
+    OC, C, KH, KW = w.shape
+    return (x.device, "conv" if grad else "conv_fwd", str(x.dtype), _size(x, OC), C, OC, KH, KW,
+            _format(x) == torch.channels_last, _format(w) == torch.channels_last, b is not None, padding,
+            *_cudnn_flags())
 
 
 def _norm_key(x: torch.Tensor, eps: float, slope: float, activation: bool) -> tuple:
     grad = torch.is_grad_enabled() and x.requires_grad
-    return (x.device, "norm" if grad else "norm_fwd", str(x.dtype), x.shape, x.stride(), eps, slope, activation)
+    return (x.device, "norm" if grad else "norm_fwd", str(x.dtype), _size(x, x.shape[1]), x.shape[1],
+            _format(x) == torch.channels_last, eps, slope, activation)
+
+
+def _size(x: torch.Tensor, out_channels: int) -> tuple[int, int, bool]:
+    """(N, H.W) rounded up to powers of two, and whether an operand holds 2**31 elements or more: photos of
+    nearby sizes share a decision (the kernels' masks make every size correct) and Triton's autotuned tiles,
+    keyed the same way, while launches whose offsets need int64 index math, other code, stay apart."""
+    N, C, H, W = x.shape
+    return 1 << (N - 1).bit_length(), 1 << (H * W - 1).bit_length(), N * max(C, out_channels) * H * W >= 2**31
 
 
 def _cudnn_flags() -> tuple[bool, bool]:
@@ -655,14 +671,16 @@ def _cannot_profit(op: str, dev: devices.Device, dtype: torch.dtype) -> str:
     return ""
 
 
-def _label(key: tuple) -> str:
-    """The key in words: 'conv 7x7 3->64 @ 1x256x256 fp32', 'IN+ReLU 64 @ 1x256x256 bf16'."""
-    _, op, dtype, (n, c, h, w) = key[:4]
+def _label(key: tuple, shape: Sequence[int]) -> str:
+    """The key in words, at the shape it is decided for: 'conv 7x7 3->64 @ 1x256x256 fp32', 'IN+ReLU 64 @
+    1x256x256 bf16'."""
+    op, dtype, _, c = key[1:5]
+    n, _, h, w = shape
     short = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(dtype, dtype)
     if op.startswith("conv"):
-        oc, _, kh, kw = key[5]
+        oc, kh, kw = key[5:8]
         return f"conv {kh}x{kw} {c}->{oc} @ {n}x{h}x{w} {short}"
-    slope, activation = key[6:8]
+    slope, activation = key[7:9]
     act = "" if not activation else "+ReLU" if slope == 0 else f"+LeakyReLU({slope:g})"
     return f"IN{act} {c} @ {n}x{h}x{w} {short}"
 

@@ -3,9 +3,10 @@ pytorch-CycleGAN-and-pix2pix `models/networks.py`, so state_dict keys and parame
 and its pretrained `.pth` files load strictly.
 
 The layer lists are plain `nn` modules. `FusedSequential.forward` walks them and sends
-ReflectionPad2d+Conv2d pairs to `reflect_conv2d` and InstanceNorm2d(+ReLU/LeakyReLU) to
-`instance_norm_relu`: those of `kernels.choice` (--kernels auto: on CUDA, Triton or PyTorch per
-layer shape, measured at first use) or of `kernels` (--kernels triton). With `set_fused(net, False)`
+ReflectionPad2d+Conv2d pairs to a fused reflection-padded conv and InstanceNorm2d(+ReLU/LeakyReLU)
+to a fused norm: `kernels.choice.measured_*` (--kernels auto: on CUDA, Triton or PyTorch per layer
+shape, measured at first use) or `kernels.reflect_conv2d` and `kernels.instance_norm_relu` (--kernels
+triton). With `set_fused(net, False)`
 (--kernels pytorch) the same modules run one by one, which is exactly the official eager model (used
 as the reference in tests and benchmarks).
 """
@@ -35,7 +36,10 @@ class FusedSequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
-        ops = choice if self.auto else kernels  # the same two functions, the same signatures
+        if self.auto:
+            conv, norm = choice.measured_reflect_conv2d, choice.measured_instance_norm_relu
+        else:
+            conv, norm = kernels.reflect_conv2d, kernels.instance_norm_relu
         layers = list(self)
         i = 0
         while i < len(layers):
@@ -43,15 +47,15 @@ class FusedSequential(nn.Sequential):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(layer, nn.ReflectionPad2d) and _is_plain_conv(nxt):
                 pad = layer.padding  # (left, right, top, bottom), all equal here
-                x = ops.reflect_conv2d(x, nxt.weight, nxt.bias, padding=pad[0])
+                x = conv(x, nxt.weight, nxt.bias, padding=pad[0])
                 i += 2
             elif isinstance(layer, nn.InstanceNorm2d) and not layer.affine and not layer.track_running_stats:
                 if isinstance(nxt, (nn.ReLU, nn.LeakyReLU)):
                     slope = nxt.negative_slope if isinstance(nxt, nn.LeakyReLU) else 0.0
-                    x = ops.instance_norm_relu(x, eps=layer.eps, negative_slope=slope)
+                    x = norm(x, eps=layer.eps, negative_slope=slope)
                     i += 2
                 else:
-                    x = ops.instance_norm_relu(x, eps=layer.eps, activation=False)
+                    x = norm(x, eps=layer.eps, activation=False)
                     i += 1
             else:
                 x = layer(x)

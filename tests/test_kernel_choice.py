@@ -89,7 +89,7 @@ def test_timing_picks_the_faster_path_per_pass(monkeypatch):
     table = {"fwd": (1.0, 2.0), "dgrad": (3.0, 1.0), "wgrad": (1.0, 1.5), "fwd+bwd": (2.0, 1.0)}
     chooser, timer = stand_in(monkeypatch, table)
     x, w, b, dy = conv_inputs()
-    got = grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+    got = grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy)
     assert list(chooser.paths.values()) == [("triton", "pytorch", "triton")]
     assert sorted(timer.calls) == sorted((p, q) for p in ("fwd", "dgrad", "wgrad") for q in ("triton", "pytorch"))
     for g, r in zip(got, grads(eager_conv, x, w, b, dy)):
@@ -97,12 +97,12 @@ def test_timing_picks_the_faster_path_per_pass(monkeypatch):
 
     # Decided: the next calls run Triton's forward and wgrad, PyTorch's dgrad, and time nothing.
     fwd, dx, dw = (counting(monkeypatch, rc, n) for n in ("_conv_fwd", "_conv_dgrad", "_conv_wgrad"))
-    grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+    grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy)
     assert (len(fwd), len(dx), len(dw), len(timer.calls)) == (1, 0, 1, 6)
 
     # IN+LeakyReLU: PyTorch timed faster, so the layer runs PyTorch's code exactly.
-    y = choice.reflect_conv2d(x, w, b, padding=1)
-    out = choice.instance_norm_relu(y, negative_slope=0.2)
+    y = choice.measured_reflect_conv2d(x, w, b, padding=1)
+    out = choice.measured_instance_norm_relu(y, negative_slope=0.2)
     assert timer.calls[-2:] == [("fwd+bwd", "triton"), ("fwd+bwd", "pytorch")]
     assert torch.equal(out, F.leaky_relu(F.instance_norm(y), 0.2))
 
@@ -110,10 +110,10 @@ def test_timing_picks_the_faster_path_per_pass(monkeypatch):
 def test_all_pytorch_runs_the_official_ops_and_forward_only_times_only_the_forward(monkeypatch):
     chooser, timer = stand_in(monkeypatch, PYTORCH_FASTER)
     x, w, b, dy = conv_inputs()
-    assert_same_tensors(grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy),
+    assert_same_tensors(grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy),
                         grads(eager_conv, x, w, b, dy))
     with torch.no_grad():  # inference: a key of its own, one pass
-        assert torch.equal(choice.reflect_conv2d(x, w, b, padding=1), eager_conv(x, w, b))
+        assert torch.equal(choice.measured_reflect_conv2d(x, w, b, padding=1), eager_conv(x, w, b))
     assert [k[1] for k in chooser.paths] == ["conv", "conv_fwd"] and timer.calls[-2:] == [("fwd", "triton"),
                                                                                          ("fwd", "pytorch")]
 
@@ -122,8 +122,8 @@ def test_autocast_decides_for_the_autocast_dtype(monkeypatch):
     chooser, _ = stand_in(monkeypatch)
     x, w, b, _ = conv_inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = choice.reflect_conv2d(x, w, b, padding=1)
-        z = choice.instance_norm_relu(y)
+        y = choice.measured_reflect_conv2d(x, w, b, padding=1)
+        z = choice.measured_instance_norm_relu(y)
     assert y.dtype == torch.bfloat16 and [k[2] for k in chooser.paths] == ["torch.bfloat16"] * 2
     torch.testing.assert_close(y.float(), eager_conv(x, w, b), rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(z.float(), F.relu(F.instance_norm(eager_conv(x, w, b))), rtol=3e-2, atol=3e-2)
@@ -138,7 +138,7 @@ def test_a_mismatch_takes_pytorch_and_says_so_once(monkeypatch, capsys):
     monkeypatch.setattr(rc, "_conv_fwd", lambda *a: real(*a) + 1)  # a wrong kernel
     x, w, b, dy = conv_inputs()
     for _ in range(2):
-        got = grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+        got = grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy)
     assert_same_tensors(got, grads(eager_conv, x, w, b, dy))  # trained on PyTorch's numbers
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.fullmatch(r"kernels: PyTorch for conv 3x3 3->4 @ 1x6x7 fp32: Triton's fwd differs "
@@ -191,7 +191,7 @@ def test_a_recoverable_launch_failure_takes_pytorch_and_says_so_once(monkeypatch
     inject(monkeypatch, chooser, exc, where)
     x, w, b, dy = conv_inputs()
     for _ in range(2):
-        got = grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+        got = grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy)
     assert_same_tensors(got, grads(eager_conv, x, w, b, dy))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kernels: PyTorch for conv 3x3 3->4 @ 1x6x7 fp32: the Triton "
@@ -206,7 +206,7 @@ def test_a_sticky_cuda_error_stops_in_one_line_and_claims_no_fallback(monkeypatc
     inject(monkeypatch, chooser, RuntimeError(STICKY[kind]), where)
     x, w, b, dy = conv_inputs()
     with pytest.raises(choice.FatalKernelError) as e:
-        grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+        grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy)
     message, pass_name = str(e.value), "wgrad" if where == "launch" else "fwd"  # the pass that failed
     assert "\n" not in message and message.startswith(f"conv 3x3 3->4 @ 1x6x7 fp32 {pass_name}: Triton's kernels "
                                                       "failed with a CUDA error that leaves the GPU unusable"), message
@@ -229,7 +229,7 @@ def test_out_of_memory_in_the_check_names_the_layer(monkeypatch, capsys, where, 
            where, path)
     x, w, b, dy = conv_inputs()
     with pytest.raises(torch.OutOfMemoryError) as e:
-        grads(lambda *a: choice.reflect_conv2d(*a, padding=1), x, w, b, dy)
+        grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy)
     pass_name = "wgrad" if where == "launch" else "fwd"
     assert str(e.value).startswith(f"out of GPU memory while checking conv 3x3 3->4 @ 1x6x7 fp32 {pass_name} (Triton "
                                    "against PyTorch): OutOfMemoryError: CUDA out of memory. Tried to allocate "
@@ -241,8 +241,8 @@ def test_no_tensor_core_path_takes_pytorch_without_timing(monkeypatch, capsys):
     """sm_75 has no TF32: the fp32 conv takes cuDNN untimed; the norm (no dot) is still measured."""
     chooser, timer = stand_in(monkeypatch, facts=T4)
     x, w, b, dy = conv_inputs()
-    y = choice.reflect_conv2d(x, w, b, padding=1)
-    choice.instance_norm_relu(y)
+    y = choice.measured_reflect_conv2d(x, w, b, padding=1)
+    choice.measured_instance_norm_relu(y)
     assert timer.calls == [("fwd+bwd", "triton"), ("fwd+bwd", "pytorch")]
     assert list(chooser.paths.values()) == [("pytorch",) * 3, ("triton",)]
     assert capsys.readouterr().err == ""
@@ -250,6 +250,26 @@ def test_no_tensor_core_path_takes_pytorch_without_timing(monkeypatch, capsys):
     assert line.startswith("kernels: Triton for 1 of 4 (op, shape, pass) choices, PyTorch for conv 3x3 3->4 @ "
                            "1x6x7 fp32 fwd (no tensor-core float32 dot on sm_75), "), line
     assert chooser.report() is None  # each decision is reported once
+
+
+def test_photo_sizes_share_decisions_by_powers_of_two(monkeypatch):
+    """A folder of photos of many sizes: N and H.W rounded up to powers of two key the decision, so a
+    size in a bucket already decided measures nothing; the layout, another bucket, or a batch whose
+    operands hold 2**31 elements (int64 index math in the kernels) decides anew."""
+    chooser, timer = stand_in(monkeypatch)
+    w, b = torch.randn(4, 3, 3, 3), torch.randn(4)
+    with torch.no_grad():
+        for h, w_ in ((6, 7), (7, 8), (5, 10), (8, 8)):  # 42, 56, 50, 64 pixels: one bucket, up to 64
+            choice.measured_reflect_conv2d(torch.randn(1, 3, h, w_), w, b, padding=1)
+        assert len(timer.calls) == 2 and len(chooser.decisions) == 1
+        assert chooser.report().startswith("kernels: Triton for 1 of 1")
+        choice.measured_reflect_conv2d(torch.randn(1, 3, 9, 8), w, b, padding=1)  # 72 pixels: up to 128
+        choice.measured_reflect_conv2d(torch.randn(1, 3, 6, 7).to(memory_format=torch.channels_last), w, b,
+                                       padding=1)
+        assert len(timer.calls) == 6 and len(chooser.decisions) == 3
+    huge = torch.empty(2**31, dtype=torch.float32, device="meta")
+    small, wide = (huge.as_strided((n, 3, 6, 7), (126, 42, 7, 1)) for n in (1, 2**31 // 126 + 1))
+    assert choice._conv_key(small, w, b, 1)[3][2] is False and choice._conv_key(wide, w, b, 1)[3][2] is True
 
 
 # ----------------------------------------------------------------------------- the caches
@@ -261,7 +281,7 @@ def test_decisions_are_kept_per_process_and_on_disk(monkeypatch, tmp_path):
 
     def decide(facts=H90) -> tuple[choice.Chooser, TableTimer]:
         chooser, timer = stand_in(monkeypatch, facts=facts, cache_file=cache)
-        choice.instance_norm_relu(choice.reflect_conv2d(x, w, b, padding=1))
+        choice.measured_instance_norm_relu(choice.measured_reflect_conv2d(x, w, b, padding=1))
         return chooser, timer
 
     first, timer = decide()
@@ -269,7 +289,7 @@ def test_decisions_are_kept_per_process_and_on_disk(monkeypatch, tmp_path):
     line = first.report()
     assert re.fullmatch(r"kernels: Triton for 4 of 4 \(op, shape, pass\) choices; decided on stand-in H100 in "
                         r"[\d.]+ s", line), line
-    choice.reflect_conv2d(x, w, b, padding=1)  # the same key again: nothing new
+    choice.measured_reflect_conv2d(x, w, b, padding=1)  # the same key again: nothing new
     assert len(timer.calls) == 8 and first.report() is None
 
     second, timer = decide()  # another process on the same machine
@@ -320,7 +340,7 @@ def test_opcheck_the_mixed_conv_ops(layout):
 
 
 def _conv_norm(x, w, b):
-    return choice.instance_norm_relu(choice.reflect_conv2d(x, w, b, padding=1), negative_slope=0.2)
+    return choice.measured_instance_norm_relu(choice.measured_reflect_conv2d(x, w, b, padding=1), negative_slope=0.2)
 
 
 def _compiled_ops(fn, *args) -> tuple[torch.Tensor, set[str]]:
@@ -445,7 +465,8 @@ def test_train_compile_traces_only_checked_choices_and_trains_as_without(dataroo
 def test_default_on_a_cpu_is_the_ops_own_rule(monkeypatch, interpret):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     x, w, b, dy = conv_inputs()
-    got = grads(lambda *a: choice.instance_norm_relu(choice.reflect_conv2d(*a, padding=1)), x, w, b, dy)
+    got = grads(lambda *a: choice.measured_instance_norm_relu(choice.measured_reflect_conv2d(*a, padding=1)),
+                x, w, b, dy)
     want = grads(lambda *a: kernels.instance_norm_relu(kernels.reflect_conv2d(*a, padding=1)), x, w, b, dy)
     assert_same_tensors(got, want)
     assert choice.CHOOSER.paths == {}

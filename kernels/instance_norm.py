@@ -47,11 +47,10 @@ for it (a sample's offset n * stride_n is always formed in int64: a scalar).
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.runtime import use_triton
+from kernels.runtime import pytorch_norm, use_triton
 
 # Largest tile (elements) one program holds in registers; larger planes take the split path.
 # Tests lower it to run the split path on small tensors.
@@ -469,8 +468,8 @@ def _backward(
 # not alias its inputs, so the copy can't be handed on).
 
 
-@torch.library.custom_op("minicycle::instance_norm_act", mutates_args=())
-def _instance_norm_act(
+@torch.library.custom_op("minicycle::instance_norm_relu", mutates_args=())
+def _instance_norm_relu(
     x: torch.Tensor, eps: float, slope: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(instance_norm(x)) with act(v) = v if v > 0 else slope * v, and the saved
@@ -479,20 +478,20 @@ def _instance_norm_act(
     return _forward(x, sx, eps, slope)
 
 
-@_instance_norm_act.register_fake
+@_instance_norm_relu.register_fake
 def _(x: torch.Tensor, eps: float, slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_outputs(_flat(x)[0])
 
 
-@torch.library.custom_op("minicycle::instance_norm_act_backward", mutates_args=())
-def _instance_norm_act_backward(
+@torch.library.custom_op("minicycle::instance_norm_relu_backward", mutates_args=())
+def _instance_norm_relu_backward(
     dy: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float
 ) -> torch.Tensor:
     """dx from dy, the forward's input x and its saved mu and rstd."""
     return _backward(_flat(x)[0], dy, mu, rstd, slope)
 
 
-@_instance_norm_act_backward.register_fake
+@_instance_norm_relu_backward.register_fake
 def _(dy: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float) -> torch.Tensor:
     return torch.empty_like(_flat(x)[0])
 
@@ -512,11 +511,11 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 def _autograd_backward(ctx, dy: torch.Tensor, _dmu, _drstd) -> tuple[torch.Tensor | None, None, None]:
     x, mu, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad[0] and dy is not None
-    dx = _instance_norm_act_backward(dy, x, mu, rstd, ctx.slope) if need else None
+    dx = _instance_norm_relu_backward(dy, x, mu, rstd, ctx.slope) if need else None
     return dx, None, None
 
 
-_instance_norm_act.register_autograd(_autograd_backward, setup_context=_setup_context)
+_instance_norm_relu.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def instance_norm_relu(
@@ -533,14 +532,7 @@ def instance_norm_relu(
         raise ValueError(f"Expected more than 1 spatial element, got input size {tuple(x.shape)}")
 
     if use_triton(x):
-        y, _, _ = _instance_norm_act(x, float(eps), float(negative_slope) if activation else 1.0)
+        y, _, _ = _instance_norm_relu(x, float(eps), float(negative_slope) if activation else 1.0)
         return y
 
-    y = F.instance_norm(x, eps=eps)
-    if y.requires_grad:
-        # torch 2.13's CPU instance_norm backward is wrong when the incoming gradient is channels_last
-        # (seen at batch 1, as a channels_last model's next conv hands it): give it a contiguous one.
-        y.register_hook(torch.Tensor.contiguous)
-    if activation:
-        y = F.leaky_relu(y, negative_slope) if negative_slope else F.relu(y)
-    return y
+    return pytorch_norm(x, eps, negative_slope, activation)

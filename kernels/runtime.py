@@ -141,6 +141,10 @@ def instance_norm_relu(x: torch.Tensor, *, eps: float = 1e-5, negative_slope: fl
 def pytorch_norm(x: torch.Tensor, eps: float, slope: float, activation: bool) -> torch.Tensor:
     """F.instance_norm then ReLU (slope 0), LeakyReLU(slope), or nothing: the official layers' math."""
     y = F.instance_norm(x, eps=eps)
+    if y.requires_grad and x.device.type == "cpu":
+        # torch 2.13's CPU instance_norm backward is wrong when the incoming gradient is channels_last
+        # (seen at batch 1, as a channels_last model's next conv hands it): give it a contiguous one.
+        y.register_hook(torch.Tensor.contiguous)
     if not activation:
         return y
     return F.leaky_relu(y, slope) if slope else F.relu(y)

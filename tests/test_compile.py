@@ -47,9 +47,9 @@ def _randn(*shape: int, seed: int = 0, layout: str = "nchw") -> torch.Tensor:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_instance_norm(layout):
     x = _randn(2, 3, 4, 5, layout=layout).requires_grad_()
-    opcheck(OPS.instance_norm_act, (x, 1e-5, 0.2))
+    opcheck(OPS.instance_norm_relu, (x, 1e-5, 0.2))
     dy, mu, rstd = _randn(2, 3, 4, 5, seed=1, layout=layout), _randn(6, seed=2), _randn(6, seed=3).abs()
-    opcheck(OPS.instance_norm_act_backward, (dy, x.detach(), mu, rstd, 0.2))
+    opcheck(OPS.instance_norm_relu_backward, (dy, x.detach(), mu, rstd, 0.2))
 
 
 @pytest.mark.slow
@@ -114,7 +114,7 @@ def test_compiled_function_matches_eager(layout):
 
     # fullgraph=True already refuses graph breaks; the one graph calls the custom ops.
     assert counter.frame_count == 1
-    assert {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_act.default"} <= _ops_in(counter.graphs[0])
+    assert {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_relu.default"} <= _ops_in(counter.graphs[0])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name, g, r in zip(("dx", "dw", "db"), grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
@@ -158,7 +158,7 @@ def test_compiled_resnet_generator_matches_eager():
 
     assert counter.frame_count == 1
     ops = _ops_in(counter.graphs[0])
-    assert {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_act.default"} <= ops
+    assert {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_relu.default"} <= ops
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     assert grads.keys() == grads_ref.keys()
     for name, g in grads.items():

@@ -360,7 +360,7 @@ def test_torch_compile_uses_the_decisions_and_never_measures(monkeypatch):
 
     eager = _conv_norm(x, w, b)  # eager: decides (conv: Triton but for dgrad; norm: PyTorch)
     out, ops = _compiled_ops(_conv_norm, x, w, b)
-    assert "minicycle.reflect_conv2d_chosen.default" in ops and "minicycle.instance_norm_act.default" not in ops
+    assert "minicycle.reflect_conv2d_chosen.default" in ops and "minicycle.instance_norm_relu.default" not in ops
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     dx, = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(dx, torch.autograd.grad(eager.sum(), x)[0], rtol=1e-5, atol=1e-5)
@@ -453,7 +453,7 @@ def test_train_compile_traces_only_checked_choices_and_trains_as_without(dataroo
     ops = {str(n.target) for counter, _ in compiled for g in counter.graphs for n in g.graph.nodes
            if n.op == "call_function"}
     assert "minicycle.reflect_conv2d_chosen.default" in ops, ops  # the measured choice, checked
-    assert not {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_act.default"} & ops  # none unchecked
+    assert not {"minicycle.reflect_conv2d.default", "minicycle.instance_norm_relu.default"} & ops  # none unchecked
     assert "<built-in function pad>" not in ops  # and no layer left undecided
     assert_same_tensors(states[0], states[1])  # --compile trained exactly as without it
 

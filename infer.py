@@ -192,6 +192,8 @@ def infer(opt: argparse.Namespace) -> int:
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early
     gen = build_generator(opt, ckpt, device)
+    if notice := choice.compile_notice(opt.kernels, device):
+        print(notice)
     out_dir = Path(opt.output) if opt.output else Path(opt.results_dir) / name / f"{opt.phase}_{opt.epoch}"
     img_dir = out_dir if opt.output else out_dir / "images"
     try:

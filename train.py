@@ -120,6 +120,8 @@ def set_up(opt: argparse.Namespace, explicit: set[str], dist: Dist, stop: "StopS
                else EagerStep(model, dist, stop))
     workers, threads = choose_parallelism(opt.num_threads, device, dist.local_world)
     dist.say(first_line(opt, model, dataset, device, dist, workers, threads, ckpt.dir))
+    if notice := choice.compile_notice(opt.kernels, device):
+        dist.say(notice)
     if opt.builtin:
         dist.say(f"no --dataroot: using the built-in synthetic dataset in {opt.dataroot} "
                  f"(A: warm scenes, B: cool scenes; truth: swap red and blue)")

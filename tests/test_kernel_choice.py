@@ -272,6 +272,28 @@ def test_photo_sizes_share_decisions_by_powers_of_two(monkeypatch):
     assert choice._conv_key(small, w, b, 1)[3][2] is False and choice._conv_key(wide, w, b, 1)[3][2] is True
 
 
+def test_first_compile_on_a_machine_is_announced_once(monkeypatch, tmp_path):
+    """One line before the first run on a machine compiles the kernels; the run leaves a mark beside the
+    cache file when it ends (atexit), so that the next run with the same GPU, versions and kernels says
+    nothing; another GPU, --kernels pytorch, or no cache file: nothing either way."""
+    at_exit = []
+    monkeypatch.setattr(choice.atexit, "register", lambda fn, *args: at_exit.append((fn, args)))
+    stand_in(monkeypatch, cache_file=tmp_path / "choice.json")
+    cpu = torch.device("cpu")
+    line = choice.compile_notice("auto", cpu)
+    assert re.fullmatch(r"kernels: compiling Triton kernels for stand-in H100 \(first use on this machine with "
+                        r"Triton [\d.]+: about a minute, more for each new dtype or image size\)", line), line
+    assert choice.compile_notice("pytorch", cpu) == ""
+    assert choice.compile_notice("triton", cpu) == line  # the run has not ended: no mark yet
+    for fn, args in at_exit:
+        fn(*args)
+    assert choice.compile_notice("triton", cpu) == "" and choice.compile_notice("auto", cpu) == ""
+    stand_in(monkeypatch, cache_file=tmp_path / "choice.json", facts=T4)
+    assert "for stand-in T4" in choice.compile_notice("auto", cpu)
+    stand_in(monkeypatch, cache_file=None)
+    assert choice.compile_notice("auto", cpu) == ""
+
+
 # ----------------------------------------------------------------------------- the caches
 
 

@@ -60,12 +60,14 @@ def test_report_has_every_pass_and_the_documented_keys(conv_rows):
             assert {(shape, p, dtype) for p in ("fwd", "dgrad", "wgrad", "dbias")} <= seen
 
 
+@pytest.mark.slow
 def test_no_config_spills(conv_rows):
     bad = [(r["shape"], r["pass"], r["dtype"], r["kernel"], r["config"], r["spill_bytes"]) for r in conv_rows
            if r["spill_bytes"] or r["stl"] or r["ldl"]]
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_every_gemm_config_uses_hgmma(conv_rows):
     gemms = [r for r in conv_rows if r["kernel"] in GEMM_KERNELS]
     assert len({r["kernel"] for r in gemms}) == 2
@@ -73,6 +75,7 @@ def test_every_gemm_config_uses_hgmma(conv_rows):
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_16bit_gemms_are_pipelined_with_16_byte_copies(conv_rows):
     bf16 = [r for r in conv_rows if r["kernel"] in GEMM_KERNELS and r["dtype"] == "bf16"]
     assert bf16
@@ -82,6 +85,7 @@ def test_16bit_gemms_are_pipelined_with_16_byte_copies(conv_rows):
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_shared_memory_fits_an_h100_block(conv_rows):
     bad = [(r["shape"], r["pass"], r["config"], r["shared_bytes"]) for r in conv_rows if r["shared_bytes"] > SMEM_LIMIT]
     assert not bad, bad

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from triton.runtime.interpreter import InterpreterBuilder
 
@@ -129,15 +129,13 @@ def run_problem(p):
         assert y.stride() == p["x"].stride()  # same memory format as the input
 
 
-@pytest.mark.slow
-@settings(max_examples=40)
+@pytest.mark.property
 @given(p=problems(torch.float32))
 def test_fp32_matches_reference(p):
     run_problem(p)
 
 
-@pytest.mark.slow
-@settings(max_examples=25)
+@pytest.mark.property
 @given(p=problems(torch.float16))
 def test_fp16_matches_reference(p):
     run_problem(p)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kernels
@@ -88,9 +88,8 @@ def conv_cases(draw):
     return N, C, OC, H, W, k, p, draw(st.booleans())
 
 
-@pytest.mark.slow
+@pytest.mark.property
 @needs_triton
-@settings(max_examples=20)
 @given(conv_cases())
 @example((1, 2, 3, 3, 3, 3, 2, True))  # P = H - 1: a border pixel has three preimages per axis
 @example((2, 3, 4, 6, 7, 1, 2, False))  # 1x1 with padding: the output is the mirrored border only
@@ -99,9 +98,8 @@ def test_matches_pytorch_fp32(case):
     _check(N, C, OC, H, W, k, p, bias, torch.float32)
 
 
-@pytest.mark.slow
+@pytest.mark.property
 @needs_triton
-@settings(max_examples=12)
 @given(conv_cases(), st.sampled_from([torch.float16, torch.bfloat16]))
 def test_matches_pytorch_half(case, dtype):
     # The interpreter's fp16 dot is exact; its bf16 dot is not, which the kernels work around

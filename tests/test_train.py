@@ -34,7 +34,6 @@ def all_state(ckpt: Path, name: str = "t") -> dict:
     return load_file(ckpt / name / "latest_state.pth")
 
 
-@pytest.mark.slow
 def test_end_to_end_scripts(dataroot, tmp_path):
     """python train.py ... then python infer.py ..., as a user runs them."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}

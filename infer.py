@@ -25,7 +25,7 @@ from PIL import Image
 from kernels import choice
 from minicycle import cli, datasets, fid, memory, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
-from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
+from minicycle.data import DataError, image_to_tensor, input_paths, load_image, tensor_to_image
 from minicycle.inception import WeightsError, WeightsMissing, resolve_weights
 from minicycle.report import results_page, save_image_atomic
 
@@ -226,7 +226,7 @@ def translate(opt: argparse.Namespace, gen: Generator, source: Path, img_dir: Pa
     written: list[tuple[Path, Path]] = []
     batch: list[tuple[Path, Image.Image]] = []
     unreadable = 0
-    for path in ImageFolder(source).paths:
+    for path in input_paths(source):
         if len(written) + len(batch) == limit:
             break
         try:

@@ -19,11 +19,9 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  see below
 import torch.nn as nn
 
-# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported, and
-# torch._dynamo imports it (the first torch.optim optimizer imports torch._dynamo). Imported once the group
-# exists, those ten defaults keep the group alive after destroy_process_group, and with it gloo's worker
-# threads, into interpreter shutdown. A worker that frees a finished collective's tensors there needs the GIL;
-# Python ends such a thread with pthread_exit, whose unwinding through the C++ destructor calls std::terminate:
+# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported (torch._dynamo,
+# which the first optimizer imports, imports it). Imported once the group exists, those defaults keep the group,
+# and gloo's worker threads, alive into interpreter shutdown, where a worker freeing a collective's tensors ends in
 # "terminate called without an active exception", SIGABRT after a clean run. Imported here, before any group
 # exists, the defaults are None and `Dist.close` really ends the group.
 
@@ -125,10 +123,8 @@ class Dist:
                 group = [t for t in tensors if t.dtype == dtype]
                 flat = torch.cat([t.reshape(-1) for t in group])
                 dist.broadcast(flat, src=0)
-                offset = 0
-                for t in group:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                for t, part in zip(group, flat.split([t.numel() for t in group])):
+                    t.copy_(part.view_as(t))
 
     @collective
     def gather(self, obj) -> list:
@@ -151,10 +147,8 @@ def average_gradients(nets: list[nn.Module], world: int) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def fingerprint(nets: dict[str, nn.Module]) -> list[float]:

@@ -26,10 +26,6 @@ class DataError(ValueError):
     """A problem with the user's data or data flags; the message is one line, fit to print."""
 
 
-def is_image_file(name: str | Path) -> bool:
-    return str(name).lower().endswith(IMG_EXTENSIONS)
-
-
 def find_images(folder: str | Path, max_dataset_size: float = float("inf")) -> list[Path]:
     """All images under `folder` (recursive), sorted by path, then cut to `max_dataset_size`."""
     folder = Path(folder)
@@ -45,7 +41,7 @@ def find_images(folder: str | Path, max_dataset_size: float = float("inf")) -> l
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
         files = [f for f in files if not f.startswith(".")]
         n_files += len(files)
-        paths += [Path(root, f) for f in files if is_image_file(f)]
+        paths += [Path(root, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
     if not paths:
         what = "is empty" if n_files == 0 else f"holds {n_files} files, none an image"
         raise DataError(f"image folder {folder} {what} (looked for {' '.join(IMG_EXTENSIONS)})")

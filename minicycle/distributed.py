@@ -151,11 +151,6 @@ def average_gradients(nets: list[nn.Module], world: int) -> None:
         g.copy_(part.view_as(g))
 
 
-def fingerprint(nets: dict[str, nn.Module]) -> list[float]:
-    """A cheap per-net checksum (float64 sums of parameters) to verify that ranks agree."""
-    return [float(sum(p.detach().double().sum() for p in net.parameters())) for net in nets.values()]
-
-
 def rank_batches(plan: list, start: int, batch_size: int, dist: Dist) -> tuple[list[list], list[int]]:
     """This rank's share of each global batch of the epoch's `plan` from key `start` on, and how many of the
     plan's keys each global batch consumes. A global batch is batch_size keys per rank; rank r takes every
@@ -181,8 +176,9 @@ def average_losses(dist: Dist, losses: dict[str, float], stop: bool, device: tor
 
 
 def check_same_weights(dist: Dist, nets: dict[str, nn.Module], where: Path) -> None:
-    """Raise RanksDisagree unless every rank holds the same weights (compared by fingerprint)."""
-    prints = dist.gather(fingerprint(nets))
+    """Raise RanksDisagree unless every rank holds the same weights (compared by a cheap checksum per net: the
+    float64 sum of its parameters)."""
+    prints = dist.gather([float(sum(p.detach().double().sum() for p in net.parameters())) for net in nets.values()])
     differ = [k for i, k in enumerate(nets) if len({p[i] for p in prints}) > 1]
     if differ:
         raise RanksDisagree(f"the ranks hold different {', '.join(differ)} weights; refusing to save a "

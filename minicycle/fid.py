@@ -227,10 +227,6 @@ def score(feats_a: np.ndarray, feats_b: np.ndarray, name_a: str = "A", name_b: s
             "n_a": len(feats_a), "n_b": len(feats_b)}
 
 
-def summary(result: dict) -> str:
-    return f"FID {result['fid']:.4f}\nKID {result['kid_mean']:.6f} ± {result['kid_std']:.6f}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m minicycle.fid", description=__doc__.split("\n")[0])
     p.add_argument("dir_a", type=Path, metavar="DIR_A")
@@ -259,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"{opt.dir_a}: {result['n_a']} images, {opt.dir_b}: {result['n_b']} images")
-        print(summary(result))
+        print(f"FID {result['fid']:.4f}\nKID {result['kid_mean']:.6f} ± {result['kid_std']:.6f}")
     return 0
 
 

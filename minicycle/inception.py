@@ -242,11 +242,6 @@ def check_layout(path: Path, state: object, layout: dict[str, tuple[int, ...]]) 
                                f"{tuple(state[k].shape)}, expected {shape}")
 
 
-def hub_path() -> Path:
-    """Where torch.hub (and so pytorch-fid) keeps the file: <torch hub dir>/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
-
-
 def download(url: str, dest: Path) -> None:
     """Fetch `url` into memory, then into `dest` with write_atomic: nothing is written unless the whole file came."""
     data = io.BytesIO()
@@ -270,7 +265,7 @@ def resolve_weights(given: str | None) -> Path:
         if not Path(path).is_file():
             raise WeightsMissing(f"{source} {path}: Inception weights file not found (download: {WEIGHTS_URL})")
         return Path(path)
-    dest = hub_path()
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME  # where torch.hub (and pytorch-fid) keeps it
     if dest.is_file():
         return dest
     try:

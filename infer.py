@@ -91,20 +91,17 @@ def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -
     netG = opt.netG or info.get("netG")
     if netG not in networks.GENERATORS:
         raise CheckpointError(f"{path}: cannot tell the generator type from its keys; pass --netG")
-    spec = dict(netG=netG, ngf=opt.ngf or info.get("ngf", 64), norm=opt.norm or info.get("norm", "instance"),
-                input_nc=opt.input_nc or info.get("input_nc") or 3,
-                output_nc=opt.output_nc or info.get("output_nc") or 3,
-                use_dropout=bool(info.get("dropout", False)))
-    args = (spec["input_nc"], spec["output_nc"], spec["ngf"], netG, spec["norm"], spec["use_dropout"])
+    ngf, norm = opt.ngf or info.get("ngf", 64), opt.norm or info.get("norm", "instance")
+    input_nc, output_nc = opt.input_nc or info.get("input_nc") or 3, opt.output_nc or info.get("output_nc") or 3
+    args = (input_nc, output_nc, ngf, netG, norm, bool(info.get("dropout", False)))
     net = networks.define_G(*args)
-    flags = f"--netG {netG} --ngf {spec['ngf']} --norm {spec['norm']}"
-    load_into(net, path, expected_flags=flags)
+    load_into(net, path, expected_flags=f"--netG {netG} --ngf {ngf} --norm {norm}")
     with torch.device("meta"):
         shadow = networks.set_fused(networks.define_G(*args), False).train(not opt.eval)
     net = networks.set_kernels(net.to(device).train(not opt.eval), opt.kernels)
     use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
     layout = torch.channels_last if use_cl else torch.contiguous_format
-    return Generator(net=net.to(memory_format=layout), device=device, layout=layout, input_nc=spec["input_nc"],
+    return Generator(net=net.to(memory_format=layout), device=device, layout=layout, input_nc=input_nc,
                      multiple=networks.input_multiple(netG), shadow=shadow)
 
 

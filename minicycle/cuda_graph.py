@@ -159,8 +159,7 @@ class DevicePool:
     fallback, its own query) keep working unchanged.
     """
 
-    def __init__(self, pool: ImagePool, batch: int, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, pool: ImagePool, batch: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         self.pool, self.batch = pool, batch
         self.buffer = torch.zeros((pool.pool_size + batch, *shape), dtype=dtype, device=device)
         for i, image in enumerate(pool.images):

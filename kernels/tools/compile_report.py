@@ -104,9 +104,7 @@ class ToolMissing(RuntimeError):
     pass
 
 
-# ----------------------------------------------------------------------------------- launches
-
-
+# ---- launches --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Launch:
     module: str
@@ -191,9 +189,7 @@ def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory
     return out
 
 
-# -------------------------------------------------------------------------------- compiling
-
-
+# ---- compiling -------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One compile: a kernel, and the arch, signature, constants, attributes and options the JIT would use."""
@@ -349,9 +345,7 @@ def _analyse_in_worker(job: Job, compile_only: bool = False) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]}
 
 
-# ----------------------------------------------------------------------------------- JIT replay
-
-
+# ---- JIT replay ------------------------------------------------------------------------------------------------------
 class _StandInDriver:
     """As much of Triton's CUDA driver as the JIT asks before a launch, and its loader before the
     first one: one device of the arch, with the stand-in GPU's limits. The device index is the arch,
@@ -421,9 +415,7 @@ def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts
     return replay
 
 
-# ----------------------------------------------------------------------------------- report
-
-
+# ---- report ----------------------------------------------------------------------------------------------------------
 def _config_name(kernel: str, kwargs: dict, config: triton.Config | None) -> str:
     meta = {**kwargs, **(config.all_kwargs() if config else {})}
     blocks = [f"{k}{meta[k]}" for k in ("BM", "BN", "BK", "BLOCK_C", "BLOCK_HW", "BLOCK", "BLOCK_P") if k in meta]

@@ -272,8 +272,7 @@ def bench_ops(ops: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str],
                     if "in" in ops:
                         cases += in_cases(batch, dtype, layout, device, QUICK_IN_SHAPES if quick else IN_SHAPES)
                     if "conv" in ops:
-                        cases += conv_cases(batch, dtype, layout, device,
-                                            QUICK_CONV_SHAPES if quick else CONV_SHAPES)
+                        cases += conv_cases(batch, dtype, layout, device, QUICK_CONV_SHAPES if quick else CONV_SHAPES)
                     for case in cases:
                         if budget_s is not None and time.monotonic() - start > budget_s:
                             rows.append([OP_NAMES[case.op], case.pass_name, case.shape, case.dtype, case.layout,

@@ -116,8 +116,7 @@ def images(batch: int, size: tuple[int, int], device: torch.device, channels_las
     """real_A, real_B: uniform in [-1, 1], the same for every variant."""
     gen = torch.Generator().manual_seed(batch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [(torch.rand(batch, 3, *size, generator=gen) * 2 - 1).to(device).contiguous(memory_format=fmt)
-            for _ in "AB"]
+    return [(torch.rand(batch, 3, *size, generator=gen) * 2 - 1).to(device).contiguous(memory_format=fmt) for _ in "AB"]
 
 
 Measure = Callable[[str, str, int, dict], tuple[list[str], bool]]  # (variant, kernels, batch, the batch's state)
@@ -214,11 +213,10 @@ def train_measure(args: argparse.Namespace, cfg: Config, device: torch.device, p
         for _ in range(WARMUP - 1):
             step(real_A, real_B)
         read()
+        kb.sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        kb.sync(device)
         t0 = time.perf_counter()
         for _ in range(args.iters):
             step(real_A, real_B)
@@ -481,8 +479,7 @@ def cpu_steppers(cfg: Config, variants: Sequence[str] = tuple(CPU_VARIANTS)
             opt_D = torch.optim.Adam(itertools.chain(nets["D_A"].parameters(), nets["D_B"].parameters()),
                                      lr=cfg.lr, betas=betas)
             pools = {"A": ImagePool(cfg.pool_size, cfg.seed * 2 + 1), "B": ImagePool(cfg.pool_size, cfg.seed * 2 + 2)}
-            steppers[name] = (lambda a, b, n=nets, g=opt_G, d=opt_D, p=pools:
-                              plain_step(n, g, d, p, a, b, cfg))
+            steppers[name] = lambda a, b, n=nets, g=opt_G, d=opt_D, p=pools: plain_step(n, g, d, p, a, b, cfg)
         else:  # one read per step: train.py reads less often with --cuda_graph
             steppers[name] = lambda a, b, s=step, r=read: (s(a, b), list(r()[0].values()))[1]
     return steppers

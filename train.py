@@ -416,15 +416,12 @@ def write_page(s: Setup, run: Run, epoch: int) -> None:
 
 
 class StopSignal:
-    """How a run answers Ctrl-C (SIGINT) and SIGTERM, from main()'s start to its end (a `with` block, which puts
-    back the handlers it found). Before the training loop, either stops the run at once (KeyboardInterrupt):
-    nothing is under way that a save would keep. While the loop runs (`with stop.loop()`), the first sets `name`:
-    the loop finishes its iteration, saves and stops; a second stops at once. After the loop they change nothing:
-    the state is saved, or the run is being aborted, and what is left takes a moment.
-
-    One handler throughout, its answer set by `phase`: a handler swapped out on the way to the exit still runs
-    for a signal that arrived just before (signal.signal runs pending handlers first), and a KeyboardInterrupt
-    raised there would escape every `except` of main()."""
+    """How a run answers Ctrl-C (SIGINT) and SIGTERM, in a `with` block around main(). Before the training loop,
+    either stops the run at once (KeyboardInterrupt): nothing is under way that a save would keep. While the loop
+    runs (`with stop.loop()`), the first sets `name`: the loop finishes its iteration, saves and stops; a second
+    stops at once. After the loop they change nothing. One handler throughout, its answer set by `phase`: a
+    handler swapped out on the way to the exit still runs for a signal that arrived just before (signal.signal
+    runs pending handlers first), and a KeyboardInterrupt raised there would escape every `except` of main()."""
 
     def __init__(self) -> None:
         self.name: str | None = None

@@ -147,17 +147,13 @@ class GraphedStep:
 
 
 class DevicePool:
-    """An ImagePool kept in one device tensor, with the same query, state_dict and RNG stream, whose query
-    a CUDA graph can capture: draw(n), on the host before the step, draws the fates of the next n images
-    as ImagePool.query does and writes them as row indices into a small device tensor (the plan); query,
-    in the step, moves images with index ops of fixed shapes: no host sync and no allocation that depends
-    on the draws.
-
-    The buffer has pool_size + batch rows: query stages the batch in the extra rows, then reads the n
-    images D sees and writes n rows (those the batch does not store in the pool write a staged row onto
-    itself). The ImagePool's list holds views of the buffer's first rows, so its state_dict (and, after a
-    fallback, its own query) keep working unchanged.
-    """
+    """An ImagePool kept in one device tensor, with the same query, state_dict and RNG stream, whose query a CUDA
+    graph can capture: draw(n), on the host before the step, draws the fates of the next n images as
+    ImagePool.query does and writes them as row indices into a small device tensor (the plan); query, in the
+    step, moves images with index ops of fixed shapes: no host sync, no allocation that depends on the draws.
+    The buffer has pool_size + batch rows: query stages the batch in the extra rows, then reads the n images D
+    sees and writes n rows (those the batch does not store write a staged row onto itself). The ImagePool's
+    list holds views of the buffer's first rows, so its state_dict (and its own query) keep working."""
 
     def __init__(self, pool: ImagePool, batch: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         self.pool, self.batch = pool, batch

@@ -630,9 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
     known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
     p.add_argument("--arch", type=_archs, default=[_local_arch()],
-                   help=f"target architectures, comma-separated, from {known} (default: this machine's GPU if "
-                        f"it is one of them, else sm_{DEFAULT_ARCH}); "
-                        "an arch the wheel's ptxas rejects is skipped")
+                   help=f"target architectures, comma-separated, from {known} (default: this machine's GPU if it is "
+                        f"one of them, else sm_{DEFAULT_ARCH}); an arch the wheel's ptxas rejects is skipped")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--summary", action="store_true",
@@ -641,9 +640,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="only compile (into Triton's cache, where a GPU's JIT then finds every kernel the "
                         "layers launch: run it on the GPU machine before timing anything) and say how many")
     p.add_argument("--jit-replay", action="store_true",
-                   help="run every launch through Triton's JIT as on the arch's GPU (compiling what is not in its "
-                        "cache, checking each kernel against the GPU's limits, launching nothing) and say how many "
-                        "kernels it compiled, in how long, and whether any could not launch")
+                   help="run every launch through Triton's JIT as on the arch's GPU (compiling what its cache lacks, "
+                        "checking each kernel against the GPU's limits, launching nothing): what it compiled, in how "
+                        "long, and whether any could not launch")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("kernels.tools.compile_report: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "

@@ -183,8 +183,7 @@ def infer(opt: argparse.Namespace) -> int:
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
     if opt.batch_size < 1 or (opt.load_size is not None and opt.load_size < 1):
         raise DataError("--batch_size and --load_size must be positive")
-    device = torch.device("cuda" if opt.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if opt.device == "auto" else opt.device))
+    device = torch.device(opt.device if opt.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     ckpt, source, truth, name = resolve(opt)
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early

@@ -64,7 +64,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
                 run.epoch, run.epoch_keys = epoch + 1, 0
                 save(s, run, epoch_label=str(epoch) if epoch % opt.save_epoch_freq == 0 else None)
                 if dist.main and not opt.no_html:
-                    write_page(s, run, epoch)
+                    write_training_page(s.ckpt.dir / "web", opt.name, s.model.visuals, epoch, run.history)
                 more = f"; learning rate now {lr:.7f}" if epoch < last_epoch else ""
                 dist.say(f"end of epoch {epoch}/{last_epoch}{more}")
             if stopped is not None and run.saved_steps != run.steps:
@@ -78,7 +78,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
 
     # ---- the end -------------------------------------------------------------------------------------------
     if dist.main and not opt.no_html and stopped is not None:
-        write_page(s, run, run.epoch)
+        write_training_page(s.ckpt.dir / "web", opt.name, s.model.visuals, run.epoch, run.history)
     if not dist.main:
         return 0
     if stopped == "signal":
@@ -408,11 +408,6 @@ def epoch_metric(history: list[tuple[float, dict[str, float]]], epoch: int) -> f
 def save(s: Setup, run: Run, epoch_label: str | None = None) -> None:
     """latest_state.pth and latest_net_*.pth (and <epoch_label>_net_*.pth): RunCheckpoints.save."""
     s.ckpt.save(s.model, run, options=dict(vars(s.opt)), dist=s.dist, log_bytes=s.log.size(), epoch_label=epoch_label)
-
-
-def write_page(s: Setup, run: Run, epoch: int) -> None:
-    """checkpoints/NAME/web/index.html, with the last iteration's images as epoch `epoch`'s."""
-    write_training_page(s.ckpt.dir / "web", s.opt.name, s.model.visuals, epoch, run.history)
 
 
 class StopSignal:

@@ -25,7 +25,7 @@ from PIL import Image
 from kernels import choice
 from minicycle import cli, datasets, fid, memory, networks
 from minicycle.checkpoint import CheckpointError, describe_generator, load_file, load_into
-from minicycle.data import DataError, ImageFolder, image_to_tensor, load_image, tensor_to_image
+from minicycle.data import DataError, image_to_tensor, input_paths, load_image, tensor_to_image
 from minicycle.inception import WeightsError, WeightsMissing, resolve_weights
 from minicycle.report import results_page, save_image_atomic
 
@@ -91,20 +91,17 @@ def build_generator(opt: argparse.Namespace, path: Path, device: torch.device) -
     netG = opt.netG or info.get("netG")
     if netG not in networks.GENERATORS:
         raise CheckpointError(f"{path}: cannot tell the generator type from its keys; pass --netG")
-    spec = dict(netG=netG, ngf=opt.ngf or info.get("ngf", 64), norm=opt.norm or info.get("norm", "instance"),
-                input_nc=opt.input_nc or info.get("input_nc") or 3,
-                output_nc=opt.output_nc or info.get("output_nc") or 3,
-                use_dropout=bool(info.get("dropout", False)))
-    args = (spec["input_nc"], spec["output_nc"], spec["ngf"], netG, spec["norm"], spec["use_dropout"])
+    ngf, norm = opt.ngf or info.get("ngf", 64), opt.norm or info.get("norm", "instance")
+    input_nc, output_nc = opt.input_nc or info.get("input_nc") or 3, opt.output_nc or info.get("output_nc") or 3
+    args = (input_nc, output_nc, ngf, netG, norm, bool(info.get("dropout", False)))
     net = networks.define_G(*args)
-    flags = f"--netG {netG} --ngf {spec['ngf']} --norm {spec['norm']}"
-    load_into(net, path, expected_flags=flags)
+    load_into(net, path, expected_flags=f"--netG {netG} --ngf {ngf} --norm {norm}")
     with torch.device("meta"):
         shadow = networks.set_fused(networks.define_G(*args), False).train(not opt.eval)
     net = networks.set_kernels(net.to(device).train(not opt.eval), opt.kernels)
     use_cl = device.type == "cuda" if opt.channels_last is None else opt.channels_last
     layout = torch.channels_last if use_cl else torch.contiguous_format
-    return Generator(net=net.to(memory_format=layout), device=device, layout=layout, input_nc=spec["input_nc"],
+    return Generator(net=net.to(memory_format=layout), device=device, layout=layout, input_nc=input_nc,
                      multiple=networks.input_multiple(netG), shadow=shadow)
 
 
@@ -186,8 +183,7 @@ def infer(opt: argparse.Namespace) -> int:
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
     if opt.batch_size < 1 or (opt.load_size is not None and opt.load_size < 1):
         raise DataError("--batch_size and --load_size must be positive")
-    device = torch.device("cuda" if opt.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if opt.device == "auto" else opt.device))
+    device = torch.device(opt.device if opt.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     ckpt, source, truth, name = resolve(opt)
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early
@@ -228,7 +224,7 @@ def translate(opt: argparse.Namespace, gen: Generator, source: Path, img_dir: Pa
     written: list[tuple[Path, Path]] = []
     batch: list[tuple[Path, Image.Image]] = []
     unreadable = 0
-    for path in ImageFolder(source).paths:
+    for path in input_paths(source):
         if len(written) + len(batch) == limit:
             break
         try:

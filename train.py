@@ -64,7 +64,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
                 run.epoch, run.epoch_keys = epoch + 1, 0
                 save(s, run, epoch_label=str(epoch) if epoch % opt.save_epoch_freq == 0 else None)
                 if dist.main and not opt.no_html:
-                    write_page(s, run, epoch)
+                    write_training_page(s.ckpt.dir / "web", opt.name, s.model.visuals, epoch, run.history)
                 more = f"; learning rate now {lr:.7f}" if epoch < last_epoch else ""
                 dist.say(f"end of epoch {epoch}/{last_epoch}{more}")
             if stopped is not None and run.saved_steps != run.steps:
@@ -78,7 +78,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
 
     # ---- the end -------------------------------------------------------------------------------------------
     if dist.main and not opt.no_html and stopped is not None:
-        write_page(s, run, run.epoch)
+        write_training_page(s.ckpt.dir / "web", opt.name, s.model.visuals, run.epoch, run.history)
     if not dist.main:
         return 0
     if stopped == "signal":
@@ -412,21 +412,13 @@ def save(s: Setup, run: Run, epoch_label: str | None = None) -> None:
     s.ckpt.save(s.model, run, options=dict(vars(s.opt)), dist=s.dist, log_bytes=s.log.size(), epoch_label=epoch_label)
 
 
-def write_page(s: Setup, run: Run, epoch: int) -> None:
-    """checkpoints/NAME/web/index.html, with the last iteration's images as epoch `epoch`'s."""
-    write_training_page(s.ckpt.dir / "web", s.opt.name, s.model.visuals, epoch, run.history)
-
-
 class StopSignal:
-    """How a run answers Ctrl-C (SIGINT) and SIGTERM, from main()'s start to its end (a `with` block, which puts
-    back the handlers it found). Before the training loop, either stops the run at once (KeyboardInterrupt):
-    nothing is under way that a save would keep. While the loop runs (`with stop.loop()`), the first sets `name`:
-    the loop finishes its iteration, saves and stops; a second stops at once. After the loop they change nothing:
-    the state is saved, or the run is being aborted, and what is left takes a moment.
-
-    One handler throughout, its answer set by `phase`: a handler swapped out on the way to the exit still runs
-    for a signal that arrived just before (signal.signal runs pending handlers first), and a KeyboardInterrupt
-    raised there would escape every `except` of main()."""
+    """How a run answers Ctrl-C (SIGINT) and SIGTERM, in a `with` block around main(). Before the training loop,
+    either stops the run at once (KeyboardInterrupt): nothing is under way that a save would keep. While the loop
+    runs (`with stop.loop()`), the first sets `name`: the loop finishes its iteration, saves and stops; a second
+    stops at once. After the loop they change nothing. One handler throughout, its answer set by `phase`: a
+    handler swapped out on the way to the exit still runs for a signal that arrived just before (signal.signal
+    runs pending handlers first), and a KeyboardInterrupt raised there would escape every `except` of main()."""
 
     def __init__(self) -> None:
         self.name: str | None = None

@@ -27,15 +27,10 @@ class CheckpointError(RuntimeError):
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save into memory, then write_atomic: `path` holds the old file or the new one, never half of one.
 
-    torch.save never writes to the file itself. A Ctrl-C that lands after torch.save has made its zip
-    writer and before its `with` holds it (or as the `with` begins to close it) leaves the writer
-    unfinished and alive in the traceback; when it is collected (at exit, say), its C++ destructor
-    writes the end of the archive into what it was given. Into a file closed by then, that write fails
-    where nothing can catch it: "terminate called after throwing an instance of
-    'pybind11::error_already_set' ... write to closed file", SIGABRT. A buffer lives as long as the
-    writer that holds it. The cost: one copy of the file in memory while it is written (about 0.42 GB
-    for the paper's training state: 28.3 M parameters, two Adam moments each, and the two pools).
-    """
+    torch.save never writes to the file itself: a Ctrl-C inside torch.save leaves its zip writer alive in the
+    traceback, and when it is collected its C++ destructor writes the end of the archive into what it was given;
+    into a closed file, that is an uncatchable "write to closed file" and SIGABRT. A buffer lives as long as the
+    writer. The cost: one copy of the file in memory (about 0.42 GB for the paper's training state)."""
     data = io.BytesIO()
     try:
         torch.save(obj, data)
@@ -98,15 +93,14 @@ def describe_generator(state: dict) -> dict:
         last = max(int(m.group(1)) for k in keys if (m := re.match(r"model\.(\d+)\.weight", k)))
         info["output_nc"] = int(state[f"model.{last}.weight"].shape[0])
         info["dropout"] = any(k.endswith(".conv_block.6.weight") and state[k].dim() == 4 for k in keys)
-        # BatchNorm has affine (1-D) weights; InstanceNorm has none, though files from PyTorch < 0.4 carry
-        # stale running_mean/var for it, so running stats alone do not tell the two apart.
-        info["norm"] = "batch" if any(k.endswith(".weight") and v.dim() == 1 for k, v in state.items()) else "instance"
     elif "model.model.0.weight" in keys:
         depth = sum(1 for k, v in state.items() if k.endswith("weight") and v.dim() == 4) // 2  # down+up conv per level
         info["netG"] = {8: "unet_256", 7: "unet_128"}.get(depth, f"unet with {depth} downsamplings")
         w = state["model.model.0.weight"]
         info["ngf"], info["input_nc"] = int(w.shape[0]), int(w.shape[1])
         info["output_nc"] = int(state["model.model.3.weight"].shape[1]) if "model.model.3.weight" in keys else None
+    if info:  # BatchNorm has affine (1-D) weights; InstanceNorm has none, though files from PyTorch < 0.4 carry
+        # stale running_mean/var for it, so running stats alone do not tell the two apart.
         info["norm"] = "batch" if any(k.endswith(".weight") and v.dim() == 1 for k, v in state.items()) else "instance"
     return info
 
@@ -144,7 +138,6 @@ def load_into(net: nn.Module, path: str | Path, expected_flags: str = "", map_lo
             first = f"missing keys {missing}, unexpected keys {extra}" if (missing or extra) else first
         built = f" built with {expected_flags}" if expected_flags else ""
         raise CheckpointError(f"{path}: does not fit the network{built}{hint} ({first[:160]})") from None
-
 
 
 class Run:

@@ -1,31 +1,24 @@
 """The whole CycleGAN training iteration as one CUDA graph (train.py --cuda_graph).
 
-At batch 1 an iteration is thousands of kernel launches (6 generator forwards, 6 discriminator
-forwards, both backwards, two Adam steps), and each launch costs host time in Python, the
-dispatcher and Triton's launcher. Captured once and replayed, the iteration is one launch.
-Capture records kernels with their arguments and addresses, so the step must not depend on the
-host while it runs. GraphedStep adapts the model to that and runs the paper's step, CycleGAN.step,
-unchanged:
+At batch 1 an iteration is thousands of kernel launches, each costing host time in Python, the dispatcher
+and Triton's launcher; captured once and replayed, it is one launch. Capture records kernels with their
+arguments and addresses, so the step must not depend on the host while it runs. GraphedStep adapts the
+model to that and runs the paper's step, CycleGAN.step, unchanged:
 
-- inputs are copied into static tensors, and the model's image pools are swapped for DevicePools:
-  the same pools in device tensors, whose random choices are drawn on the host before the step,
-  from the same RNG stream, and applied in it with index ops;
-- Adam runs in its capturable form (capturable_adam), and autocast keeps no cast cache
-  (no_cast_cache); gradients set to None inside the capture are allocated by backward in the
-  graph's memory pool;
-- each step's 8 losses go to a row of a device buffer, read back in one copy by read() (train.py
-  reads once per --print_freq images and before every save, so a NaN never reaches a checkpoint);
-- learning rates are Python floats in the captured Adam kernels: when the scheduler changes one
-  (once an epoch at most), the step is captured again. Checkpoints and schedulers stay as they are.
+- inputs are copied into static tensors, and the model's image pools are swapped for DevicePools: the same
+  pools in device tensors, whose random choices are drawn on the host before the step, from the same RNG
+  stream, and applied in it with index ops;
+- Adam runs in its capturable form (capturable_adam), and autocast keeps no cast cache (no_cast_cache);
+  gradients set to None inside the capture are allocated by backward in the graph's memory pool;
+- each step's 8 losses go to a row of a device buffer, read back in one copy by read();
+- learning rates are Python floats in the captured Adam kernels: when the scheduler changes one, the step
+  is captured again.
 
-The first `warmup` steps run eagerly on a side stream (Triton's autotuner, cuDNN's benchmark and
---kernels auto's choice between them, kernels/choice.py, time kernels then, which capture forbids;
-the capture looks the choices up), the next is captured, and the rest replay. A batch
-of another size (a short last batch) runs the same step eagerly; images of another size switch
-to the normal path for the rest of the run. Without a graph (off CUDA, and in the tests) every
-step runs eagerly: this "eager twin" gives CycleGAN.optimize's weights bit for bit in fp32 (under
-bf16 autocast the last bits differ, see no_cast_cache). On CUDA the twin, like the graph, uses
-capturable Adam, whose rounding differs from the default Adam's in the last bits.
+The first `warmup` steps run eagerly on a side stream (the autotuners and --kernels auto time kernels then,
+which capture forbids), the next is captured, and the rest replay. A short batch runs the same step eagerly;
+images of another size switch to the normal path for the rest of the run. Without a graph (off CUDA, and in
+the tests) every step runs eagerly: this "eager twin" gives CycleGAN.optimize's weights bit for bit in fp32.
+On CUDA the twin, like the graph, uses capturable Adam, whose rounding differs in the last bits.
 """
 
 import contextlib
@@ -154,20 +147,15 @@ class GraphedStep:
 
 
 class DevicePool:
-    """An ImagePool kept in one device tensor, with the same query, state_dict and RNG stream, whose query
-    a CUDA graph can capture: draw(n), on the host before the step, draws the fates of the next n images
-    as ImagePool.query does and writes them as row indices into a small device tensor (the plan); query,
-    in the step, moves images with index ops of fixed shapes: no host sync and no allocation that depends
-    on the draws.
+    """An ImagePool kept in one device tensor, with the same query, state_dict and RNG stream, whose query a CUDA
+    graph can capture: draw(n), on the host before the step, draws the fates of the next n images as
+    ImagePool.query does and writes them as row indices into a small device tensor (the plan); query, in the
+    step, moves images with index ops of fixed shapes: no host sync, no allocation that depends on the draws.
+    The buffer has pool_size + batch rows: query stages the batch in the extra rows, then reads the n images D
+    sees and writes n rows (those the batch does not store write a staged row onto itself). The ImagePool's
+    list holds views of the buffer's first rows, so its state_dict (and its own query) keep working."""
 
-    The buffer has pool_size + batch rows: query stages the batch in the extra rows, then reads the n
-    images D sees and writes n rows (those the batch does not store in the pool write a staged row onto
-    itself). The ImagePool's list holds views of the buffer's first rows, so its state_dict (and, after a
-    fallback, its own query) keep working unchanged.
-    """
-
-    def __init__(self, pool: ImagePool, batch: int, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, pool: ImagePool, batch: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         self.pool, self.batch = pool, batch
         self.buffer = torch.zeros((pool.pool_size + batch, *shape), dtype=dtype, device=device)
         for i, image in enumerate(pool.images):

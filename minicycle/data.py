@@ -26,10 +26,6 @@ class DataError(ValueError):
     """A problem with the user's data or data flags; the message is one line, fit to print."""
 
 
-def is_image_file(name: str | Path) -> bool:
-    return str(name).lower().endswith(IMG_EXTENSIONS)
-
-
 def find_images(folder: str | Path, max_dataset_size: float = float("inf")) -> list[Path]:
     """All images under `folder` (recursive), sorted by path, then cut to `max_dataset_size`."""
     folder = Path(folder)
@@ -45,7 +41,7 @@ def find_images(folder: str | Path, max_dataset_size: float = float("inf")) -> l
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
         files = [f for f in files if not f.startswith(".")]
         n_files += len(files)
-        paths += [Path(root, f) for f in files if is_image_file(f)]
+        paths += [Path(root, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
     if not paths:
         what = "is empty" if n_files == 0 else f"holds {n_files} files, none an image"
         raise DataError(f"image folder {folder} {what} (looked for {' '.join(IMG_EXTENSIONS)})")
@@ -91,9 +87,7 @@ def load_image(path: str | Path, channels: int) -> Image.Image:
             img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I") or img.mode == "F":
             img = _to_8bit(img)
-        elif img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
-            img.mode == "P" and "transparency" in img.info
-        ):
+        elif img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = _flatten_alpha(img)
         return img.convert("RGB" if channels == 3 else "L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -108,10 +102,8 @@ def check_preprocess(preprocess: str, load_size: int, crop_size: int) -> None:
     if load_size < 1 or crop_size < 1:
         raise DataError(f"--load_size and --crop_size must be at least 1, got {load_size} and {crop_size}")
     if preprocess in ("resize_and_crop", "scale_width_and_crop") and crop_size > load_size:
-        raise DataError(
-            f"--crop_size {crop_size} is larger than --load_size {load_size}, so --preprocess "
-            f"{preprocess} cannot crop; use --crop_size <= --load_size"
-        )
+        raise DataError(f"--crop_size {crop_size} is larger than --load_size {load_size}, so --preprocess "
+                        f"{preprocess} cannot crop; use --crop_size <= --load_size")
 
 
 def _scale_width(img: Image.Image, width: int, min_height: int) -> Image.Image:
@@ -141,9 +133,8 @@ def _round_to_4(img: Image.Image) -> Image.Image:
     return img if (w4, h4) == (w, h) else img.resize((w4, h4), Image.BICUBIC)
 
 
-def get_transform(
-    preprocess: str, load_size: int, crop_size: int, no_flip: bool, channels: int
-) -> Callable[[Image.Image, random.Random], torch.Tensor]:
+def get_transform(preprocess: str, load_size: int, crop_size: int, no_flip: bool,
+                  channels: int) -> Callable[[Image.Image, random.Random], torch.Tensor]:
     """The official train-time transform, as `f(img, rng) -> (C, H, W) float32 tensor in [-1, 1]`."""
     check_preprocess(preprocess, load_size, crop_size)
     mode = "RGB" if channels == 3 else "L"
@@ -185,21 +176,10 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
 class UnalignedDataset(torch.utils.data.Dataset):
     """Unpaired images from dataroot/<phase>A and dataroot/<phase>B, indexed by epoch_plan keys."""
 
-    def __init__(
-        self,
-        dataroot: str | Path,
-        phase: str = "train",
-        *,
-        preprocess: str = "resize_and_crop",
-        load_size: int = 286,
-        crop_size: int = 256,
-        no_flip: bool = False,
-        input_nc: int = 3,
-        output_nc: int = 3,
-        max_dataset_size: float = float("inf"),
-    ):
-        self.dir_A = Path(dataroot, f"{phase}A")
-        self.dir_B = Path(dataroot, f"{phase}B")
+    def __init__(self, dataroot: str | Path, phase: str = "train", *, preprocess: str = "resize_and_crop",
+                 load_size: int = 286, crop_size: int = 256, no_flip: bool = False, input_nc: int = 3,
+                 output_nc: int = 3, max_dataset_size: float = float("inf")):
+        self.dir_A, self.dir_B = Path(dataroot, f"{phase}A"), Path(dataroot, f"{phase}B")
         self.A_paths = find_images(self.dir_A, max_dataset_size)
         self.B_paths = find_images(self.dir_B, max_dataset_size)
         self.input_nc, self.output_nc = input_nc, output_nc
@@ -273,21 +253,11 @@ def epoch_plan(n_A: int, n_B: int, epoch: int, seed: int, serial_batches: bool) 
     return keys
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """Images to translate at inference: one image file, or every image under a folder."""
-
-    def __init__(self, path: str | Path, channels: int = 3, max_images: float = float("inf")):
-        path = Path(path)
-        if path.is_file():
-            self.paths = [path]
-        elif path.is_dir():
-            self.paths = find_images(path, max_images)
-        else:
-            raise DataError(f"input {path} does not exist")
-        self.channels = channels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, str]:
-        return load_image(self.paths[i], self.channels), str(self.paths[i])
+def input_paths(path: str | Path) -> list[Path]:
+    """The images to translate at inference: one image file, or every image under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"input {path} does not exist")
+    return find_images(path)

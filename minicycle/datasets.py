@@ -3,11 +3,8 @@
     python -m minicycle.datasets download horse2zebra [--root ./datasets]
     python -m minicycle.datasets synthetic [--root ./datasets]
 
-The synthetic dataset is 32x32 RGB scenes (a few shapes in a fixed palette on a fixed background).
-Domain A uses only warm colours (red > blue everywhere); domain B is independently drawn warm
-scenes with the red and blue channels swapped, so the true translation both ways is T = swap(R, B).
-The test images come with their exact translations in truth/, so a trained generator can be scored
-against the answer.
+The synthetic dataset (SYNTHETIC_README) has a known answer, T = swap(R, B) both ways: its test images come
+with their exact translations in truth/, so a trained generator can be scored against the answer.
 """
 
 import argparse
@@ -57,11 +54,8 @@ def missing_dataroot_message(path: str | Path) -> str:
     msg = f"--dataroot {path} {'is not a folder' if path.exists() else 'does not exist'}"
     name = path.name
     if name in OFFICIAL_DATASETS:
-        msg += (
-            f"; {name} is an official CycleGAN dataset: get it with "
-            f"`python -m minicycle.datasets download {name}` (it lands in {DEFAULT_ROOT}/{name}, "
-            f"then pass --dataroot {DEFAULT_ROOT}/{name})"
-        )
+        msg += (f"; {name} is an official CycleGAN dataset: get it with `python -m minicycle.datasets download "
+                f"{name}` (it lands in {DEFAULT_ROOT}/{name}, then pass --dataroot {DEFAULT_ROOT}/{name})")
     elif name == "synthetic":
         msg += f"; make the built-in synthetic dataset with `python -m minicycle.datasets synthetic` ({SYNTHETIC_ROOT})"
     return msg

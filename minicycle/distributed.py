@@ -19,11 +19,9 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  see below
 import torch.nn as nn
 
-# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported, and
-# torch._dynamo imports it (the first torch.optim optimizer imports torch._dynamo). Imported once the group
-# exists, those ten defaults keep the group alive after destroy_process_group, and with it gloo's worker
-# threads, into interpreter shutdown. A worker that frees a finished collective's tensors there needs the GIL;
-# Python ends such a thread with pthread_exit, whose unwinding through the C++ destructor calls std::terminate:
+# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported (torch._dynamo,
+# which the first optimizer imports, imports it). Imported once the group exists, those defaults keep the group,
+# and gloo's worker threads, alive into interpreter shutdown, where a worker freeing a collective's tensors ends in
 # "terminate called without an active exception", SIGABRT after a clean run. Imported here, before any group
 # exists, the defaults are None and `Dist.close` really ends the group.
 
@@ -125,10 +123,8 @@ class Dist:
                 group = [t for t in tensors if t.dtype == dtype]
                 flat = torch.cat([t.reshape(-1) for t in group])
                 dist.broadcast(flat, src=0)
-                offset = 0
-                for t in group:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                for t, part in zip(group, flat.split([t.numel() for t in group])):
+                    t.copy_(part.view_as(t))
 
     @collective
     def gather(self, obj) -> list:
@@ -151,15 +147,8 @@ def average_gradients(nets: list[nn.Module], world: int) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def fingerprint(nets: dict[str, nn.Module]) -> list[float]:
-    """A cheap per-net checksum (float64 sums of parameters) to verify that ranks agree."""
-    return [float(sum(p.detach().double().sum() for p in net.parameters())) for net in nets.values()]
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def rank_batches(plan: list, start: int, batch_size: int, dist: Dist) -> tuple[list[list], list[int]]:
@@ -187,8 +176,9 @@ def average_losses(dist: Dist, losses: dict[str, float], stop: bool, device: tor
 
 
 def check_same_weights(dist: Dist, nets: dict[str, nn.Module], where: Path) -> None:
-    """Raise RanksDisagree unless every rank holds the same weights (compared by fingerprint)."""
-    prints = dist.gather(fingerprint(nets))
+    """Raise RanksDisagree unless every rank holds the same weights (compared by a cheap checksum per net: the
+    float64 sum of its parameters)."""
+    prints = dist.gather([float(sum(p.detach().double().sum() for p in net.parameters())) for net in nets.values()])
     differ = [k for i, k in enumerate(nets) if len({p[i] for p in prints}) > 1]
     if differ:
         raise RanksDisagree(f"the ranks hold different {', '.join(differ)} weights; refusing to save a "

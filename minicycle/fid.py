@@ -15,10 +15,10 @@ files' names, sizes and mtimes and the weights file's sha256.
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from kernels.runtime import write_atomic
 from minicycle.cli import OneLineParser
 from minicycle.inception import WeightsError, WeightsMissing, load_weights, resolve_weights
 
@@ -143,17 +144,13 @@ def read_cache(file: Path, key: str) -> tuple[np.ndarray, list[str]] | None:
 
 
 def write_cache(file: Path, key: str, feats: np.ndarray, skipped: list[str]) -> None:
-    """Atomically (temp file, then rename); a cache that cannot be written is only a warning."""
-    tmp = None
+    """Atomically (write_atomic); a cache that cannot be written is only a warning."""
+    data = io.BytesIO()
+    np.savez(data, key=np.array(key), features=feats, skipped=np.array(skipped, dtype=str))
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".npz", dir=file.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), features=feats, skipped=np.array(skipped, dtype=str))
-        os.replace(tmp, file)
+        write_atomic(file, data.getbuffer())
     except OSError as e:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
         print(f"minicycle.fid: warning: cannot write the feature cache {file} ({e.strerror or e})", file=sys.stderr)
 
 
@@ -230,10 +227,6 @@ def score(feats_a: np.ndarray, feats_b: np.ndarray, name_a: str = "A", name_b: s
             "n_a": len(feats_a), "n_b": len(feats_b)}
 
 
-def summary(result: dict) -> str:
-    return f"FID {result['fid']:.4f}\nKID {result['kid_mean']:.6f} ± {result['kid_std']:.6f}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m minicycle.fid", description=__doc__.split("\n")[0])
     p.add_argument("dir_a", type=Path, metavar="DIR_A")
@@ -262,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"{opt.dir_a}: {result['n_a']} images, {opt.dir_b}: {result['n_b']} images")
-        print(summary(result))
+        print(f"FID {result['fid']:.4f}\nKID {result['kid_mean']:.6f} ± {result['kid_std']:.6f}")
     return 0
 
 

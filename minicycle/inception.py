@@ -19,7 +19,6 @@ import hashlib
 import http.client
 import io
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from kernels.runtime import write_atomic
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -241,27 +242,17 @@ def check_layout(path: Path, state: object, layout: dict[str, tuple[int, ...]]) 
                                f"{tuple(state[k].shape)}, expected {shape}")
 
 
-def hub_path() -> Path:
-    """Where torch.hub (and so pytorch-fid) keeps the file: <torch hub dir>/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
-
-
 def download(url: str, dest: Path) -> None:
-    """Fetch `url` into `dest` atomically (temp file in the same folder, then rename). Opening the URL
-    comes first, so an unreachable network leaves nothing behind."""
+    """Fetch `url` into memory, then into `dest` with write_atomic: nothing is written unless the whole file came."""
+    data = io.BytesIO()
     with urllib.request.urlopen(url, timeout=30) as response:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as f, tqdm(total=int(response.headers.get("Content-Length") or 0) or None,
-                                                unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        size = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(1 << 20):
+                data.write(chunk)
+                bar.update(len(chunk))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, data.getbuffer())
 
 
 def resolve_weights(given: str | None) -> Path:
@@ -274,7 +265,7 @@ def resolve_weights(given: str | None) -> Path:
         if not Path(path).is_file():
             raise WeightsMissing(f"{source} {path}: Inception weights file not found (download: {WEIGHTS_URL})")
         return Path(path)
-    dest = hub_path()
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME  # where torch.hub (and pytorch-fid) keeps it
     if dest.is_file():
         return dest
     try:

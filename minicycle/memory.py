@@ -1,10 +1,7 @@
 """Device memory for translation (infer.py): what a batch needs, estimated before it runs, and what a CUDA
-device has for it.
-
-A batch needs the peak of its tensors (forward_bytes: per pixel of the padded batch, a constant of the
-generator; README gives it), the weights, and MARGIN: 10% of the tensors and 1 GiB for what no tensor shows
-(cuDNN's handle and workspaces, the timing buffers of Triton's autotuner and of --kernels auto, the caching
-allocator's rounding). The margin is an allowance, not measured on a GPU.
+device has for it. A batch needs the peak of its tensors (forward_bytes), the weights, and MARGIN: 10% of the
+tensors and 1 GiB for what no tensor shows (cuDNN's workspaces, the autotuners' timing buffers, the caching
+allocator's rounding), an allowance, not measured on a GPU (README.md gives the numbers).
 """
 
 import functools

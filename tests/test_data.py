@@ -12,13 +12,13 @@ from PIL import Image
 
 from minicycle.data import (
     DataError,
-    ImageFolder,
     UnalignedDataset,
     check_preprocess,
     epoch_plan,
     find_images,
     get_transform,
     image_to_tensor,
+    input_paths,
     load_image,
     tensor_to_image,
 )
@@ -384,21 +384,17 @@ def test_epoch_plan_serial_and_global_rng_untouched():
         epoch_plan(0, 5, 1, 0, False)
 
 
-# ---- ImageFolder ----
+# ---- input_paths ----
 
 
-def test_image_folder(tmp_path):
+def test_input_paths(tmp_path):
     solid(tmp_path / "in" / "b.png", 0)
     solid(tmp_path / "in" / "a" / "x.jpg", 0)
-    folder = ImageFolder(tmp_path / "in")
-    assert len(folder) == 2 and folder.paths == sorted(folder.paths)
-    img, path = folder[1]
-    assert img.mode == "RGB" and path.endswith("b.png")
-    one = ImageFolder(tmp_path / "in" / "b.png", channels=1)
-    assert len(one) == 1 and one[0][0].mode == "L"
-    assert len(ImageFolder(tmp_path / "in", max_images=1)) == 1
+    paths = input_paths(tmp_path / "in")
+    assert len(paths) == 2 and paths == sorted(paths) and paths[1].name == "b.png"
+    assert input_paths(tmp_path / "in" / "b.png") == [tmp_path / "in" / "b.png"]
     with pytest.raises(DataError, match="missing.png does not exist"):
-        ImageFolder(tmp_path / "missing.png")
+        input_paths(tmp_path / "missing.png")
     (tmp_path / "none").mkdir()
     with pytest.raises(DataError, match="none is empty"):
-        ImageFolder(tmp_path / "none")
+        input_paths(tmp_path / "none")

@@ -8,20 +8,14 @@
     python -m kernels.tools.compile_report --compile-only  # only compile, on every core, into Triton's cache
     python -m kernels.tools.compile_report --jit-replay    # the launches through Triton's JIT: what compiles, how long
 
-No GPU is needed. For each layer, the op's host code runs on tensors of the layer's real shape and
-strides (for an H x W input image, --size) on PyTorch's meta device (shapes and strides, no memory,
-so a batch of photos costs nothing; its pointers are 0 plus the view's offset, so aligned as a GPU
-allocation's), with every kernel launch intercepted (recorded, not run). Each recorded
-launch is then specialised exactly as the JIT would specialise it on the GPU, through Triton's
-own argument binder (pointers and ints that are multiples of 16 marked divisible, ints equal to
-1 made constants), and compiled with triton.compile for GPUTarget("cuda", arch), once for every
-config the autotuner may pick (after its pruning). What the host code asks of the device is
-answered by the arch's stand-in GPU (kernels.device.KNOWN: an H100 for sm_90, an RTX 3090 for
-sm_86, ...): its SM count and the shared memory a program may use, which the conv pruning keeps
-the configs within; and TF32 for fp32 convs (torch's cudnn.allow_tf32 default). An arch the
-wheel's ptxas does not know is skipped with a line saying so.
-
-From each cubin, cuobjdump reads:
+No GPU is needed. For each layer, the op's host code runs on tensors of the layer's real shape and strides
+(for an H x W input image, --size) on PyTorch's meta device (no memory, so a batch of photos costs nothing; its
+pointers are 0 plus the view's offset, so aligned as a GPU allocation's), with every kernel launch recorded, not
+run. Each launch is then specialised as the JIT would specialise it on the GPU, through Triton's own argument
+binder, and compiled with triton.compile for GPUTarget("cuda", arch), once for every config the autotuner may
+pick (after its pruning). The host code's questions to the device are answered by the arch's stand-in GPU
+(kernels.device.KNOWN: an H100 for sm_90, an RTX 3090 for sm_86, ...); fp32 convs use TF32 (torch's default).
+An arch the wheel's ptxas does not know is skipped with a line saying so. From each cubin, cuobjdump reads:
 
     registers    per thread (255 is the ceiling: the compiler then spills)
     spill_bytes  the stack frame (local memory); STL / LDL count its stores and loads
@@ -33,17 +27,12 @@ From each cubin, cuobjdump reads:
     ldgsts, tma  pipelined global->shared copies: cp.async (LDGSTS; ldgsts128: 16 bytes each) and TMA (UTMALDG)
     ldg128 ...   global loads by width: 16-byte (LDG.E.128), 8, 4, and 2-or-1-byte
     int_ops      integer/index arithmetic instructions (IMAD, IADD3, LOP3, ISETP, SHF, LEA, SEL, ...)
-    step_int_ops of those, the ones in one iteration of the innermost MMA loop, on its always-taken
-                 path (a block a conditional branch skips, such as a once-per-tap offset update,
-                 is left out): the index math paid per k-step
+    step_int_ops of those, the ones in one iteration of the innermost MMA loop, on its always-taken path:
+                 the index math paid per k-step
     loop_ldg     synchronous global loads (LDG) inside that loop, which stall it
 
-These are facts about the code the compiler generates, not timings. Compiles run in parallel
-(one process per core) and land in Triton's cache, so a second run is fast. They are keyed as the
-JIT keys them (--jit-replay runs the launches through the JIT itself), so on a GPU machine
---compile-only warms the cache: the autotuner, which compiles one config at a time, then compiles
-nothing (--jit-replay counts it, and checks each kernel against the device's limits as Triton's
-loader does before a launch; timings in BENCHMARKS.md).
+These are facts about the generated code, not timings. Compiles run on every core and land in Triton's cache,
+keyed as the JIT keys them, so on a GPU machine --compile-only warms the cache for the autotuner (README.md).
 """
 
 import argparse
@@ -52,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -114,9 +104,7 @@ class ToolMissing(RuntimeError):
     pass
 
 
-# ----------------------------------------------------------------------------------- launches
-
-
+# ---- launches --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Launch:
     module: str
@@ -201,9 +189,7 @@ def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory
     return out
 
 
-# -------------------------------------------------------------------------------- compiling
-
-
+# ---- compiling -------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One compile: a kernel, and the arch, signature, constants, attributes and options the JIT would use."""
@@ -359,9 +345,7 @@ def _analyse_in_worker(job: Job, compile_only: bool = False) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]}
 
 
-# ----------------------------------------------------------------------------------- JIT replay
-
-
+# ---- JIT replay ------------------------------------------------------------------------------------------------------
 class _StandInDriver:
     """As much of Triton's CUDA driver as the JIT asks before a launch, and its loader before the
     first one: one device of the arch, with the stand-in GPU's limits. The device index is the arch,
@@ -410,7 +394,7 @@ def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts
     JITFunction.run(warmup=True) specialises, keys, looks in Triton's cache and compiles on a miss;
     then Triton's loader checks the kernel against the device's limits (shared memory, threads) as
     before a first launch, and nothing is launched. 0 compiled after --compile-only."""
-    launches = [launch for layer in layers for batch in batches for dtype in dtypes for layout in layouts
+    launches = [launch for layer, batch, dtype, layout in itertools.product(layers, batches, dtypes, layouts)
                 for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch, size)]
     cache = Path(triton.knobs.cache.dir)
     before = set(cache.glob("*"))
@@ -431,9 +415,7 @@ def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts
     return replay
 
 
-# ----------------------------------------------------------------------------------- report
-
-
+# ---- report ----------------------------------------------------------------------------------------------------------
 def _config_name(kernel: str, kwargs: dict, config: triton.Config | None) -> str:
     meta = {**kwargs, **(config.all_kwargs() if config else {})}
     blocks = [f"{k}{meta[k]}" for k in ("BM", "BN", "BK", "BLOCK_C", "BLOCK_HW", "BLOCK", "BLOCK_P") if k in meta]
@@ -492,22 +474,16 @@ def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: li
     if not compile_only:
         _tool("cuobjdump")
     rows, todo = [], {}
-    for arch in archs:
-        for layer in layers:
-            for batch in batches:
-                for dtype in dtypes:
-                    for layout in layouts:
-                        for pass_name, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout],
-                                                                passes, arch, size):
-                            for config in _configs(launch):
-                                job = specialise(launch, config)
-                                todo.setdefault(job, None)
-                                grid = _grid(launch, config)
-                                rows.append(({"arch": f"sm_{arch}", "shape": _shape_label(layer, batch, size),
-                                              "pass": pass_name, "dtype": dtype, "layout": layout,
-                                              "kernel": launch.name,
-                                              "config": _config_name(launch.name, launch.kwargs, config),
-                                              "grid": grid, "programs": grid[0] * grid[1] * grid[2]}, job))
+    for arch, layer, batch, dtype, layout in itertools.product(archs, layers, batches, dtypes, layouts):
+        for pass_name, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch, size):
+            for config in _configs(launch):
+                job = specialise(launch, config)
+                todo.setdefault(job, None)
+                grid = _grid(launch, config)
+                rows.append(({"arch": f"sm_{arch}", "shape": _shape_label(layer, batch, size), "pass": pass_name,
+                              "dtype": dtype, "layout": layout, "kernel": launch.name,
+                              "config": _config_name(launch.name, launch.kwargs, config),
+                              "grid": grid, "programs": grid[0] * grid[1] * grid[2]}, job))
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         results = dict(zip(todo, pool.map(functools.partial(_analyse_in_worker, compile_only=compile_only), todo)))
@@ -570,10 +546,7 @@ def summary(rows: list[dict]) -> str:
 
     def span(rs: list[dict], key: str) -> str:
         vals = [r[key] for r in rs if r.get(key, "") != ""]
-        if not vals:
-            return ""
-        lo, hi = min(vals), max(vals)
-        return str(lo) if lo == hi else f"{lo}–{hi}"
+        return _range(vals) if vals else ""
 
     cols = ["shape", "pass", "dtype", "layout", "kernel", "configs", "registers", "spill bytes", "shared bytes",
             "MMA", "cp.async 16 B", "LDG in K loop", "int ops / k-step"]
@@ -657,9 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
     known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
     p.add_argument("--arch", type=_archs, default=[_local_arch()],
-                   help=f"target architectures, comma-separated, from {known} (default: this machine's GPU if "
-                        f"it is one of them, else sm_{DEFAULT_ARCH}); "
-                        "an arch the wheel's ptxas rejects is skipped")
+                   help=f"target architectures, comma-separated, from {known} (default: this machine's GPU if it is "
+                        f"one of them, else sm_{DEFAULT_ARCH}); an arch the wheel's ptxas rejects is skipped")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--summary", action="store_true",
@@ -668,9 +640,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="only compile (into Triton's cache, where a GPU's JIT then finds every kernel the "
                         "layers launch: run it on the GPU machine before timing anything) and say how many")
     p.add_argument("--jit-replay", action="store_true",
-                   help="run every launch through Triton's JIT as on the arch's GPU (compiling what is not in its "
-                        "cache, checking each kernel against the GPU's limits, launching nothing) and say how many "
-                        "kernels it compiled, in how long, and whether any could not launch")
+                   help="run every launch through Triton's JIT as on the arch's GPU (compiling what its cache lacks, "
+                        "checking each kernel against the GPU's limits, launching nothing): what it compiled, in how "
+                        "long, and whether any could not launch")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("kernels.tools.compile_report: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "

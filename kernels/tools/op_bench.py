@@ -7,48 +7,15 @@
     python -m kernels.tools.op_bench --ceilings                          # the device's copy GB/s and matmul TFLOP/s
     python -m kernels.tools.op_bench ... --out FILE.md                   # also write the markdown to FILE.md
 
+Each op is timed at the ResNet generator's shapes (IN_SHAPES, CONV_SHAPES), forward and backward, three ways
+on the same inputs: ours (kernels.instance_norm_relu, kernels.reflect_conv2d), eager (the official layers' ops)
+and compile (torch.compile of eager, afresh for every row). A backward pass times torch.autograd.grad with
+respect to one input only, so that each side computes just that gradient. Every row also checks ours against
+eager (TOLERANCES: a row outside makes the exit status 1) and says which path --kernels auto takes there.
+BENCHMARKS.md ("What is measured") gives the method, OPS_LEGEND every column. --budget S skips the rows not
+started within S seconds. --quick runs tiny shapes on the CPU, one thread, to check the harness (ours takes
+the path kernels.runtime.use_triton picks); --ceilings times the device's copy and matmul rates instead.
 The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
-Everything is printed as markdown: a header (device, date, versions, the exact command), then the table,
-its legend (OPS_LEGEND: every column's meaning and formula), and every decision --kernels auto made in
-the process, pass by pass, with the parity check's errors. --budget S skips the rows not started within S
-seconds, to fit a time limit.
-
-Each op is timed three ways, on the same input tensors, at the ResNet generator's shapes (ngf 64, 256x256
-images, batch 1 and 4; IN_SHAPES, CONV_SHAPES: the first, the residual-block and the last conv):
-
-    ours     kernels.instance_norm_relu, kernels.reflect_conv2d (the Triton kernels on CUDA)
-    eager    what the official model runs: F.instance_norm + ReLU (kernels.runtime.pytorch_norm), and
-             nn.ReflectionPad2d + F.conv2d (cuDNN on CUDA)
-    compile  torch.compile(eager, dynamic=False), compiled afresh for every row
-
-Passes. IN+ReLU: fwd (x requires grad, as in training) and bwd (dx from x and dy). Conv: fwd, dgrad (dx
-only) and wgrad (dw only). A backward pass runs one forward outside the timing, then times
-torch.autograd.grad(y, [t], dy, retain_graph=True) with t = x or w the only tensor that requires grad, so
-every implementation computes just that gradient (ours skips the others through ctx.needs_input_grad;
-torch.compile builds its backward graph for t alone; its donated buffers, which forbid retain_graph, are
-switched off). dbias is not timed.
-
-Timing (op_ms). CUDA: one call outside the timing (compilation, autotuning), then
-triton.testing.do_bench(fn, return_mode="median"): 25 ms of warm-up calls, then about 100 ms of calls, each
-timed with CUDA events after a write that clears the L2 cache (inputs come from DRAM; host launch overhead
-shorter than that write is hidden: these are close to device times). CPU: the median of three calls.
-
-Precision and cuDNN: fp32 convolutions use TF32 on both sides (cuDNN's default, which our conv follows);
-bf16: every tensor is bf16, both sides accumulate in fp32. cudnn.benchmark is True, as the official code
-and train.py set it. --layouts channels_last holds x, dy and the conv weights in torch.channels_last, as a
-model converted with model.to(memory_format=torch.channels_last) holds them.
-
-Each row also says which path --kernels auto (kernels/choice.py) takes for that pass of a training layer
-with these inputs, by the choice's own decision (made after the row's timing, once per op and shape), and
-checks ours against eager on the benchmarked inputs (kernels.choice.rel_err, over the whole output):
-any row outside TOLERANCES makes the exit status 1.
-
---ceilings times the device instead: a 1 GiB device-to-device copy (GB/s, read + write) and 8192^3
-matmuls in bf16 and TF32 (TFLOP/s), so that every achieved rate can be read against them.
-
---quick runs tiny shapes on the CPU (one thread) so that CI can check the harness itself; it times
-nothing of interest and skips torch.compile unless --compile is given. Ours takes the path
-kernels.runtime.use_triton picks: the Triton interpreter under TRITON_INTERPRET=1, else plain PyTorch.
 
 kernels/ stands alone: this file imports nothing from minicycle.
 """
@@ -64,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch._dynamo
@@ -96,11 +64,7 @@ QUICK_CONV_SHAPES = [(2, 3, 3, 1, 8)]
 CPU_WARMUP, CPU_REPS = 1, 3  # CPU ops (perf_counter): a harness check, not a measurement
 
 
-# --------------------------------------------------------------------------------------------
-# Timing and checking
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Timing and checking ---------------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -133,22 +97,12 @@ def reason(e: BaseException) -> str:
     return text if len(text) <= 90 else text[:87] + "..."
 
 
-# --------------------------------------------------------------------------------------------
-# Ops
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Ops -------------------------------------------------------------------------------------------------------------
 def ours_in_relu(x: torch.Tensor) -> torch.Tensor:
-    return kernels.instance_norm_relu(x, eps=EPS)
+    return kernels.instance_norm_relu(x, eps=EPS)  # looked up at each call, so that tests can replace it
 
 
-def ours_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, padding: int) -> torch.Tensor:
-    return kernels.reflect_conv2d(x, w, b, padding=padding)
-
-
-def eager_in_relu(x: torch.Tensor) -> torch.Tensor:
-    """nn.InstanceNorm2d (no affine, no running stats) + nn.ReLU, the official layers' math."""
-    return pytorch_norm(x, EPS, 0.0, True)
+eager_in_relu = functools.partial(pytorch_norm, eps=EPS, slope=0.0, activation=True)  # the official layers' math
 
 
 class EagerReflectConv(nn.Module):
@@ -217,7 +171,7 @@ def conv_cases(batch: int, dtype: str, layout: str, device: torch.device,
         dy = torch.randn(batch, oc, ohw, ohw, device=device, dtype=dt).contiguous(memory_format=fmt)
         flop = 2 * batch * ohw * ohw * oc * c * k * k
         shape = f"N={batch} {c}→{oc} {k}×{k} p{p} @{hw}²"
-        ours = functools.partial(ours_conv, padding=p)
+        ours = functools.partial(kernels.reflect_conv2d, padding=p)
         for pass_name, x_grad, w_grad in (("fwd", True, True), ("dgrad", True, False), ("wgrad", False, True)):
             xi = x.detach().requires_grad_(x_grad)
             wi = w.detach().requires_grad_(w_grad)
@@ -318,8 +272,7 @@ def bench_ops(ops: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str],
                     if "in" in ops:
                         cases += in_cases(batch, dtype, layout, device, QUICK_IN_SHAPES if quick else IN_SHAPES)
                     if "conv" in ops:
-                        cases += conv_cases(batch, dtype, layout, device,
-                                            QUICK_CONV_SHAPES if quick else CONV_SHAPES)
+                        cases += conv_cases(batch, dtype, layout, device, QUICK_CONV_SHAPES if quick else CONV_SHAPES)
                     for case in cases:
                         if budget_s is not None and time.monotonic() - start > budget_s:
                             rows.append([OP_NAMES[case.op], case.pass_name, case.shape, case.dtype, case.layout,
@@ -374,11 +327,7 @@ def decisions_section() -> list[str]:
             f"Deciding took {choice.CHOOSER.seconds:.1f} s in all."] if rows else []
 
 
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Report ----------------------------------------------------------------------------------------------------------
 def md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -427,11 +376,8 @@ def header(device: torch.device, prog: str, argv: Sequence[str], title: str = "m
 
 
 def write_file(path: str, text: str) -> None:
-    out_dir = os.path.dirname(path)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def document(parts: Sequence[str], ok: bool = True) -> str:

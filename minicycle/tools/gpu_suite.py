@@ -5,17 +5,11 @@
     python -m minicycle.tools.gpu_suite OUT --budget 300 --rehearse   # the same plan, tiny shapes, on a CPU
 
 The plan is a list of (name, command, weight), most important first. A step's share is its weight over the
-weights of the steps not run yet, of the budget left when it starts (so what one step leaves unused goes to
-those after it); the benchmarks take it as their --budget (no new row past it), and every step is stopped at
-twice its share or at the end of the budget. A step is skipped when less than MIN_STEP_S is left: a short
-budget cuts the plan from its end.
-
-OUT holds two files, rewritten after every step: summary.md (each step's command, status, time and share,
-then its report or, for a step without one or one that failed, the end of its output: every table), and
-logs.tar.gz (every step's whole output and report, the profiles, and kernels/choice.py's decisions file,
-MINICYCLE_KERNEL_CACHE, which every step shares). --rehearse runs the same plan on a CPU with tiny shapes
-(the benchmarks' --quick; the tests only collected), so that it can be run until it runs clean: none of its
-numbers is a measurement.
+weights of the steps not run yet, of the budget left when it starts (what one step leaves unused goes to those
+after it); the benchmarks take it as their --budget, and every step is stopped at twice its share or at the end
+of the budget. A step is skipped when less than MIN_STEP_S is left. BENCHMARKS.md lists the steps and what OUT
+holds (summary.md, logs.tar.gz), rewritten after every step. --rehearse runs the same plan on a CPU with tiny
+shapes (the tests only collected), so that it can be run until it runs clean: it measures nothing.
 """
 
 import argparse
@@ -87,7 +81,8 @@ def run_step(command: str, log: Path, timeout_s: float) -> str:
 
 
 def write_out(out: Path, work: Path, done: list[tuple[str, str, str, float, float]], title: str) -> None:
-    """summary.md and logs.tar.gz from the steps done so far (see the module docstring)."""
+    """summary.md (each step's command, status, time and share, then its report or the end of its output) and
+    logs.tar.gz (the whole work folder: outputs, reports, profiles, kernels/choice.py's decisions file)."""
     lines = [title, "", "| step | status | seconds | share s | command |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {status} | {seconds:.0f} | {share:.0f} | `{command}` |"
               for name, command, status, seconds, share in done]

@@ -3,18 +3,12 @@
     python -m minicycle.tools.infer_memory                                    # the four generators, ngf 64, fp32
     python -m minicycle.tools.infer_memory --netG resnet_9blocks --ngf 64 --sizes 256,512,768
 
-For each generator (the official layers, as --kernels pytorch runs them; fp32, as infer.py runs; one S x S
-image for each S in --sizes, multiples of what the generator pads to), two peaks over one no_grad forward:
-
-    tensors  infer.py's estimate, minicycle.memory.forward_bytes: the bytes of the tensors alive at once (input and
-             output included, weights not), counted on the meta device. On a GPU the same tensors are made
-             (cuDNN's path), or fewer (the Triton path writes no padded copies).
-    CPU      measured: the bytes that CPU kernels allocated and had not yet freed, from torch.profiler with
-             profile_memory=True over a real forward. It also counts the kernels' scratch, which is the CPU's
-             own: PyTorch's CPU conv_transpose2d holds two more buffers of its output's size while it runs.
-
-Each is fitted as bytes = a + b * pixels by least squares; the table gives b per pixel and per megapixel, the
-largest relative residual of the fit (how linear it is), and the fit at a 12-MP photo (4000 x 3000).
+For each generator (the official layers, as --kernels pytorch runs them; fp32; one S x S image for each S in
+--sizes), two peaks over one no_grad forward: "tensors", infer.py's estimate (minicycle.memory.forward_bytes,
+counted on the meta device), and "CPU", measured: the bytes CPU kernels allocated and had not yet freed
+(torch.profiler), their scratch included (PyTorch's CPU conv_transpose2d holds two more buffers of its output's
+size). Each is fitted as bytes = a + b * pixels by least squares; the table gives b per pixel and per
+megapixel, the largest relative residual of the fit, and the fit at a 12-MP photo (4000 x 3000).
 """
 
 import argparse

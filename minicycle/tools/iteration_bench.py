@@ -14,48 +14,13 @@ model eager, compiled, and with CUDA graphs; also the kernel launches of one ite
     python -m minicycle.tools.iteration_bench ... --out FILE.md     # also write the markdown to FILE.md
 
 The model (--netG, --ngf = --ndf, --size H[,W]; by default the paper's: resnet_9blocks, 64, 256x256) is
-built from the same seed (same weights, same inputs) in each of these variants:
-
-    eager            the official layers (networks.set_kernels(net, "pytorch")), as the official code runs them
-    ours             the fused ops, as train.py runs them, with --kernels (auto: Triton or cuDNN per layer shape,
-                     measured at first use by kernels/choice.py; triton: the Triton kernels everywhere); rows of
-                     a mode other than auto name it, e.g. "ours (triton)"
-    ours+graph       ours as train.py --cuda_graph runs it (cuda_graph.GraphedStep: the whole iteration captured
-                     once and replayed; on a CPU the same step, run eagerly)
-    ours+compile     ours with each of the 4 nets net.compile(), as train.py --compile
-    compile          eager with each of the 4 nets net.compile()
-    reduce-overhead  the same with mode="reduce-overhead" (Inductor's CUDA graphs, what an expert tries first),
-                     torch.compiler.cudagraph_mark_step_begin() before every iteration
-
-Training (the default): one iteration is CycleGAN.optimize (6 generator forwards, 6 discriminator forwards,
-both backwards and both Adam steps), under cudnn.benchmark as train.py runs it; 5 warm-up iterations (the
-first compiles and autotunes; ours+graph runs 3 eagerly, then captures), then --iters back to back between
-two device synchronisations. Every optimize() reads its 8 losses, as train.py does; ours+graph reads them
-once at the end, as train.py does once per --print_freq images. The first iteration's losses are checked
-against eager's. --profile-dir runs one more iteration under torch.profiler. The legends under the tables
-define every column; under them, what --kernels auto decided per layer and pass, with the parity check's
-errors (kernels.tools.op_bench.decision_rows).
-
---infer: G_A(x) alone, as infer.py runs it (no_grad, cudnn.benchmark off), on a --batch x 3 x H x W input,
-timed, and checked against eager's output (kernels.choice.rel_err), with the peak memory of one forward
-next to infer.py's estimate (memory.forward_bytes).
-
---count-launches (a CPU, TRITON_INTERPRET=1): the dispatcher calls and kernel launches of one steady-state
-iteration (the third) at batch 1, counted with torch.profiler (see count_events). Triton launches are
-recorded and not executed (nothing in the step branches on tensor values, so the sequence is the same, and
-an interpreted iteration of ours would take minutes). Adam runs with foreach=True, PyTorch's default on
-CUDA. A --size below 256² scales the IN kernel's split threshold (kernels.instance_norm._MAX_BLOCK) by
-pixels / 256², so that every IN layer takes the path it takes at 256²; a kernel that picks its path from
-the channel count can still launch differently in a smaller model.
-
---cpu: the quick-start configuration (resnet_6blocks, ngf 16, 32x32, batch 1), iterations/s of a plain
-eager loop of the official layers (plain_step: the official iteration written out), CycleGAN.optimize on
-the official layers, as train.py runs it on a CPU, and the graph-ready step without CUDA; the variants
-take turns in --rounds rounds (the machine may be shared) and the rate is the median over rounds.
-
---quick runs the training or --infer variants on a tiny model (resnet_6blocks, ngf 4, 32x32) on the CPU,
-one thread, so that CI can check the harness; it measures nothing of interest and leaves out the compiled
-variants unless --compile is given.
+built from the same seed (same weights, same inputs) in each variant: eager (the official layers), ours (the
+fused ops as train.py runs them, once per --kernels mode; rows of a mode other than auto name it), ours+graph
+(train.py --cuda_graph: cuda_graph.GraphedStep), ours+compile (train.py --compile), compile (eager, each net
+compiled) and reduce-overhead (the same with Inductor's CUDA graphs). BENCHMARKS.md ("What is measured") says
+how each mode measures; the legend under each table defines its columns. --quick runs a tiny model
+(resnet_6blocks, ngf 4, 32x32) on the CPU, one thread, so that CI can check the harness: it measures nothing
+of interest and leaves out the compiled variants unless --compile is given.
 """
 
 import argparse
@@ -70,9 +35,10 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch._dynamo
@@ -107,11 +73,7 @@ def iterations_200_epochs(batch: int) -> int:
     return EPOCHS * math.ceil(H2Z_IMAGES / batch)
 
 
-# ------------------------------------------------------------------------------------------------
-# The variants, and the loop over them
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- The variants, and the loop over them ----------------------------------------------------------------------------
 def runs(variants: Sequence[str], kernels: Sequence[str]) -> list[tuple[str, str]]:
     """(variant, kernels mode) in order: each ours variant once per --kernels mode, the others on PyTorch's layers."""
     return [(v, k) for v in variants for k in (kernels if v.startswith("ours") else ["pytorch"])]
@@ -154,8 +116,7 @@ def images(batch: int, size: tuple[int, int], device: torch.device, channels_las
     """real_A, real_B: uniform in [-1, 1], the same for every variant."""
     gen = torch.Generator().manual_seed(batch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [(torch.rand(batch, 3, *size, generator=gen) * 2 - 1).to(device).contiguous(memory_format=fmt)
-            for _ in "AB"]
+    return [(torch.rand(batch, 3, *size, generator=gen) * 2 - 1).to(device).contiguous(memory_format=fmt) for _ in "AB"]
 
 
 Measure = Callable[[str, str, int, dict], tuple[list[str], bool]]  # (variant, kernels, batch, the batch's state)
@@ -197,11 +158,7 @@ def each_run(args: argparse.Namespace, device: torch.device, compile_note: str |
     return all_ok
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- Training --------------------------------------------------------------------------------------------------------
 def profile_iteration(step: Callable, read: Callable, real_A: torch.Tensor, real_B: torch.Tensor, train_ms: float,
                       path: Path) -> list[str]:
     """One iteration under torch.profiler: [GPU busy ms, host op ms, wall ms, kernels, host launch calls,
@@ -256,11 +213,10 @@ def train_measure(args: argparse.Namespace, cfg: Config, device: torch.device, p
         for _ in range(WARMUP - 1):
             step(real_A, real_B)
         read()
+        kb.sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        kb.sync(device)
         t0 = time.perf_counter()
         for _ in range(args.iters):
             step(real_A, real_B)
@@ -318,10 +274,7 @@ PROFILE_LEGEND = (
 )
 
 
-# ------------------------------------------------------------------------------------------------
-# Inference
-# ------------------------------------------------------------------------------------------------
-
+# ---- Inference -------------------------------------------------------------------------------------------------------
 INFER_COLUMNS = ["variant", "layout", "batch", "amp", "infer ms", "eager/this", "megapixels/s", "peak GiB",
                  "estimate GiB", "max abs Δ vs eager", "err", "worst-tile err", "ok"]
 
@@ -372,10 +325,7 @@ INFER_LEGEND = (
 )
 
 
-# ------------------------------------------------------------------------------------------------
-# Launch count
-# ------------------------------------------------------------------------------------------------
-
+# ---- Launch count ----------------------------------------------------------------------------------------------------
 # ATen ops that launch no kernel on a GPU: views, allocations, metadata.
 NO_KERNEL = {
     "aten::" + name for name in (
@@ -402,31 +352,21 @@ class Count:
         return sum(self.aten.values()) + sum(self.triton.values()) + self.inductor
 
 
-@contextlib.contextmanager
-def triton_launches_recorded() -> Iterator[None]:
+def triton_launches_recorded() -> contextlib.AbstractContextManager:
     """Every Triton launch becomes a profiler event triton::<kernel> and does nothing else."""
     from triton.runtime.interpreter import InterpretedFunction
-
-    real = InterpretedFunction.run
 
     def launch(self, *args, **kwargs):
         with record_function(f"triton::{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"):
             pass
 
-    InterpretedFunction.run = launch
-    try:
-        yield
-    finally:
-        InterpretedFunction.run = real
+    return mock.patch.object(InterpretedFunction, "run", launch)
 
 
 def count_events(events) -> Count:
-    """Classify the profiler events of one iteration. ATen ops: aten:: events not nested in another, i.e. the calls
-    Python, autograd, our custom ops and Inductor's generated wrapper make into the dispatcher; those in NO_KERNEL
-    launch no kernel on a GPU (unless they copy), the rest one each (on a GPU a few launch more: cuDNN's batch
-    norm, for one). Custom ops: minicycle:: events. Triton launches: triton:: events (triton_launches_recorded).
-    Inductor kernels: cpp_fused_* (on a CPU; on a GPU it generates Triton kernels, fused by other rules).
-    launches = ATen ops with a kernel + Triton launches + Inductor kernels."""
+    """Classify the profiler events of one iteration (BENCHMARKS.md, "Kernel launches"): ATen ops are the aten::
+    events not nested in another, those in NO_KERNEL launch no kernel unless they copy; minicycle:: events are
+    custom ops, triton:: events Triton launches, cpp_fused_* Inductor's CPU kernels."""
     c = Count()
     for e in events:
         name, parent = e.name, e.cpu_parent
@@ -485,11 +425,7 @@ def count_detail(name: str, c: Count, top: int = 12) -> str:
     return f"- {name}: ATen {ops}" + (f"; Triton {kernels_}" if kernels_ else "")
 
 
-# ------------------------------------------------------------------------------------------------
-# CPU mode
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- CPU mode --------------------------------------------------------------------------------------------------------
 def plain_step(nets: dict[str, nn.Module], opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer,
                pools: dict[str, ImagePool], real_A: torch.Tensor, real_B: torch.Tensor, cfg: Config) -> list[float]:
     """The official CycleGAN iteration written out plainly (models/cycle_gan_model.py): the reference loop."""
@@ -543,8 +479,7 @@ def cpu_steppers(cfg: Config, variants: Sequence[str] = tuple(CPU_VARIANTS)
             opt_D = torch.optim.Adam(itertools.chain(nets["D_A"].parameters(), nets["D_B"].parameters()),
                                      lr=cfg.lr, betas=betas)
             pools = {"A": ImagePool(cfg.pool_size, cfg.seed * 2 + 1), "B": ImagePool(cfg.pool_size, cfg.seed * 2 + 2)}
-            steppers[name] = (lambda a, b, n=nets, g=opt_G, d=opt_D, p=pools:
-                              plain_step(n, g, d, p, a, b, cfg))
+            steppers[name] = lambda a, b, n=nets, g=opt_G, d=opt_D, p=pools: plain_step(n, g, d, p, a, b, cfg)
         else:  # one read per step: train.py reads less often with --cuda_graph
             steppers[name] = lambda a, b, s=step, r=read: (s(a, b), list(r()[0].values()))[1]
     return steppers
@@ -605,10 +540,7 @@ CPU_LEGEND = (
 )
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
+# ---- Command line ----------------------------------------------------------------------------------------------------
 PROG = "python -m minicycle.tools.iteration_bench"
 
 

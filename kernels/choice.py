@@ -1,44 +1,20 @@
 """Which path the generator's layers take on a GPU: our Triton kernels or PyTorch's (cuDNN for the
-conv), measured at first use, as cudnn.benchmark measures cuDNN's own algorithms.
+conv), measured at first use, as cudnn.benchmark measures cuDNN's own algorithms (README, "The kernels":
+the key, the check and what follows when it fails, the cache file, the report line).
 
     --kernels  what minicycle.networks.FusedSequential calls
-    auto       measured_reflect_conv2d / measured_instance_norm_relu below: on CUDA, per (op, channels,
-               kernel size, dtype, layout, device, and N and H.W up to powers of two), the faster correct
-               path, decided once; on a CPU, the ops (their own rule)
+    auto       measured_reflect_conv2d / measured_instance_norm_relu below: on CUDA the faster correct path
+               per key, decided once; on a CPU, the ops (their own rule)
     triton     kernels.reflect_conv2d / kernels.instance_norm_relu, always
     pytorch    nothing here: set_fused(net, False) runs the official layers
 
-The first use of a key on CUDA (never while a CUDA graph is captured or torch.compile traces: there
-the decision already made is used, else PyTorch's path, so that nothing unchecked runs) decides, on
-the live inputs and a fixed pseudo-random output gradient dy:
-
-    1. take PyTorch without timing where Triton cannot profit: no Triton kernels for the dtype,
-       Triton unsupported (below sm_75), or, for the conv, no tensor-core dot for the dtype
-       (kernels.device: fp16 from sm_75, bf16 and TF32 from sm_80);
-    2. run each pass once both ways and compare (see "The check" below): an exception from Triton
-       that leaves the GPU usable (OutOfResources, a compile error, an error before the launch) or a
-       result outside the tolerances means PyTorch for the key (never train on wrong numbers), with
-       one line saying why; a CUDA error that leaves the GPU unusable stops the run (FatalKernelError),
-       as does running out of memory during the check (torch.OutOfMemoryError, naming the layer);
-    3. time each pass both ways and keep the faster, per pass:
-
-           conv   fwd     conv2d(reflect_pad(x), w) + b
-                  dgrad   dx: Triton's _conv_dgrad, or aten.convolution_backward for the padded
-                          input's gradient, then aten.reflection_pad2d_backward folds it onto x
-                  wgrad   dw (and db): Triton's _conv_wgrad (+ _conv_dbias), or
-                          aten.convolution_backward on reflect_pad(x) (the pad is recomputed in
-                          the backward, and timed with it)
-           norm   fwd+bwd instance_norm + activation and its input gradient, as one choice (the
-                          Triton backward needs the Triton forward's saved statistics)
-
-A conv whose passes disagree runs as the custom op minicycle::reflect_conv2d_chosen (opaque to
-torch.compile, like the Triton op); an all-Triton one calls kernels.reflect_conv2d, exactly as
-`triton` does, and an all-PyTorch one F.pad + F.conv2d, as the official layers do.
-
-Decisions are kept per process and, timed ones, in a JSON file (MINICYCLE_KERNEL_CACHE: a path, or
-"off"; default ~/.cache/minicycle/kernel_choice.json, or under $XDG_CACHE_HOME), in a section per
-device name, torch, triton and cuDNN versions and a hash of the kernels' sources, so that a second
-run on the same machine measures nothing. report() gives the one-line summary a run prints.
+The first use of a key on CUDA (outside CUDA graph capture and torch.compile tracing) decides, on the live
+inputs and a fixed pseudo-random output gradient dy: PyTorch untimed where Triton cannot profit
+(_cannot_profit); else each pass runs once both ways and is checked (see "The check" below), then timed both
+ways, and the faster path is kept per pass: the conv's fwd, dgrad (dx) and wgrad (dw, db), the norm's
+fwd+bwd as one choice (the Triton backward needs the Triton forward's statistics). A conv whose passes
+disagree runs as the custom op minicycle::reflect_conv2d_chosen; an all-Triton one calls
+kernels.reflect_conv2d, an all-PyTorch one F.pad + F.conv2d, as the official layers do.
 
 kernels/ stands alone: this file imports nothing from minicycle.
 """
@@ -78,6 +54,7 @@ CHUNK = 1 << 20  # elements compared at a time in float64: the check's extra mem
 WARMUP_MS, REP_MS = 10, 40  # do_bench's warm-up and timed span per (pass, path)
 
 Timer = Callable[[Callable[[], object], str, str], float]  # (fn, path, pass) -> ms
+Runs = dict[str, tuple[Callable[[], object], ...]]  # per path, a function per pass of PASSES[op] (or more)
 
 
 def device_ms(fn: Callable[[], object], path: str, pass_name: str) -> float:
@@ -143,12 +120,12 @@ class Chooser:
 
     # ---- the lookup ----------------------------------------------------------------------------
     def conv_paths(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple[str, ...]:
-        key = _conv_key(x, w, b, padding)
-        return self._paths(key, x, lambda: self._decide_conv(key, x, w, b, padding))
+        return self._paths(_conv_key(x, w, b, padding), x, lambda: _conv_runs(x, w, b, padding))
 
     def norm_paths(self, x: torch.Tensor, eps: float, slope: float, activation: bool) -> tuple[str, ...]:
         key = _norm_key(x, eps, slope, activation)
-        return self._paths(key, x, lambda: self._decide_norm(key, x, eps, slope, activation))
+        return self._paths(key, x, lambda: _norm_runs(x, eps, slope, activation, train=key[1] == "norm"),
+                           kink=activation and slope != 1.0)
 
     def conv_decision(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> Decision:
         """The decision for these conv inputs (made now if new), as the layers would take it."""
@@ -159,7 +136,7 @@ class Chooser:
         self.norm_paths(x, eps, slope, activation)
         return self.decisions[_norm_key(x, eps, slope, activation)]
 
-    def _paths(self, key: tuple, x: torch.Tensor, decide: Callable[[], Decision]) -> tuple[str, ...]:
+    def _paths(self, key: tuple, x: torch.Tensor, runs: Callable[[], Runs], kink: bool = False) -> tuple[str, ...]:
         paths = self.paths.get(key)  # the hot path: one look-up per layer call
         if paths is not None:
             return paths
@@ -170,7 +147,7 @@ class Chooser:
         decision = self.stored.pop(key, None)
         if decision is None:
             start = time.perf_counter()
-            decision = decide()
+            decision = self._decide(key, x.shape, runs, kink)
             self.seconds += time.perf_counter() - start
             if decision.ms is not None:
                 self._save(key, decision)
@@ -182,84 +159,45 @@ class Chooser:
         self.unreported.append(key)
 
     # ---- deciding ------------------------------------------------------------------------------
-    def _decide_conv(self, key: tuple, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                     p: int) -> Decision:
-        dev, label = self.facts(x.device), _label(key, x.shape)
-        why = _cannot_profit("conv", dev, x.dtype)
-        if why:
-            return Decision(key[1], label, dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
-        need_b = b is not None
-        with torch.no_grad():
-            dy = _probe(rc._out_shape(x, w, p), x)
-            runs = {path: (lambda q=path: forward(q, x, w, b, p),
-                           lambda q=path: dgrad(q, dy, x, w, p),
-                           lambda q=path: wgrad(q, dy, x, w, p, True, need_b)) for path in (TRITON, PYTORCH)}
-            return self._measure(key, label, dev, {path: r[:len(PASSES[key[1]])] for path, r in runs.items()})
-
-    def _decide_norm(self, key: tuple, x: torch.Tensor, eps: float, slope: float, activation: bool) -> Decision:
-        dev, label = self.facts(x.device), _label(key, x.shape)
-        why = _cannot_profit("norm", dev, x.dtype)
-        if why:
-            return Decision(key[1], label, dev.name, (PYTORCH,), why=why)
-        dy = _probe(tuple(x.shape), x)
-
-        def triton_norm(t: torch.Tensor) -> torch.Tensor:
-            return kernels.instance_norm_relu(t, eps=eps, negative_slope=slope, activation=activation)
-
-        def torch_norm(t: torch.Tensor) -> torch.Tensor:
-            return pytorch_norm(t, eps, slope, activation)
-
-        if key[1] == "norm_fwd":
-            with torch.no_grad():
-                runs = {TRITON: (lambda: triton_norm(x),), PYTORCH: (lambda: torch_norm(x),)}
-                return self._measure(key, label, dev, runs)
-        runs = {TRITON: (lambda: _forward_backward(triton_norm, x, dy),),
-                PYTORCH: (lambda: _forward_backward(torch_norm, x, dy),)}
-        return self._measure(key, label, dev, runs, kink=activation and slope != 1.0)
-
-    def _measure(self, key: tuple, label: str, dev: devices.Device, runs: dict[str, tuple[Callable[[], object], ...]],
-                 kink: bool = False) -> Decision:
+    def _decide(self, key: tuple, shape: Sequence[int], runs: Callable[[], Runs], kink: bool) -> Decision:
         """Check every Triton pass against PyTorch's, then time both per pass and keep the faster.
         kink: the pass returns (y, dx) of an activation with a kink at 0 (see rel_err)."""
-        op, dtype, passes = key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
-        tol, errors = TOLERANCES[dtype], []
-        for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
-            with _fatal(key[0], label, name, PYTORCH):
-                want = _outputs(torch_run(), name)
-            try:
-                with _fatal(key[0], label, name, TRITON):
-                    got = _outputs(triton_run(), name)
-                    kinks = [(got[0], want[0]) if kink and i == 1 else None for i in range(len(want))]
-                    err = [rel_err(g, w, kink=k) for g, w, k in zip(got, want, kinks)]
-            except (FatalKernelError, torch.OutOfMemoryError):
-                raise
-            except Exception as e:  # our kernels failed, the GPU still usable: PyTorch, never a crash
-                return self._fall_back(key, label, dev, f"the Triton kernels failed: {_reason(e)}")
-            del got, want
-            errors.append(Errors(max(e.whole for e in err), max(e.tile for e in err)))
-            if not (errors[-1].whole <= tol and errors[-1].tile <= tol):  # NaN included
-                why = (f"Triton's {name} differs from PyTorch's by {errors[-1].whole:.1e} over the whole output "
-                       f"and {errors[-1].tile:.1e} in its worst {TILE}x{TILE} tile (tolerance {tol:.0e} for "
-                       f"{key[2].removeprefix('torch.')})")
-                return self._fall_back(key, label, dev, why, tuple(errors))
-        ms = []
-        for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
-            try:
-                with _fatal(key[0], label, name, TRITON):
-                    t = self.timer(triton_run, TRITON, name)
-            except (FatalKernelError, torch.OutOfMemoryError):
-                raise
-            except Exception as e:  # a timing launch that fails: PyTorch too
-                return self._fall_back(key, label, dev, f"the Triton kernels failed: {_reason(e)}", tuple(errors))
-            with _fatal(key[0], label, name, PYTORCH):
-                ms.append((t, self.timer(torch_run, PYTORCH, name)))
+        device, op, dtype, passes = key[0], key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
+        dev, label, errors, ms = self.facts(device), _label(key, shape), [], []
+        why = _cannot_profit(op, dev, dtype)
+        if why:
+            return Decision(op, label, dev.name, (PYTORCH,) * len(passes), why=why)
+        tol = TOLERANCES[dtype]
+        try:
+            with torch.no_grad():
+                todo = runs()
+                for name, triton_run, torch_run in zip(passes, todo[TRITON], todo[PYTORCH]):
+                    with _fatal(device, label, name, PYTORCH):
+                        want = _outputs(torch_run(), name)
+                    with _fatal(device, label, name, TRITON):
+                        got = _outputs(triton_run(), name)
+                        kinks = [(got[0], want[0]) if kink and i == 1 else None for i in range(len(want))]
+                        err = [rel_err(g, w, kink=k) for g, w, k in zip(got, want, kinks)]
+                    del got, want
+                    errors.append(Errors(max(e.whole for e in err), max(e.tile for e in err)))
+                    if not (errors[-1].whole <= tol and errors[-1].tile <= tol):  # NaN included
+                        return self._fall_back(key, label, dev, (
+                            f"Triton's {name} differs from PyTorch's by {errors[-1].whole:.1e} over the whole output "
+                            f"and {errors[-1].tile:.1e} in its worst {TILE}x{TILE} tile (tolerance {tol:.0e} for "
+                            f"{key[2].removeprefix('torch.')})"), errors)
+                for name, triton_run, torch_run in zip(passes, todo[TRITON], todo[PYTORCH]):
+                    with _fatal(device, label, name, TRITON):
+                        t = self.timer(triton_run, TRITON, name)
+                    with _fatal(device, label, name, PYTORCH):
+                        ms.append((t, self.timer(torch_run, PYTORCH, name)))
+        except TritonFailed as e:  # our kernels failed, the GPU still usable: PyTorch, never a crash
+            return self._fall_back(key, label, dev, f"the Triton kernels failed: {e}", errors)
         paths = tuple(TRITON if t < q else PYTORCH for t, q in ms)
         return Decision(op, label, dev.name, paths, tuple(ms), errors=tuple(errors))
 
-    def _fall_back(self, key: tuple, label: str, dev: devices.Device, why: str,
-                   errors: tuple[Errors, ...] = ()) -> Decision:
+    def _fall_back(self, key: tuple, label: str, dev: devices.Device, why: str, errors: list[Errors]) -> Decision:
         decision = Decision(key[1], label, dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why,
-                            errors=errors or None)
+                            errors=tuple(errors) or None)
         print(f"kernels: {decision.pytorch_name(key[0].type == 'cuda')} for {decision.label}: {why}",
               file=sys.stderr, flush=True)
         return decision
@@ -528,6 +466,10 @@ class FatalKernelError(RuntimeError):
     the way around it."""
 
 
+class TritonFailed(Exception):
+    """Our kernels raised an error during the check that leaves the GPU usable: PyTorch for the key."""
+
+
 def sticky(e: BaseException) -> bool:
     """Whether e is one of the CUDA errors in STICKY (by torch's error code, or by the message)."""
     text = str(e).lower()
@@ -537,8 +479,9 @@ def sticky(e: BaseException) -> bool:
 @contextlib.contextmanager
 def _fatal(device: torch.device, label: str, pass_name: str, path: str):
     """Runs a pass of the check (then waits for the GPU, so that a kernel's fault shows here and not in a
-    later layer), and turns the errors that end the run into ones that name the layer: a sticky CUDA error
-    into FatalKernelError, running out of memory into torch.OutOfMemoryError."""
+    later layer), and turns its errors into ones that name the layer: a sticky CUDA error into
+    FatalKernelError, running out of memory into torch.OutOfMemoryError, any other error of Triton's into
+    TritonFailed."""
     what = f"{label} {pass_name}"
     try:
         yield
@@ -548,12 +491,14 @@ def _fatal(device: torch.device, label: str, pass_name: str, path: str):
         raise torch.OutOfMemoryError(f"out of GPU memory while checking {what} (Triton against PyTorch): "
                                      f"{_reason(e)}") from None
     except Exception as e:
-        if not sticky(e):
-            raise
-        who = "Triton's kernels" if path == TRITON else "PyTorch"
-        raise FatalKernelError(f"{what}: {who} failed with a CUDA error that leaves the GPU unusable in this "
-                               f"process ({_reason(e)}), so no fallback can run; rerun with --kernels "
-                               f"pytorch") from None
+        if sticky(e):
+            who = "Triton's kernels" if path == TRITON else "PyTorch"
+            raise FatalKernelError(f"{what}: {who} failed with a CUDA error that leaves the GPU unusable in this "
+                                   f"process ({_reason(e)}), so no fallback can run; rerun with --kernels "
+                                   f"pytorch") from None
+        if path == TRITON:
+            raise TritonFailed(_reason(e)) from e
+        raise
 
 
 # ---- the generator's entry points -------------------------------------------------------------------
@@ -715,6 +660,21 @@ def _probe(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     gen = torch.Generator(device=like.device).manual_seed(0)
     t = torch.randn(tuple(shape), generator=gen, dtype=like.dtype, device=like.device)
     return t.contiguous(memory_format=_format(like))
+
+
+def _conv_runs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) -> Runs:
+    dy = _probe(rc._out_shape(x, w, p), x)
+    return {path: (lambda q=path: forward(q, x, w, b, p), lambda q=path: dgrad(q, dy, x, w, p),
+                   lambda q=path: wgrad(q, dy, x, w, p, True, b is not None)) for path in (TRITON, PYTORCH)}
+
+
+def _norm_runs(x: torch.Tensor, eps: float, slope: float, activation: bool, train: bool) -> Runs:
+    impls = {TRITON: lambda t: kernels.instance_norm_relu(t, eps=eps, negative_slope=slope, activation=activation),
+             PYTORCH: lambda t: pytorch_norm(t, eps, slope, activation)}
+    if not train:
+        return {path: (lambda f=f: f(x),) for path, f in impls.items()}
+    dy = _probe(tuple(x.shape), x)
+    return {path: (lambda f=f: _forward_backward(f, x, dy),) for path, f in impls.items()}
 
 
 def _forward_backward(impl: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

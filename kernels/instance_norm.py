@@ -114,13 +114,8 @@ def _normalize_store(y_ptr, xs, mu, rstd, c, s, mask, stride_c, stride_hw, slope
 
 
 @triton.jit
-def _fwd_kernel(
-    x_ptr, y_ptr, mu_ptr, rstd_ptr,
-    C, HW,
-    sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
-    eps, slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_kernel(x_ptr, y_ptr, mu_ptr, rstd_ptr, C, HW, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw, eps, slope,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Whole planes in one tile, one program per (n, channel block)."""
     n, _, c, s, mask = _tile(C, HW, 0, BLOCK_C, BLOCK_HW, False, INT64)
     x_ptr += n * sx_n
@@ -139,12 +134,8 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _fwd_partial_kernel(
-    x_ptr, part_mu_ptr, part_m2_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_partial_kernel(x_ptr, part_mu_ptr, part_m2_ptr, C, HW, n_chunks, CB_SHIFT, sx_n, sx_c, sx_hw,
+                        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Split, partial: each chunk's mean mu_j = mean(x - k) and M2_j = sum((x - k - mu_j)^2),
     laid out [N*C, n_chunks]."""
     n, chunk, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
@@ -161,11 +152,8 @@ def _fwd_partial_kernel(
 
 
 @triton.jit
-def _fwd_combine_kernel(
-    part_mu_ptr, part_m2_ptr, mu_ptr, rstd_ptr,
-    HW, n_chunks, eps,
-    BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_combine_kernel(part_mu_ptr, part_m2_ptr, mu_ptr, rstd_ptr, HW, n_chunks, eps, BLOCK_HW: tl.constexpr,
+                        BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """Split, combine: one program per plane merges its chunks' (n_j, mu_j, M2_j) into its mu and
     rstd. Lane l of a BLOCK_S-wide block merges chunks l, l + BLOCK_S, ... in turn, then the lanes
     are merged (Chan et al., as in the module's docstring)."""
@@ -196,13 +184,8 @@ def _fwd_combine_kernel(
 
 
 @triton.jit
-def _fwd_apply_kernel(
-    x_ptr, y_ptr, mu_ptr, rstd_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_apply_kernel(x_ptr, y_ptr, mu_ptr, rstd_ptr, C, HW, n_chunks, CB_SHIFT, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
+                      slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Split, apply: normalize + activate this program's tile with its planes' mu and rstd."""
     n, _, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
     x_ptr += n * sx_n
@@ -235,13 +218,8 @@ def _store_dx(dx_ptr, xhat, g, rstd, mean_g, mean_gx, c, s, mask, stride_c, stri
 
 
 @triton.jit
-def _bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr,
-    C, HW,
-    sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_kernel(x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, C, HW, sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c,
+                sdx_hw, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Whole planes in one tile, one program per (n, channel block)."""
     n, _, c, s, mask = _tile(C, HW, 0, BLOCK_C, BLOCK_HW, False, INT64)
     x_ptr += n * sx_n
@@ -257,13 +235,9 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _bwd_partial_kernel(
-    x_ptr, dy_ptr, mu_ptr, rstd_ptr, part_g_ptr, part_gx_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_partial_kernel(x_ptr, dy_ptr, mu_ptr, rstd_ptr, part_g_ptr, part_gx_ptr, C, HW, n_chunks, CB_SHIFT, sx_n, sx_c,
+                        sx_hw, sdy_n, sdy_c, sdy_hw, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                        INT64: tl.constexpr):
     """Split, partial: each chunk's sum(g) and sum(g * xhat), laid out [N*C, n_chunks]."""
     n, chunk, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
     x_ptr += n * sx_n
@@ -278,11 +252,8 @@ def _bwd_partial_kernel(
 
 
 @triton.jit
-def _bwd_combine_kernel(
-    part_g_ptr, part_gx_ptr, mean_g_ptr, mean_gx_ptr,
-    HW, n_chunks,
-    BLOCK_S: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_combine_kernel(part_g_ptr, part_gx_ptr, mean_g_ptr, mean_gx_ptr, HW, n_chunks, BLOCK_S: tl.constexpr,
+                        INT64: tl.constexpr):
     """Split, combine: one program per plane sums its chunks' partials, BLOCK_S at a time, in a
     fixed order, into mean(g) and mean(g * xhat)."""
     plane = _index(tl.program_id(0), INT64)
@@ -299,13 +270,9 @@ def _bwd_combine_kernel(
 
 
 @triton.jit
-def _bwd_apply_kernel(
-    x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, mean_g_ptr, mean_gx_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_apply_kernel(x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, mean_g_ptr, mean_gx_ptr, C, HW, n_chunks, CB_SHIFT, sx_n,
+                      sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw, slope, BLOCK_C: tl.constexpr,
+                      BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Split, apply: this program's tile of dx, with its planes' mean(g) and mean(g * xhat)."""
     n, _, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
     x_ptr += n * sx_n

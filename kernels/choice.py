@@ -142,8 +142,7 @@ class Chooser:
             return paths
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return (PYTORCH,) * len(PASSES[key[1]])  # nothing can be checked here: PyTorch's path, never unchecked
-        if key[0] not in self.loaded:
-            self._read_section(key[0])
+        self._read_section(key[0])
         decision = self.stored.pop(key, None)
         if decision is None:
             start = time.perf_counter()
@@ -213,18 +212,17 @@ class Chooser:
         decisions it finds and makes none); they are listed in the next report()."""
         if device.type == "cuda" and device.index is None:  # train.py's torch.device("cuda"): the tensors' index
             device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self.loaded:
-            self._read_section(device)
+        self._read_section(device)
         keys = [k for k in self.stored if k[0] == device]
         for key in keys:
             self._use(key, self.stored.pop(key))
         return len(keys)
 
     def _read_section(self, device: torch.device) -> None:
-        """The cache file's decisions for this device, into self.stored (used when a layer asks)."""
-        self.loaded.add(device)
-        if self.cache_file is None:
+        """The cache file's decisions for this device, into self.stored (used when a layer asks), once."""
+        if device in self.loaded or self.cache_file is None:
             return
+        self.loaded.add(device)
         name = self.facts(device).name
         for entry in _entries(_read(self.cache_file), self._section(device)):
             try:
@@ -241,7 +239,7 @@ class Chooser:
         """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""
         if self.cache_file is None:
             return
-        section, key_json = self._section(key[0]), list(_jsonable(key[1:]))
+        section, key_json = self._section(key[0]), [list(e) if isinstance(e, tuple) else e for e in key[1:]]
         data = _read(self.cache_file)
         entries = [e for e in _entries(data, section) if e.get("key") != key_json]
         data[section] = entries + [{"key": key_json, "label": decision.label, "paths": list(decision.paths),
@@ -376,36 +374,30 @@ _chosen.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 # ---- the check: Triton's outputs against PyTorch's -------------------------------------------------------
 #
-# Each output of a pass gives two numbers, both ||triton - pytorch|| / ||pytorch||:
-#   whole  over the whole tensor;
-#   tile   the worst over its tiles, each one channel's TILE x TILE block of pixels (n, c, 8 rows, 8 columns;
-#          a weight's gradient is tiled as its (OC, C*KH*KW) matrix), a tile being measured against
-#          max(its own norm, FLOOR x the whole reference's RMS x sqrt(its size)).
-# A pass passes when both are within TOLERANCES[dtype], for every output. The whole-tensor number alone
-# misses a local fault: one wrong 128x64 GEMM tile in a 1x64x2048x2048 output moves it by at most 5.5e-3.
-# The tiles see it (tests/test_parity_check.py injects faults at the generator's layer shapes: a wrong GEMM
-# tile, a missing tap, a wrong border strip or corner of the dgrad fold, a channel's sign, IN planes and chunks).
+# Each output of a pass gives two numbers, both ||triton - pytorch|| / ||pytorch||: `whole`, over the whole
+# tensor, and `tile`, the worst over its tiles (one channel's TILE x TILE pixels; a weight's gradient is tiled as
+# its (OC, C*KH*KW) matrix), each tile measured against max(its own norm, FLOOR x the whole reference's RMS x
+# sqrt(its size)). A pass passes when both are within TOLERANCES[dtype] for every output. `whole` alone misses a
+# local fault: one wrong 128x64 GEMM tile in a 1x64x2048x2048 output moves it by at most 5.5e-3; the tiles see it
+# (tests/test_parity_check.py injects such faults at the generator's layer shapes).
 #
 # The tolerances, from a rounding model (two correct results differ by both sides' rounding errors):
-#   fp32, TF32 on both sides (cuDNN's default, which the Triton conv follows): each input is rounded to a
-#     10-bit mantissa, a relative error |d| <= u = 2^-11 (round to nearest; a truncating side errs by up to
-#     2u, with a bias of -u). A product a*b errs by (d_a + d_b)*a*b, an output element by the sum of those
-#     over its K terms (K = C*KH*KW for fwd and dgrad, N*OH*OW for wgrad): a random part of RMS
-#     u*sqrt(2/3)*||ab||_2 per side, and 2u*y for a truncating side's bias. Over a tile, with
-#     rho = sum ||ab||^2 / sum y^2 (1 for terms of random sign, more where they cancel), the two sides
-#     differ by about 2u*sqrt(1 + rho/3) = 1.1e-3 at rho = 1 (5.6e-4 if both round to nearest), K-independent;
+#   fp32 with TF32 on both sides (cuDNN's default, which the Triton conv follows): each input is rounded to a
+#     10-bit mantissa, |d| <= u = 2^-11 (a truncating side errs by up to 2u, with a bias of -u). A product a*b
+#     errs by (d_a + d_b)*a*b, an output by the sum over its K terms (K = C*KH*KW for fwd and dgrad, N*OH*OW for
+#     wgrad): a random part of RMS u*sqrt(2/3)*||ab||_2 per side, and 2u*y for a truncating side's bias. Over a
+#     tile, with rho = sum ||ab||^2 / sum y^2 (1 for terms of random sign, more where they cancel), the sides
+#     differ by about 2u*sqrt(1 + rho/3) = 1.1e-3 at rho = 1 (5.6e-4 if both round to nearest), whatever K;
 #     fp32 accumulation adds about sqrt(K)*2^-24, under 3e-4 up to K = 2.4e7 (a 4000x6000 wgrad). 5e-3 leaves
-#     room for rho up to 75; tiles whose reference is small against the whole (where rho is largest) are
-#     held to the floor instead. Without TF32 both sides differ by fp32 accumulation alone.
-#   fp16, bf16: the inputs are exact, products exact in fp32, sums in fp32 (as above); each output is rounded
-#     once (twice at the dgrad's folded border), so two correct results differ by at most 1.5 ulp per
-#     element, even where every element does: 1.5 * 2^-10 = 1.5e-3 for fp16, 1.5 * 2^-7 = 1.2e-2 for bf16,
-#     against 1e-2 and 2e-2.
-#   IN + activation: no products; fp32 statistics; the same output roundings. Where the two forwards put an
-#     element on opposite sides of the activation's kink (xhat within rounding of 0), the gradient there is
-#     one-sided and either side's dx is right, and through mean(g) and mean(g * xhat) that choice moves the
-#     whole plane's dx by 1/HW of it: such a plane's dx is left out (`kink`; about 1e-7 of the elements sit
-#     that close to 0 in fp32).
+#     room for rho up to 75; tiles whose reference is small against the whole (where rho is largest) are held to
+#     the floor instead. Without TF32 both sides differ by fp32 accumulation alone.
+#   fp16, bf16: exact inputs and products, fp32 sums (as above); each output rounded once (twice at the dgrad's
+#     folded border), so two correct results differ by at most 1.5 ulp per element: 1.5 * 2^-10 = 1.5e-3 for
+#     fp16, 1.5 * 2^-7 = 1.2e-2 for bf16, against 1e-2 and 2e-2.
+#   IN + activation: no products, fp32 statistics, the same output roundings. Where the two forwards put an
+#     element on opposite sides of the activation's kink (xhat within rounding of 0), either one-sided dx is
+#     right, and through mean(g) and mean(g * xhat) the choice moves the whole plane's dx by 1/HW of it: such a
+#     plane's dx is left out (`kink`; about 1e-7 of the elements sit that close to 0 in fp32).
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor, *,
@@ -689,10 +681,6 @@ def _forward_backward(impl: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 def _reason(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:160]
-
-
-def _jsonable(key: tuple) -> tuple:
-    return tuple(list(e) if isinstance(e, tuple) else e for e in key)  # torch.Size is a tuple too
 
 
 def _read(path: Path) -> dict:

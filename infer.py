@@ -71,13 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--load_size", type=int, default=None, help="with --preprocess resize (default 256; 32 for the built-in set)")
     a("--num_test", type=int, default=None, help="translate at most this many images (default 50 with --dataroot)")
     a("--batch_size", type=int, default=1)
-    a("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    a("--channels_last", action="store_true", default=None,
-      help="generator and images in torch.channels_last (default: on with CUDA, off on a CPU)")
-    a("--no_channels_last", dest="channels_last", action="store_false", help="generator and images in NCHW")
-    a("--kernels", default="auto", choices=choice.MODES,
-      help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured at first use; "
-           "triton: our Triton kernels always; pytorch: the official layers")
+    cli.add_device_flags(p, "generator")
     return p
 
 

@@ -511,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_our_flags(p: argparse.ArgumentParser) -> None:
+    cli.add_device_flags(p, "nets")
     a = p.add_argument
-    a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     a("--seed", type=int, default=None, help="seed for init, data order and the pools (default: random)")
     a("--max_steps", type=int, default=None, help="stop when the run reaches this many iterations in all")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision for G and D")
@@ -521,13 +521,6 @@ def add_our_flags(p: argparse.ArgumentParser) -> None:
     a("--cuda_graph", action="store_true", default=False,
       help="capture the whole iteration once as a CUDA graph and replay it (far fewer host launches; "
            "losses are read back every --print_freq images)")
-    a("--channels_last", action="store_true", default=None,
-      help="nets and images in torch.channels_last, the layout the Triton convs are shaped for "
-           "(default: on with CUDA, off on a CPU)")
-    a("--no_channels_last", dest="channels_last", action="store_false", help="nets and images in NCHW")
-    a("--kernels", default="auto", choices=choice.MODES,
-      help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured and checked at first "
-           "use (on a CPU, as the ops decide); triton: our Triton kernels always; pytorch: the official layers")
 
 
 def parse_options(argv: list[str] | None) -> argparse.Namespace:

@@ -1,44 +1,20 @@
 """Which path the generator's layers take on a GPU: our Triton kernels or PyTorch's (cuDNN for the
-conv), measured at first use, as cudnn.benchmark measures cuDNN's own algorithms.
+conv), measured at first use, as cudnn.benchmark measures cuDNN's own algorithms (README, "The kernels":
+the key, the check and what follows when it fails, the cache file, the report line).
 
     --kernels  what minicycle.networks.FusedSequential calls
-    auto       measured_reflect_conv2d / measured_instance_norm_relu below: on CUDA, per (op, channels,
-               kernel size, dtype, layout, device, and N and H.W up to powers of two), the faster correct
-               path, decided once; on a CPU, the ops (their own rule)
+    auto       measured_reflect_conv2d / measured_instance_norm_relu below: on CUDA the faster correct path
+               per key, decided once; on a CPU, the ops (their own rule)
     triton     kernels.reflect_conv2d / kernels.instance_norm_relu, always
     pytorch    nothing here: set_fused(net, False) runs the official layers
 
-The first use of a key on CUDA (never while a CUDA graph is captured or torch.compile traces: there
-the decision already made is used, else PyTorch's path, so that nothing unchecked runs) decides, on
-the live inputs and a fixed pseudo-random output gradient dy:
-
-    1. take PyTorch without timing where Triton cannot profit: no Triton kernels for the dtype,
-       Triton unsupported (below sm_75), or, for the conv, no tensor-core dot for the dtype
-       (kernels.device: fp16 from sm_75, bf16 and TF32 from sm_80);
-    2. run each pass once both ways and compare (see "The check" below): an exception from Triton
-       that leaves the GPU usable (OutOfResources, a compile error, an error before the launch) or a
-       result outside the tolerances means PyTorch for the key (never train on wrong numbers), with
-       one line saying why; a CUDA error that leaves the GPU unusable stops the run (FatalKernelError),
-       as does running out of memory during the check (torch.OutOfMemoryError, naming the layer);
-    3. time each pass both ways and keep the faster, per pass:
-
-           conv   fwd     conv2d(reflect_pad(x), w) + b
-                  dgrad   dx: Triton's _conv_dgrad, or aten.convolution_backward for the padded
-                          input's gradient, then aten.reflection_pad2d_backward folds it onto x
-                  wgrad   dw (and db): Triton's _conv_wgrad (+ _conv_dbias), or
-                          aten.convolution_backward on reflect_pad(x) (the pad is recomputed in
-                          the backward, and timed with it)
-           norm   fwd+bwd instance_norm + activation and its input gradient, as one choice (the
-                          Triton backward needs the Triton forward's saved statistics)
-
-A conv whose passes disagree runs as the custom op minicycle::reflect_conv2d_chosen (opaque to
-torch.compile, like the Triton op); an all-Triton one calls kernels.reflect_conv2d, exactly as
-`triton` does, and an all-PyTorch one F.pad + F.conv2d, as the official layers do.
-
-Decisions are kept per process and, timed ones, in a JSON file (MINICYCLE_KERNEL_CACHE: a path, or
-"off"; default ~/.cache/minicycle/kernel_choice.json, or under $XDG_CACHE_HOME), in a section per
-device name, torch, triton and cuDNN versions and a hash of the kernels' sources, so that a second
-run on the same machine measures nothing. report() gives the one-line summary a run prints.
+The first use of a key on CUDA (outside CUDA graph capture and torch.compile tracing) decides, on the live
+inputs and a fixed pseudo-random output gradient dy: PyTorch untimed where Triton cannot profit
+(_cannot_profit); else each pass runs once both ways and is checked (see "The check" below), then timed both
+ways, and the faster path is kept per pass: the conv's fwd, dgrad (dx) and wgrad (dw, db), the norm's
+fwd+bwd as one choice (the Triton backward needs the Triton forward's statistics). A conv whose passes
+disagree runs as the custom op minicycle::reflect_conv2d_chosen; an all-Triton one calls
+kernels.reflect_conv2d, an all-PyTorch one F.pad + F.conv2d, as the official layers do.
 
 kernels/ stands alone: this file imports nothing from minicycle.
 """
@@ -78,6 +54,7 @@ CHUNK = 1 << 20  # elements compared at a time in float64: the check's extra mem
 WARMUP_MS, REP_MS = 10, 40  # do_bench's warm-up and timed span per (pass, path)
 
 Timer = Callable[[Callable[[], object], str, str], float]  # (fn, path, pass) -> ms
+Runs = dict[str, tuple[Callable[[], object], ...]]  # per path, a function per pass of PASSES[op] (or more)
 
 
 def device_ms(fn: Callable[[], object], path: str, pass_name: str) -> float:
@@ -143,12 +120,12 @@ class Chooser:
 
     # ---- the lookup ----------------------------------------------------------------------------
     def conv_paths(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> tuple[str, ...]:
-        key = _conv_key(x, w, b, padding)
-        return self._paths(key, x, lambda: self._decide_conv(key, x, w, b, padding))
+        return self._paths(_conv_key(x, w, b, padding), x, lambda: _conv_runs(x, w, b, padding))
 
     def norm_paths(self, x: torch.Tensor, eps: float, slope: float, activation: bool) -> tuple[str, ...]:
         key = _norm_key(x, eps, slope, activation)
-        return self._paths(key, x, lambda: self._decide_norm(key, x, eps, slope, activation))
+        return self._paths(key, x, lambda: _norm_runs(x, eps, slope, activation, train=key[1] == "norm"),
+                           kink=activation and slope != 1.0)
 
     def conv_decision(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: int) -> Decision:
         """The decision for these conv inputs (made now if new), as the layers would take it."""
@@ -159,18 +136,17 @@ class Chooser:
         self.norm_paths(x, eps, slope, activation)
         return self.decisions[_norm_key(x, eps, slope, activation)]
 
-    def _paths(self, key: tuple, x: torch.Tensor, decide: Callable[[], Decision]) -> tuple[str, ...]:
+    def _paths(self, key: tuple, x: torch.Tensor, runs: Callable[[], Runs], kink: bool = False) -> tuple[str, ...]:
         paths = self.paths.get(key)  # the hot path: one look-up per layer call
         if paths is not None:
             return paths
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return (PYTORCH,) * len(PASSES[key[1]])  # nothing can be checked here: PyTorch's path, never unchecked
-        if key[0] not in self.loaded:
-            self._read_section(key[0])
+        self._read_section(key[0])
         decision = self.stored.pop(key, None)
         if decision is None:
             start = time.perf_counter()
-            decision = decide()
+            decision = self._decide(key, x.shape, runs, kink)
             self.seconds += time.perf_counter() - start
             if decision.ms is not None:
                 self._save(key, decision)
@@ -182,84 +158,45 @@ class Chooser:
         self.unreported.append(key)
 
     # ---- deciding ------------------------------------------------------------------------------
-    def _decide_conv(self, key: tuple, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                     p: int) -> Decision:
-        dev, label = self.facts(x.device), _label(key, x.shape)
-        why = _cannot_profit("conv", dev, x.dtype)
-        if why:
-            return Decision(key[1], label, dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why)
-        need_b = b is not None
-        with torch.no_grad():
-            dy = _probe(rc._out_shape(x, w, p), x)
-            runs = {path: (lambda q=path: forward(q, x, w, b, p),
-                           lambda q=path: dgrad(q, dy, x, w, p),
-                           lambda q=path: wgrad(q, dy, x, w, p, True, need_b)) for path in (TRITON, PYTORCH)}
-            return self._measure(key, label, dev, {path: r[:len(PASSES[key[1]])] for path, r in runs.items()})
-
-    def _decide_norm(self, key: tuple, x: torch.Tensor, eps: float, slope: float, activation: bool) -> Decision:
-        dev, label = self.facts(x.device), _label(key, x.shape)
-        why = _cannot_profit("norm", dev, x.dtype)
-        if why:
-            return Decision(key[1], label, dev.name, (PYTORCH,), why=why)
-        dy = _probe(tuple(x.shape), x)
-
-        def triton_norm(t: torch.Tensor) -> torch.Tensor:
-            return kernels.instance_norm_relu(t, eps=eps, negative_slope=slope, activation=activation)
-
-        def torch_norm(t: torch.Tensor) -> torch.Tensor:
-            return pytorch_norm(t, eps, slope, activation)
-
-        if key[1] == "norm_fwd":
-            with torch.no_grad():
-                runs = {TRITON: (lambda: triton_norm(x),), PYTORCH: (lambda: torch_norm(x),)}
-                return self._measure(key, label, dev, runs)
-        runs = {TRITON: (lambda: _forward_backward(triton_norm, x, dy),),
-                PYTORCH: (lambda: _forward_backward(torch_norm, x, dy),)}
-        return self._measure(key, label, dev, runs, kink=activation and slope != 1.0)
-
-    def _measure(self, key: tuple, label: str, dev: devices.Device, runs: dict[str, tuple[Callable[[], object], ...]],
-                 kink: bool = False) -> Decision:
+    def _decide(self, key: tuple, shape: Sequence[int], runs: Callable[[], Runs], kink: bool) -> Decision:
         """Check every Triton pass against PyTorch's, then time both per pass and keep the faster.
         kink: the pass returns (y, dx) of an activation with a kink at 0 (see rel_err)."""
-        op, dtype, passes = key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
-        tol, errors = TOLERANCES[dtype], []
-        for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
-            with _fatal(key[0], label, name, PYTORCH):
-                want = _outputs(torch_run(), name)
-            try:
-                with _fatal(key[0], label, name, TRITON):
-                    got = _outputs(triton_run(), name)
-                    kinks = [(got[0], want[0]) if kink and i == 1 else None for i in range(len(want))]
-                    err = [rel_err(g, w, kink=k) for g, w, k in zip(got, want, kinks)]
-            except (FatalKernelError, torch.OutOfMemoryError):
-                raise
-            except Exception as e:  # our kernels failed, the GPU still usable: PyTorch, never a crash
-                return self._fall_back(key, label, dev, f"the Triton kernels failed: {_reason(e)}")
-            del got, want
-            errors.append(Errors(max(e.whole for e in err), max(e.tile for e in err)))
-            if not (errors[-1].whole <= tol and errors[-1].tile <= tol):  # NaN included
-                why = (f"Triton's {name} differs from PyTorch's by {errors[-1].whole:.1e} over the whole output "
-                       f"and {errors[-1].tile:.1e} in its worst {TILE}x{TILE} tile (tolerance {tol:.0e} for "
-                       f"{key[2].removeprefix('torch.')})")
-                return self._fall_back(key, label, dev, why, tuple(errors))
-        ms = []
-        for name, triton_run, torch_run in zip(passes, runs[TRITON], runs[PYTORCH]):
-            try:
-                with _fatal(key[0], label, name, TRITON):
-                    t = self.timer(triton_run, TRITON, name)
-            except (FatalKernelError, torch.OutOfMemoryError):
-                raise
-            except Exception as e:  # a timing launch that fails: PyTorch too
-                return self._fall_back(key, label, dev, f"the Triton kernels failed: {_reason(e)}", tuple(errors))
-            with _fatal(key[0], label, name, PYTORCH):
-                ms.append((t, self.timer(torch_run, PYTORCH, name)))
+        device, op, dtype, passes = key[0], key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
+        dev, label, errors, ms = self.facts(device), _label(key, shape), [], []
+        why = _cannot_profit(op, dev, dtype)
+        if why:
+            return Decision(op, label, dev.name, (PYTORCH,) * len(passes), why=why)
+        tol = TOLERANCES[dtype]
+        try:
+            with torch.no_grad():
+                todo = runs()
+                for name, triton_run, torch_run in zip(passes, todo[TRITON], todo[PYTORCH]):
+                    with _fatal(device, label, name, PYTORCH):
+                        want = _outputs(torch_run(), name)
+                    with _fatal(device, label, name, TRITON):
+                        got = _outputs(triton_run(), name)
+                        kinks = [(got[0], want[0]) if kink and i == 1 else None for i in range(len(want))]
+                        err = [rel_err(g, w, kink=k) for g, w, k in zip(got, want, kinks)]
+                    del got, want
+                    errors.append(Errors(max(e.whole for e in err), max(e.tile for e in err)))
+                    if not (errors[-1].whole <= tol and errors[-1].tile <= tol):  # NaN included
+                        return self._fall_back(key, label, dev, (
+                            f"Triton's {name} differs from PyTorch's by {errors[-1].whole:.1e} over the whole output "
+                            f"and {errors[-1].tile:.1e} in its worst {TILE}x{TILE} tile (tolerance {tol:.0e} for "
+                            f"{key[2].removeprefix('torch.')})"), errors)
+                for name, triton_run, torch_run in zip(passes, todo[TRITON], todo[PYTORCH]):
+                    with _fatal(device, label, name, TRITON):
+                        t = self.timer(triton_run, TRITON, name)
+                    with _fatal(device, label, name, PYTORCH):
+                        ms.append((t, self.timer(torch_run, PYTORCH, name)))
+        except TritonFailed as e:  # our kernels failed, the GPU still usable: PyTorch, never a crash
+            return self._fall_back(key, label, dev, f"the Triton kernels failed: {e}", errors)
         paths = tuple(TRITON if t < q else PYTORCH for t, q in ms)
         return Decision(op, label, dev.name, paths, tuple(ms), errors=tuple(errors))
 
-    def _fall_back(self, key: tuple, label: str, dev: devices.Device, why: str,
-                   errors: tuple[Errors, ...] = ()) -> Decision:
+    def _fall_back(self, key: tuple, label: str, dev: devices.Device, why: str, errors: list[Errors]) -> Decision:
         decision = Decision(key[1], label, dev.name, (PYTORCH,) * len(PASSES[key[1]]), why=why,
-                            errors=errors or None)
+                            errors=tuple(errors) or None)
         print(f"kernels: {decision.pytorch_name(key[0].type == 'cuda')} for {decision.label}: {why}",
               file=sys.stderr, flush=True)
         return decision
@@ -275,18 +212,17 @@ class Chooser:
         decisions it finds and makes none); they are listed in the next report()."""
         if device.type == "cuda" and device.index is None:  # train.py's torch.device("cuda"): the tensors' index
             device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self.loaded:
-            self._read_section(device)
+        self._read_section(device)
         keys = [k for k in self.stored if k[0] == device]
         for key in keys:
             self._use(key, self.stored.pop(key))
         return len(keys)
 
     def _read_section(self, device: torch.device) -> None:
-        """The cache file's decisions for this device, into self.stored (used when a layer asks)."""
-        self.loaded.add(device)
-        if self.cache_file is None:
+        """The cache file's decisions for this device, into self.stored (used when a layer asks), once."""
+        if device in self.loaded or self.cache_file is None:
             return
+        self.loaded.add(device)
         name = self.facts(device).name
         for entry in _entries(_read(self.cache_file), self._section(device)):
             try:
@@ -303,7 +239,7 @@ class Chooser:
         """Add a timed decision to the cache file (read, merge, atomic replace; a cache never fails a run)."""
         if self.cache_file is None:
             return
-        section, key_json = self._section(key[0]), list(_jsonable(key[1:]))
+        section, key_json = self._section(key[0]), [list(e) if isinstance(e, tuple) else e for e in key[1:]]
         data = _read(self.cache_file)
         entries = [e for e in _entries(data, section) if e.get("key") != key_json]
         data[section] = entries + [{"key": key_json, "label": decision.label, "paths": list(decision.paths),
@@ -438,36 +374,30 @@ _chosen.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 # ---- the check: Triton's outputs against PyTorch's -------------------------------------------------------
 #
-# Each output of a pass gives two numbers, both ||triton - pytorch|| / ||pytorch||:
-#   whole  over the whole tensor;
-#   tile   the worst over its tiles, each one channel's TILE x TILE block of pixels (n, c, 8 rows, 8 columns;
-#          a weight's gradient is tiled as its (OC, C*KH*KW) matrix), a tile being measured against
-#          max(its own norm, FLOOR x the whole reference's RMS x sqrt(its size)).
-# A pass passes when both are within TOLERANCES[dtype], for every output. The whole-tensor number alone
-# misses a local fault: one wrong 128x64 GEMM tile in a 1x64x2048x2048 output moves it by at most 5.5e-3.
-# The tiles see it (tests/test_parity_check.py injects faults at the generator's layer shapes: a wrong GEMM
-# tile, a missing tap, a wrong border strip or corner of the dgrad fold, a channel's sign, IN planes and chunks).
+# Each output of a pass gives two numbers, both ||triton - pytorch|| / ||pytorch||: `whole`, over the whole
+# tensor, and `tile`, the worst over its tiles (one channel's TILE x TILE pixels; a weight's gradient is tiled as
+# its (OC, C*KH*KW) matrix), each tile measured against max(its own norm, FLOOR x the whole reference's RMS x
+# sqrt(its size)). A pass passes when both are within TOLERANCES[dtype] for every output. `whole` alone misses a
+# local fault: one wrong 128x64 GEMM tile in a 1x64x2048x2048 output moves it by at most 5.5e-3; the tiles see it
+# (tests/test_parity_check.py injects such faults at the generator's layer shapes).
 #
 # The tolerances, from a rounding model (two correct results differ by both sides' rounding errors):
-#   fp32, TF32 on both sides (cuDNN's default, which the Triton conv follows): each input is rounded to a
-#     10-bit mantissa, a relative error |d| <= u = 2^-11 (round to nearest; a truncating side errs by up to
-#     2u, with a bias of -u). A product a*b errs by (d_a + d_b)*a*b, an output element by the sum of those
-#     over its K terms (K = C*KH*KW for fwd and dgrad, N*OH*OW for wgrad): a random part of RMS
-#     u*sqrt(2/3)*||ab||_2 per side, and 2u*y for a truncating side's bias. Over a tile, with
-#     rho = sum ||ab||^2 / sum y^2 (1 for terms of random sign, more where they cancel), the two sides
-#     differ by about 2u*sqrt(1 + rho/3) = 1.1e-3 at rho = 1 (5.6e-4 if both round to nearest), K-independent;
+#   fp32 with TF32 on both sides (cuDNN's default, which the Triton conv follows): each input is rounded to a
+#     10-bit mantissa, |d| <= u = 2^-11 (a truncating side errs by up to 2u, with a bias of -u). A product a*b
+#     errs by (d_a + d_b)*a*b, an output by the sum over its K terms (K = C*KH*KW for fwd and dgrad, N*OH*OW for
+#     wgrad): a random part of RMS u*sqrt(2/3)*||ab||_2 per side, and 2u*y for a truncating side's bias. Over a
+#     tile, with rho = sum ||ab||^2 / sum y^2 (1 for terms of random sign, more where they cancel), the sides
+#     differ by about 2u*sqrt(1 + rho/3) = 1.1e-3 at rho = 1 (5.6e-4 if both round to nearest), whatever K;
 #     fp32 accumulation adds about sqrt(K)*2^-24, under 3e-4 up to K = 2.4e7 (a 4000x6000 wgrad). 5e-3 leaves
-#     room for rho up to 75; tiles whose reference is small against the whole (where rho is largest) are
-#     held to the floor instead. Without TF32 both sides differ by fp32 accumulation alone.
-#   fp16, bf16: the inputs are exact, products exact in fp32, sums in fp32 (as above); each output is rounded
-#     once (twice at the dgrad's folded border), so two correct results differ by at most 1.5 ulp per
-#     element, even where every element does: 1.5 * 2^-10 = 1.5e-3 for fp16, 1.5 * 2^-7 = 1.2e-2 for bf16,
-#     against 1e-2 and 2e-2.
-#   IN + activation: no products; fp32 statistics; the same output roundings. Where the two forwards put an
-#     element on opposite sides of the activation's kink (xhat within rounding of 0), the gradient there is
-#     one-sided and either side's dx is right, and through mean(g) and mean(g * xhat) that choice moves the
-#     whole plane's dx by 1/HW of it: such a plane's dx is left out (`kink`; about 1e-7 of the elements sit
-#     that close to 0 in fp32).
+#     room for rho up to 75; tiles whose reference is small against the whole (where rho is largest) are held to
+#     the floor instead. Without TF32 both sides differ by fp32 accumulation alone.
+#   fp16, bf16: exact inputs and products, fp32 sums (as above); each output rounded once (twice at the dgrad's
+#     folded border), so two correct results differ by at most 1.5 ulp per element: 1.5 * 2^-10 = 1.5e-3 for
+#     fp16, 1.5 * 2^-7 = 1.2e-2 for bf16, against 1e-2 and 2e-2.
+#   IN + activation: no products, fp32 statistics, the same output roundings. Where the two forwards put an
+#     element on opposite sides of the activation's kink (xhat within rounding of 0), either one-sided dx is
+#     right, and through mean(g) and mean(g * xhat) the choice moves the whole plane's dx by 1/HW of it: such a
+#     plane's dx is left out (`kink`; about 1e-7 of the elements sit that close to 0 in fp32).
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor, *,
@@ -528,6 +458,10 @@ class FatalKernelError(RuntimeError):
     the way around it."""
 
 
+class TritonFailed(Exception):
+    """Our kernels raised an error during the check that leaves the GPU usable: PyTorch for the key."""
+
+
 def sticky(e: BaseException) -> bool:
     """Whether e is one of the CUDA errors in STICKY (by torch's error code, or by the message)."""
     text = str(e).lower()
@@ -537,8 +471,9 @@ def sticky(e: BaseException) -> bool:
 @contextlib.contextmanager
 def _fatal(device: torch.device, label: str, pass_name: str, path: str):
     """Runs a pass of the check (then waits for the GPU, so that a kernel's fault shows here and not in a
-    later layer), and turns the errors that end the run into ones that name the layer: a sticky CUDA error
-    into FatalKernelError, running out of memory into torch.OutOfMemoryError."""
+    later layer), and turns its errors into ones that name the layer: a sticky CUDA error into
+    FatalKernelError, running out of memory into torch.OutOfMemoryError, any other error of Triton's into
+    TritonFailed."""
     what = f"{label} {pass_name}"
     try:
         yield
@@ -548,12 +483,14 @@ def _fatal(device: torch.device, label: str, pass_name: str, path: str):
         raise torch.OutOfMemoryError(f"out of GPU memory while checking {what} (Triton against PyTorch): "
                                      f"{_reason(e)}") from None
     except Exception as e:
-        if not sticky(e):
-            raise
-        who = "Triton's kernels" if path == TRITON else "PyTorch"
-        raise FatalKernelError(f"{what}: {who} failed with a CUDA error that leaves the GPU unusable in this "
-                               f"process ({_reason(e)}), so no fallback can run; rerun with --kernels "
-                               f"pytorch") from None
+        if sticky(e):
+            who = "Triton's kernels" if path == TRITON else "PyTorch"
+            raise FatalKernelError(f"{what}: {who} failed with a CUDA error that leaves the GPU unusable in this "
+                                   f"process ({_reason(e)}), so no fallback can run; rerun with --kernels "
+                                   f"pytorch") from None
+        if path == TRITON:
+            raise TritonFailed(_reason(e)) from e
+        raise
 
 
 # ---- the generator's entry points -------------------------------------------------------------------
@@ -717,6 +654,21 @@ def _probe(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=_format(like))
 
 
+def _conv_runs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, p: int) -> Runs:
+    dy = _probe(rc._out_shape(x, w, p), x)
+    return {path: (lambda q=path: forward(q, x, w, b, p), lambda q=path: dgrad(q, dy, x, w, p),
+                   lambda q=path: wgrad(q, dy, x, w, p, True, b is not None)) for path in (TRITON, PYTORCH)}
+
+
+def _norm_runs(x: torch.Tensor, eps: float, slope: float, activation: bool, train: bool) -> Runs:
+    impls = {TRITON: lambda t: kernels.instance_norm_relu(t, eps=eps, negative_slope=slope, activation=activation),
+             PYTORCH: lambda t: pytorch_norm(t, eps, slope, activation)}
+    if not train:
+        return {path: (lambda f=f: f(x),) for path, f in impls.items()}
+    dy = _probe(tuple(x.shape), x)
+    return {path: (lambda f=f: _forward_backward(f, x, dy),) for path, f in impls.items()}
+
+
 def _forward_backward(impl: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                       dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.enable_grad():
@@ -729,10 +681,6 @@ def _forward_backward(impl: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 def _reason(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:160]
-
-
-def _jsonable(key: tuple) -> tuple:
-    return tuple(list(e) if isinstance(e, tuple) else e for e in key)  # torch.Size is a tuple too
 
 
 def _read(path: Path) -> dict:

@@ -34,9 +34,7 @@ class Device:
 
     def tensor_cores(self, dtype: torch.dtype) -> bool:
         """Whether a Triton dot in `dtype` runs on tensor cores here (fp32 through TF32)."""
-        if dtype == torch.float16:
-            return self.arch >= 75
-        return self.arch >= 80
+        return self.arch >= (75 if dtype == torch.float16 else 80)
 
 
 # Stand-ins for the compile report: one common card per architecture, with its opt-in shared

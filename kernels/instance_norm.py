@@ -114,13 +114,8 @@ def _normalize_store(y_ptr, xs, mu, rstd, c, s, mask, stride_c, stride_hw, slope
 
 
 @triton.jit
-def _fwd_kernel(
-    x_ptr, y_ptr, mu_ptr, rstd_ptr,
-    C, HW,
-    sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
-    eps, slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_kernel(x_ptr, y_ptr, mu_ptr, rstd_ptr, C, HW, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw, eps, slope,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Whole planes in one tile, one program per (n, channel block)."""
     n, _, c, s, mask = _tile(C, HW, 0, BLOCK_C, BLOCK_HW, False, INT64)
     x_ptr += n * sx_n
@@ -139,12 +134,8 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _fwd_partial_kernel(
-    x_ptr, part_mu_ptr, part_m2_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_partial_kernel(x_ptr, part_mu_ptr, part_m2_ptr, C, HW, n_chunks, CB_SHIFT, sx_n, sx_c, sx_hw,
+                        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Split, partial: each chunk's mean mu_j = mean(x - k) and M2_j = sum((x - k - mu_j)^2),
     laid out [N*C, n_chunks]."""
     n, chunk, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
@@ -161,11 +152,8 @@ def _fwd_partial_kernel(
 
 
 @triton.jit
-def _fwd_combine_kernel(
-    part_mu_ptr, part_m2_ptr, mu_ptr, rstd_ptr,
-    HW, n_chunks, eps,
-    BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_combine_kernel(part_mu_ptr, part_m2_ptr, mu_ptr, rstd_ptr, HW, n_chunks, eps, BLOCK_HW: tl.constexpr,
+                        BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """Split, combine: one program per plane merges its chunks' (n_j, mu_j, M2_j) into its mu and
     rstd. Lane l of a BLOCK_S-wide block merges chunks l, l + BLOCK_S, ... in turn, then the lanes
     are merged (Chan et al., as in the module's docstring)."""
@@ -196,13 +184,8 @@ def _fwd_combine_kernel(
 
 
 @triton.jit
-def _fwd_apply_kernel(
-    x_ptr, y_ptr, mu_ptr, rstd_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _fwd_apply_kernel(x_ptr, y_ptr, mu_ptr, rstd_ptr, C, HW, n_chunks, CB_SHIFT, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw,
+                      slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Split, apply: normalize + activate this program's tile with its planes' mu and rstd."""
     n, _, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
     x_ptr += n * sx_n
@@ -235,13 +218,8 @@ def _store_dx(dx_ptr, xhat, g, rstd, mean_g, mean_gx, c, s, mask, stride_c, stri
 
 
 @triton.jit
-def _bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr,
-    C, HW,
-    sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_kernel(x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, C, HW, sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c,
+                sdx_hw, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Whole planes in one tile, one program per (n, channel block)."""
     n, _, c, s, mask = _tile(C, HW, 0, BLOCK_C, BLOCK_HW, False, INT64)
     x_ptr += n * sx_n
@@ -257,13 +235,9 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _bwd_partial_kernel(
-    x_ptr, dy_ptr, mu_ptr, rstd_ptr, part_g_ptr, part_gx_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_partial_kernel(x_ptr, dy_ptr, mu_ptr, rstd_ptr, part_g_ptr, part_gx_ptr, C, HW, n_chunks, CB_SHIFT, sx_n, sx_c,
+                        sx_hw, sdy_n, sdy_c, sdy_hw, slope, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                        INT64: tl.constexpr):
     """Split, partial: each chunk's sum(g) and sum(g * xhat), laid out [N*C, n_chunks]."""
     n, chunk, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
     x_ptr += n * sx_n
@@ -278,11 +252,8 @@ def _bwd_partial_kernel(
 
 
 @triton.jit
-def _bwd_combine_kernel(
-    part_g_ptr, part_gx_ptr, mean_g_ptr, mean_gx_ptr,
-    HW, n_chunks,
-    BLOCK_S: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_combine_kernel(part_g_ptr, part_gx_ptr, mean_g_ptr, mean_gx_ptr, HW, n_chunks, BLOCK_S: tl.constexpr,
+                        INT64: tl.constexpr):
     """Split, combine: one program per plane sums its chunks' partials, BLOCK_S at a time, in a
     fixed order, into mean(g) and mean(g * xhat)."""
     plane = _index(tl.program_id(0), INT64)
@@ -299,13 +270,9 @@ def _bwd_combine_kernel(
 
 
 @triton.jit
-def _bwd_apply_kernel(
-    x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, mean_g_ptr, mean_gx_ptr,
-    C, HW, n_chunks, CB_SHIFT,
-    sx_n, sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw,
-    slope,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INT64: tl.constexpr,
-):
+def _bwd_apply_kernel(x_ptr, dy_ptr, dx_ptr, mu_ptr, rstd_ptr, mean_g_ptr, mean_gx_ptr, C, HW, n_chunks, CB_SHIFT, sx_n,
+                      sx_c, sx_hw, sdy_n, sdy_c, sdy_hw, sdx_n, sdx_c, sdx_hw, slope, BLOCK_C: tl.constexpr,
+                      BLOCK_HW: tl.constexpr, INT64: tl.constexpr):
     """Split, apply: this program's tile of dx, with its planes' mean(g) and mean(g * xhat)."""
     n, _, c, s, mask = _tile(C, HW, CB_SHIFT, BLOCK_C, BLOCK_HW, True, INT64)
     x_ptr += n * sx_n
@@ -340,11 +307,13 @@ def _plane_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     return None
 
 
-def _config(x: torch.Tensor, strides: tuple[int, int, int]) -> tuple[int, dict]:
-    """Chunks per plane, and the tile shape and num_warps as launch meta-parameters."""
-    _, C, H, W = x.shape
+def _config(x: torch.Tensor, *strides: tuple[int, int, int]) -> tuple[int, dict, int, int]:
+    """Chunks per plane; the tile shape, num_warps and INT64 as launch meta-parameters; the channel blocks, and
+    the shift that makes room for them, rounded up to a power of two, in the split grid's axis 0. strides: x's
+    plane strides first, then those of the other tensors the launches index."""
+    N, C, H, W = x.shape
     HW = H * W
-    _, sc, shw = strides
+    _, sc, shw = strides[0]
     if sc == 1 and shw != 1:
         # channels_last: BLOCK_C neighbouring channels make one 32-byte sector per tile row.
         block_c = min(triton.next_power_of_2(C), 32 // x.element_size(), _MAX_BLOCK)
@@ -353,7 +322,9 @@ def _config(x: torch.Tensor, strides: tuple[int, int, int]) -> tuple[int, dict]:
     block_hw = min(triton.next_power_of_2(HW), _MAX_BLOCK // block_c)
     num_warps = min(max(block_c * block_hw // 256, 1), 8)  # as in Triton's layer-norm tutorial
     meta = {"BLOCK_C": block_c, "BLOCK_HW": block_hw, "num_warps": num_warps}
-    return triton.cdiv(HW, block_hw), meta
+    n_chunks, c_blocks = triton.cdiv(HW, block_hw), triton.cdiv(C, block_c)
+    meta["INT64"] = _int64(N, C, HW, n_chunks, meta, *strides)
+    return n_chunks, meta, c_blocks, (c_blocks - 1).bit_length()
 
 
 def _slabs(N: int, C: int):
@@ -392,9 +363,8 @@ def _fwd_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return torch.empty_like(x), mu, torch.empty_like(mu)
 
 
-def _forward(
-    x: torch.Tensor, sx: tuple[int, int, int], eps: float, slope: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, sx: tuple[int, int, int], eps: float,
+             slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mu, rstd (mu and rstd fp32, one per plane) for x with plane strides sx."""
     N, C, H, W = x.shape
     y, mu, rstd = _fwd_outputs(x)
@@ -402,10 +372,7 @@ def _forward(
     if x.numel() == 0:
         return y, mu, rstd
     HW = H * W
-    n_chunks, meta = _config(x, sx)
-    meta["INT64"] = _int64(N, C, HW, n_chunks, meta, sx, sy)
-    c_blocks = triton.cdiv(C, meta["BLOCK_C"])
-    cb_shift = (c_blocks - 1).bit_length()  # split: the channel blocks, rounded up to a power of 2
+    n_chunks, meta, c_blocks, cb_shift = _config(x, sx, sy)
     for samples, planes in _slabs(N, C):
         xs, ys, mus, rstds = x[samples], y[samples], mu[planes], rstd[planes]
         if n_chunks == 1:
@@ -415,17 +382,13 @@ def _forward(
         part_mu = torch.empty(mus.numel() * n_chunks, device=x.device, dtype=torch.float32)
         part_m2 = torch.empty_like(part_mu)
         _fwd_partial_kernel[grid](xs, part_mu, part_m2, C, HW, n_chunks, cb_shift, *sx, **meta)
-        _fwd_combine_kernel[(mus.numel(),)](
-            part_mu, part_m2, mus, rstds, HW, n_chunks, eps,
-            BLOCK_HW=meta["BLOCK_HW"], BLOCK_S=_COMBINE_BLOCK, INT64=meta["INT64"], num_warps=4,
-        )
+        _fwd_combine_kernel[(mus.numel(),)](part_mu, part_m2, mus, rstds, HW, n_chunks, eps, BLOCK_HW=meta["BLOCK_HW"],
+                                            BLOCK_S=_COMBINE_BLOCK, INT64=meta["INT64"], num_warps=4)
         _fwd_apply_kernel[grid](xs, ys, mus, rstds, C, HW, n_chunks, cb_shift, *sx, *sy, slope, **meta)
     return y, mu, rstd
 
 
-def _backward(
-    x: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float
-) -> torch.Tensor:
+def _backward(x: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float) -> torch.Tensor:
     """dx for x (which has plane strides) and the saved mu and rstd."""
     N, C, H, W = x.shape
     sx = _plane_strides(x)
@@ -435,10 +398,7 @@ def _backward(
     if x.numel() == 0:
         return dx
     HW = H * W
-    n_chunks, meta = _config(x, sx)
-    meta["INT64"] = _int64(N, C, HW, n_chunks, meta, sx, sdy, sdx)
-    c_blocks = triton.cdiv(C, meta["BLOCK_C"])
-    cb_shift = (c_blocks - 1).bit_length()
+    n_chunks, meta, c_blocks, cb_shift = _config(x, sx, sdy, sdx)
     for samples, planes in _slabs(N, C):
         xs, dys, dxs, mus, rstds = x[samples], dy[samples], dx[samples], mu[planes], rstd[planes]
         if n_chunks == 1:
@@ -448,16 +408,12 @@ def _backward(
         part_g = torch.empty(mus.numel() * n_chunks, device=x.device, dtype=torch.float32)
         part_gx = torch.empty_like(part_g)
         mean_g, mean_gx = torch.empty_like(mus), torch.empty_like(mus)
-        _bwd_partial_kernel[grid](
-            xs, dys, mus, rstds, part_g, part_gx, C, HW, n_chunks, cb_shift, *sx, *sdy, slope, **meta
-        )
-        _bwd_combine_kernel[(mus.numel(),)](
-            part_g, part_gx, mean_g, mean_gx, HW, n_chunks,
-            BLOCK_S=_COMBINE_BLOCK, INT64=meta["INT64"], num_warps=4,
-        )
-        _bwd_apply_kernel[grid](
-            xs, dys, dxs, mus, rstds, mean_g, mean_gx, C, HW, n_chunks, cb_shift, *sx, *sdy, *sdx, slope, **meta
-        )
+        _bwd_partial_kernel[grid](xs, dys, mus, rstds, part_g, part_gx, C, HW, n_chunks, cb_shift, *sx, *sdy, slope,
+                                  **meta)
+        _bwd_combine_kernel[(mus.numel(),)](part_g, part_gx, mean_g, mean_gx, HW, n_chunks, BLOCK_S=_COMBINE_BLOCK,
+                                            INT64=meta["INT64"], num_warps=4)
+        _bwd_apply_kernel[grid](xs, dys, dxs, mus, rstds, mean_g, mean_gx, C, HW, n_chunks, cb_shift, *sx, *sdy, *sdx,
+                                slope, **meta)
     return dx
 
 
@@ -469,9 +425,7 @@ def _backward(
 
 
 @torch.library.custom_op("minicycle::instance_norm_relu", mutates_args=())
-def _instance_norm_relu(
-    x: torch.Tensor, eps: float, slope: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _instance_norm_relu(x: torch.Tensor, eps: float, slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(instance_norm(x)) with act(v) = v if v > 0 else slope * v, and the saved
     statistics mu, rstd (fp32, one per (n, c) plane) that the backward op needs."""
     x, sx = _flat(x)
@@ -484,9 +438,8 @@ def _(x: torch.Tensor, eps: float, slope: float) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.library.custom_op("minicycle::instance_norm_relu_backward", mutates_args=())
-def _instance_norm_relu_backward(
-    dy: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, slope: float
-) -> torch.Tensor:
+def _instance_norm_relu_backward(dy: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor,
+                                 slope: float) -> torch.Tensor:
     """dx from dy, the forward's input x and its saved mu and rstd."""
     return _backward(_flat(x)[0], dy, mu, rstd, slope)
 
@@ -518,9 +471,8 @@ def _autograd_backward(ctx, dy: torch.Tensor, _dmu, _drstd) -> tuple[torch.Tenso
 _instance_norm_relu.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def instance_norm_relu(
-    x: torch.Tensor, *, eps: float = 1e-5, negative_slope: float = 0.0, activation: bool = True
-) -> torch.Tensor:
+def instance_norm_relu(x: torch.Tensor, *, eps: float = 1e-5, negative_slope: float = 0.0,
+                       activation: bool = True) -> torch.Tensor:
     """act(instance_norm(x)) for x of shape (N, C, H, W): ReLU (negative_slope=0), LeakyReLU,
     or nothing (activation=False). Same as F.instance_norm(x, eps=eps) + activation."""
     if x.dim() != 4:

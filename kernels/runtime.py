@@ -44,14 +44,9 @@ def triton_problem() -> str:
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors always run the Triton kernels; CPU tensors only under TRITON_INTERPRET=1.
-
-    The environment is read at call time so that a test can switch a CPU model to the
-    PyTorch path (TRITON_INTERPRET=0) without re-importing anything.
-    """
-    if x.is_cuda:
-        return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """CUDA tensors always run the Triton kernels; CPU tensors only under TRITON_INTERPRET=1, read at each call
+    (a test can switch a CPU model to the PyTorch path with TRITON_INTERPRET=0)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @torch.compiler.assume_constant_result  # torch.compile reads it once while tracing (it cannot trace the getters)

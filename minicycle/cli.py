@@ -2,6 +2,8 @@
 
 import argparse
 
+from kernels.choice import MODES
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is reported in one line (no usage dump)."""
@@ -15,3 +17,16 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[st
     as opposed to those left at their defaults."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     return {action.dest for action in parser._actions if given & set(action.option_strings)}
+
+
+def add_device_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--device, --channels_last / --no_channels_last and --kernels, as train.py and infer.py take them."""
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--channels_last", action="store_true", default=None,
+                   help=f"{what} and images in torch.channels_last, the layout the Triton convs are shaped for "
+                        "(default: on with CUDA, off on a CPU)")
+    p.add_argument("--no_channels_last", dest="channels_last", action="store_false", help=f"{what} and images in NCHW")
+    p.add_argument("--kernels", default="auto", choices=MODES,
+                   help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured and checked "
+                        "at first use (on a CPU, as the ops decide); triton: our Triton kernels always; pytorch: the "
+                        "official layers")

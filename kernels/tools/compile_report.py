@@ -67,6 +67,7 @@ from triton.runtime.jit import JITFunction, KernelInterface, create_function_fro
 import kernels.device
 import kernels.instance_norm as inorm
 import kernels.reflect_conv as rconv
+from kernels.tools.op_bench import csv_list, markdown_table
 
 # Triton 3.9 warns once per process that its fp-fusion default will change; the report compiles
 # with the default the GPU's JIT uses (fusion on), so the warning is noise here.
@@ -498,9 +499,7 @@ def markdown(rows: list[dict]) -> str:
         cells.append([str(r.get(c, "")) for c in cols])
     if not any(c[-1] for c in cells):
         cols, cells = cols[:-1], [c[:-1] for c in cells]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
-    return "\n".join(lines)
+    return markdown_table(cols, cells)
 
 
 def _mma(rs: list[dict]) -> str:
@@ -550,32 +549,20 @@ def summary(rows: list[dict]) -> str:
 
     cols = ["shape", "pass", "dtype", "layout", "kernel", "configs", "registers", "spill bytes", "shared bytes",
             "MMA", "cp.async 16 B", "LDG in K loop", "int ops / k-step"]
-    head = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines: list[str] = []
-    archs: set[str] = set()
+    tables: dict[str, list[list[str]]] = {}  # per arch, its table's rows
     for key, rs in groups.items():
         arch, key = key[0], key[1:]
-        if arch not in archs:  # a heading and the device's limits, then the arch's table
-            archs.add(arch)
-            lines += [*([""] if lines else []), _arch_heading(arch, rows), "", *head]
+        cells = tables.setdefault(arch, [])
         if any("error" in r for r in rs):
-            lines.append("| " + " | ".join([*key, str(len(rs)), "error: " + rs[0].get("error", "")]) + " |")
+            cells.append([*key, str(len(rs)), "error: " + rs[0].get("error", "")])
             continue
         mma = "—" if rs[0]["step_int_ops"] == "" else _mma(rs)
         copies = sum(r["ldgsts"] for r in rs)
         wide = f"{sum(r['ldgsts128'] for r in rs) / copies:.0%}" if copies else "—"
-        cells = [*key, str(len(rs)), span(rs, "registers"), span(rs, "spill_bytes"), span(rs, "shared_bytes"), mma,
-                 wide, span(rs, "loop_ldg") or "—", span(rs, "step_int_ops") or "—"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _csv(value: str, allowed) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(allowed)}")
-    return items
+        cells.append([*key, str(len(rs)), span(rs, "registers"), span(rs, "spill_bytes"), span(rs, "shared_bytes"),
+                      mma, wide, span(rs, "loop_ldg") or "—", span(rs, "step_int_ops") or "—"])
+    return "\n\n".join(f"{_arch_heading(arch, rows)}\n\n{markdown_table(cols, cells)}"  # the device's limits, the table
+                       for arch, cells in tables.items())
 
 
 def _local_arch() -> int:
@@ -596,7 +583,7 @@ def _size(value: str) -> tuple[int, int]:
 
 
 def _archs(value: str) -> list[int]:
-    names = _csv(value, [f"sm_{a}" for a in kernels.device.KNOWN])
+    names = csv_list([f"sm_{a}" for a in kernels.device.KNOWN])(value)
     return [int(n.removeprefix("sm_")) for n in names]
 
 
@@ -616,17 +603,17 @@ def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kernels.tools.compile_report", description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=lambda v: _csv(v, LAYERS), default=list(LAYERS),
+    p.add_argument("--layers", type=csv_list(tuple(LAYERS)), default=list(LAYERS),
                    help=f"comma-separated, from {', '.join(LAYERS)} (default: all)")
-    p.add_argument("--batch", type=lambda v: [int(b) for b in _csv(v, [str(i) for i in range(1, 65)])],
+    p.add_argument("--batch", type=lambda v: [int(b) for b in csv_list([str(i) for i in range(1, 65)])(v)],
                    default=[1, 4], help="batch sizes, e.g. 1,4 (default)")
-    p.add_argument("--dtypes", type=lambda v: _csv(v, DTYPES), default=list(DTYPES), help="fp32,bf16 (default)")
-    p.add_argument("--layouts", type=lambda v: _csv(v, LAYOUTS), default=["channels_last"],
+    p.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES), help="fp32,bf16 (default)")
+    p.add_argument("--layouts", type=csv_list(tuple(LAYOUTS)), default=["channels_last"],
                    help="activation and weight layouts: channels_last (default: how the generator runs on CUDA), nchw")
     p.add_argument("--size", type=_size, default=DEFAULT_SIZE, metavar="H,W",
                    help="the input image's height and width, which set the layers' shapes (padded up to a multiple "
                         f"of {SIZE_MULTIPLE}, as the generator needs; default: 256,256)")
-    p.add_argument("--passes", type=lambda v: _csv(v, PASSES), default=list(PASSES),
+    p.add_argument("--passes", type=csv_list(PASSES), default=list(PASSES),
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
     known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
     p.add_argument("--arch", type=_archs, default=[_local_arch()],

@@ -12,7 +12,7 @@ on the same inputs: ours (kernels.instance_norm_relu, kernels.reflect_conv2d), e
 and compile (torch.compile of eager, afresh for every row). A backward pass times torch.autograd.grad with
 respect to one input only, so that each side computes just that gradient. Every row also checks ours against
 eager (TOLERANCES: a row outside makes the exit status 1) and says which path --kernels auto takes there.
-BENCHMARKS.md ("What is measured") gives the method, OPS_LEGEND every column. --budget S skips the rows not
+BENCHMARKS.md ("What is measured") gives the method and every column. --budget S skips the rows not
 started within S seconds. --quick runs tiny shapes on the CPU, one thread, to check the harness (ours takes
 the path kernels.runtime.use_triton picks); --ceilings times the device's copy and matmul rates instead.
 The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
@@ -392,15 +392,9 @@ def write_report(report: str, path: str | None) -> None:
         write_file(path, report)
 
 
-OPS_LEGEND = (
-    "Times are medians (µs). eager/ours, compile/ours: above 1× means ours is faster. ours achieved: "
-    "IN+ReLU GB/s with bytes = 2·numel·itemsize (fwd: read x, write y) or 3·numel·itemsize (bwd: read x "
-    "and dy, write dx); conv TFLOP/s with FLOP = 2·N·OH·OW·OC·C·KH·KW per pass (fwd, dgrad = dx only, "
-    "wgrad = dw only). auto takes: the path `--kernels auto` takes for this pass in a training layer, and by "
-    "how much it won: kernels.choice's own decision on these inputs (its do_bench medians; IN+ReLU forward and "
-    "backward are one choice), or the reason it takes PyTorch untimed. err = ‖ours − eager‖/‖eager‖ on the "
-    "benchmarked inputs; ok = within tolerance (fp32 IN 1e-4, fp32/TF32 conv 5e-3, bf16 2e-2)."
-)
+def legend(part: str) -> str:
+    """The line under a report's table: where its columns are defined."""
+    return f'Every column is defined in BENCHMARKS.md, "What is measured" ({part}).'
 
 
 def csv_list(choices: Sequence[str] | None) -> Callable[[str], list[str]]:
@@ -484,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
 
     def report(ok: bool = True) -> str:
-        return document([top, "## Ops" + quick, markdown_table(OP_COLUMNS, rows), OPS_LEGEND, *decisions_section()], ok)
+        parts = [top, "## Ops" + quick, markdown_table(OP_COLUMNS, rows), legend("Ops"), *decisions_section()]
+        return document(parts, ok)
 
     ok = bench_ops(args.ops, args.dtypes, args.layouts, args.batch, device, args.quick, compile_note, args.budget,
                    rows, lambda: args.out and write_file(args.out, report()))  # a run cut short keeps its rows

@@ -18,7 +18,7 @@ built from the same seed (same weights, same inputs) in each variant: eager (the
 fused ops as train.py runs them, once per --kernels mode; rows of a mode other than auto name it), ours+graph
 (train.py --cuda_graph: cuda_graph.GraphedStep), ours+compile (train.py --compile), compile (eager, each net
 compiled) and reduce-overhead (the same with Inductor's CUDA graphs). BENCHMARKS.md ("What is measured") says
-how each mode measures; the legend under each table defines its columns. --quick runs a tiny model
+how each mode measures and defines every column. --quick runs a tiny model
 (resnet_6blocks, ngf 4, 32x32) on the CPU, one thread, so that CI can check the harness: it measures nothing
 of interest and leaves out the compiled variants unless --compile is given.
 """
@@ -257,23 +257,6 @@ def train_measure(args: argparse.Namespace, cfg: Config, device: torch.device, p
     return measure
 
 
-MODEL_LEGEND = (
-    "One iteration = 6 G forwards, 6 D forwards, both backwards, both Adam steps. train ms/iter: mean of "
-    "back-to-back iterations after 5 warm-up ones. eager/this above 1× means faster than eager. peak MiB = "
-    "torch.cuda.max_memory_reserved over the timed iterations, after empty_cache (reserved: a CUDA graph's pool "
-    "is reserved memory). 200 epochs = ms/iter × 200·ceil(1334/batch) iterations (horse2zebra). infer = G_A "
-    "forward under no_grad. loss Δ = max over the first iteration's 8 losses of |ℓ − ℓ_eager| / max(|ℓ_eager|, "
-    "1e-3) (same weights, same inputs); ok: within 1e-2 (fp32) or 5e-2 (bf16). cudnn.benchmark=True throughout."
-)
-PROFILE_LEGEND = (
-    "One more iteration under torch.profiler (which slows the host). GPU busy ms: sum of kernel and copy "
-    "times; host op ms: CPU time inside the profiled ops and CUDA API calls (profiler overhead included; "
-    "Python between them left out); kernels: GPU kernels run; host launch calls: cudaLaunchKernel / "
-    "cuLaunchKernel* / cudaGraphLaunch calls; wall ms/iter: from the timing above, without the profiler. "
-    "Wall time far above GPU busy time means the host sets the pace. Full tables in the --profile-dir files."
-)
-
-
 # ---- Inference -------------------------------------------------------------------------------------------------------
 INFER_COLUMNS = ["variant", "layout", "batch", "amp", "infer ms", "eager/this", "megapixels/s", "peak GiB",
                  "estimate GiB", "max abs Δ vs eager", "err", "worst-tile err", "ok"]
@@ -313,16 +296,6 @@ def infer_measure(args: argparse.Namespace, cfg: Config, device: torch.device) -
                 f"{memory.forward_bytes(shadow, tuple(x.shape)) / 2**30:.2f}", *check], ok
 
     return measure
-
-
-INFER_LEGEND = (
-    "G_A(x) under no_grad, as infer.py runs it (cudnn.benchmark off). infer ms: median of --iters forwards after "
-    "one that compiles, autotunes and decides. peak GiB: the tensors one forward holds, input included "
-    "(torch.cuda.max_memory_allocated over the timed forwards, less what was allocated before them); estimate: "
-    "infer.py's count of the same for the official layers (memory.forward_bytes). max abs Δ, err "
-    "(‖y − y_eager‖/‖y_eager‖) and worst-tile err (its worst 8×8 tile; kernels.choice.rel_err) against eager's "
-    "output; ok: err within 1e-2 (fp32) or 5e-2 (bf16)."
-)
 
 
 # ---- Launch count ----------------------------------------------------------------------------------------------------
@@ -533,13 +506,6 @@ def plain_loop(iters: int) -> None:
     print(f"plain loop: {iters} iterations; last losses {', '.join(f'{v:.3f}' for v in losses)}")
 
 
-CPU_LEGEND = (
-    "The quick-start configuration (resnet_6blocks, ngf 16, ndf 16, 32×32, batch 1, pool 50, identity 0.5), "
-    "on 16 preloaded image pairs; iterations/s = median over rounds in which the variants take turns. No data "
-    "loading, logging or saving: the training step alone."
-)
-
-
 # ---- Command line ----------------------------------------------------------------------------------------------------
 PROG = "python -m minicycle.tools.iteration_bench"
 
@@ -616,15 +582,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         kb.write_report(kb.document([top, *(cpu_report(args) if args.cpu else count_report(args, cfg, what))]),
                         args.out)
         return 0
-    heading, columns, legend = ((f"## G_A inference ({what})", INFER_COLUMNS, INFER_LEGEND) if args.infer else
-                                (f"## Model: one training iteration and G_A inference ({what})", MODEL_COLUMNS,
-                                 MODEL_LEGEND))
+    heading, columns, section = ((f"## G_A inference ({what})", INFER_COLUMNS, "Inference") if args.infer else
+                                 (f"## Model: one training iteration and G_A inference ({what})", MODEL_COLUMNS,
+                                  "Training iteration"))
     rows: list[list[str]] = []
     prof_rows: list[list[str]] = []
 
     def report(ok: bool = True) -> str:
-        profile_parts = ["## Profile of one iteration", kb.markdown_table(PROFILE_COLUMNS, prof_rows), PROFILE_LEGEND]
-        return kb.document([top, heading, kb.markdown_table(columns, rows), legend, *kb.decisions_section(),
+        profile_parts = ["## Profile of one iteration", kb.markdown_table(PROFILE_COLUMNS, prof_rows),
+                         kb.legend("Training iteration, --profile-dir")]
+        return kb.document([top, heading, kb.markdown_table(columns, rows), kb.legend(section), *kb.decisions_section(),
                             *(profile_parts if prof_rows else [])], ok)
 
     measure = infer_measure(args, cfg, device) if args.infer else train_measure(args, cfg, device, prof_rows)
@@ -637,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cpu_report(args: argparse.Namespace) -> list[str]:
     rows, note = bench_cpu(args.iters, args.rounds)
     return ["## CPU: train.py's training step against a plain eager loop", kb.markdown_table(CPU_COLUMNS, rows),
-            CPU_LEGEND + " " + note]
+            kb.legend("CPU mode") + " " + note]
 
 
 def count_report(args: argparse.Namespace, cfg: Config, what: str) -> list[str]:

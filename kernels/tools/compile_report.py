@@ -67,6 +67,7 @@ from triton.runtime.jit import JITFunction, KernelInterface, create_function_fro
 import kernels.device
 import kernels.instance_norm as inorm
 import kernels.reflect_conv as rconv
+from kernels import choice
 from kernels.tools.op_bench import csv_list, markdown_table
 
 # Triton 3.9 warns once per process that its fp-fusion default will change; the report compiles
@@ -386,34 +387,66 @@ class Replay:
     compiled: int  # kernels it compiled (not found in Triton's cache)
     max_shared: int  # the most shared memory one of them needs
     refused: list[str]  # what Triton's loader refused to launch (OutOfResources)
+    tuned: int = 0  # autotuner keys met for the first time: each config timed on a GPU
+    timed: int = 0  # the configs those timings ran
+    decisions: int = 0  # (op, key)s --kernels auto decides (checks and times both paths) on a GPU
 
 
 def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
                passes: tuple[str, ...] = PASSES, arch: int = DEFAULT_ARCH,
-               size: tuple[int, int] = DEFAULT_SIZE) -> Replay:
-    """Every launch and config through the JIT itself, as on the arch's stand-in GPU:
-    JITFunction.run(warmup=True) specialises, keys, looks in Triton's cache and compiles on a miss;
-    then Triton's loader checks the kernel against the device's limits (shared memory, threads) as
-    before a first launch, and nothing is launched. 0 compiled after --compile-only."""
-    launches = [launch for layer, batch, dtype, layout in itertools.product(layers, batches, dtypes, layouts)
-                for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch, size)]
+               sizes: tuple[tuple[int, int], ...] = (DEFAULT_SIZE,)) -> Replay:
+    """Every launch through the JIT itself, as on the arch's stand-in GPU, image size after image size, as a
+    folder of photos meets them: an autotuned kernel runs every config (after pruning) for a key its autotuner
+    has not met, as the autotuner times them, and then the one it keeps (the first: which one is fastest
+    does not matter here). JITFunction.run(warmup=True) specialises, keys, looks in Triton's cache and compiles
+    on a miss; Triton's loader then checks the kernel against the device's limits (shared memory, threads) as
+    before a first launch, and nothing is launched. 0 compiled after --compile-only. `decisions` counts the
+    distinct keys of kernels.choice for the same layers."""
     cache = Path(triton.knobs.cache.dir)
     before = set(cache.glob("*"))
-    replay = Replay(0, 0, 0, [])
+    replay, tuned, decided = Replay(0, 0, 0, []), {}, set()
     with mock.patch.object(triton_driver, "_active", _StandInDriver(arch)):
-        for launch in launches:
-            for config in _configs(launch):
-                kernel = _jit_fn(launch.module, launch.name).run(*launch.args, grid=(1,), warmup=True,
-                                                                  **_jit_kwargs(launch, config))
-                replay.runs += 1
-                replay.max_shared = max(replay.max_shared, kernel.metadata.shared)
-                try:
-                    kernel._init_handles()
-                except triton.runtime.errors.OutOfResources as e:
-                    name = _config_name(launch.name, launch.kwargs, config)
-                    replay.refused.append(f"{launch.name} {name}: {type(e).__name__}: {e}")
-    replay.compiled = len(set(cache.glob("*")) - before)
+        for size, layer, batch, dtype, layout in itertools.product(sizes, layers, batches, dtypes, layouts):
+            decided.add(_choice_key(layer, batch, DTYPES[dtype], LAYOUTS[layout], size, passes != ("fwd",)))
+            for _, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch, size):
+                configs, tuner = _configs(launch), getattr(importlib.import_module(launch.module), launch.name)
+                if isinstance(tuner, Autotuner):  # its key, as Autotuner.run makes it
+                    named = {**dict(zip(tuner.arg_names, launch.args)), **launch.kwargs}
+                    key = (launch.name, *(named[k] for k in tuner.keys if k in named),
+                           *(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+                    if key not in tuned:
+                        tuned[key] = configs[0]
+                        replay.tuned, replay.timed = replay.tuned + 1, replay.timed + len(configs)
+                        _run(launch, configs, replay)
+                    configs = [tuned[key]]
+                _run(launch, configs, replay)
+    replay.compiled, replay.decisions = len(set(cache.glob("*")) - before), len(decided)
     return replay
+
+
+def _run(launch: Launch, configs: list[triton.Config | None], replay: Replay) -> None:
+    for config in configs:
+        kernel = _jit_fn(launch.module, launch.name).run(*launch.args, grid=(1,), warmup=True,
+                                                          **_jit_kwargs(launch, config))
+        replay.runs += 1
+        replay.max_shared = max(replay.max_shared, kernel.metadata.shared)
+        try:
+            kernel._init_handles()
+        except triton.runtime.errors.OutOfResources as e:
+            replay.refused.append(f"{launch.name} {_config_name(launch.name, launch.kwargs, config)}: "
+                                  f"{type(e).__name__}: {e}")
+
+
+def _choice_key(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory_format, size: tuple[int, int],
+                training: bool) -> tuple:
+    op, dims = LAYERS[layer]
+    x = torch.empty(batch, dims[0], *layer_size(layer, size), dtype=dtype, device="meta", requires_grad=training)
+    x = x.contiguous(memory_format=fmt)
+    if op == "in":
+        return choice._norm_key(x, 1e-5, 0.0, True)
+    C, OC, K, P, _ = dims
+    w = torch.empty(OC, C, K, K, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+    return choice._conv_key(x, w, None, P)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
@@ -467,15 +500,15 @@ def unsupported(arch: int) -> str | None:
     return None
 
 
-def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str],
-           jobs: int, passes: tuple[str, ...] = PASSES, compile_only: bool = False,
-           archs: tuple[int, ...] = (DEFAULT_ARCH,), size: tuple[int, int] = DEFAULT_SIZE) -> list[dict]:
+def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: list[str], jobs: int,
+           passes: tuple[str, ...] = PASSES, compile_only: bool = False, archs: tuple[int, ...] = (DEFAULT_ARCH,),
+           sizes: tuple[tuple[int, int], ...] = (DEFAULT_SIZE,)) -> list[dict]:
     """One row per arch x layer x pass x kernel launch x config, with the compile facts (none if compile_only)."""
     _tool("ptxas")
     if not compile_only:
         _tool("cuobjdump")
     rows, todo = [], {}
-    for arch, layer, batch, dtype, layout in itertools.product(archs, layers, batches, dtypes, layouts):
+    for arch, size, layer, batch, dtype, layout in itertools.product(archs, sizes, layers, batches, dtypes, layouts):
         for pass_name, launch in layer_launches(layer, batch, DTYPES[dtype], LAYOUTS[layout], passes, arch, size):
             for config in _configs(launch):
                 job = specialise(launch, config)
@@ -590,11 +623,13 @@ def _archs(value: str) -> list[int]:
 def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> int:
     refused = 0
     for arch in archs:
-        r = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes), arch, args.size)
+        r = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes), arch, tuple(args.size))
         limit = kernels.device.for_arch(arch).shared_bytes
-        print(f"sm_{arch}: the JIT ran {r.runs} launch configs and compiled {r.compiled} kernels (the rest were in "
-              f"Triton's cache, {triton.knobs.cache.dir}) in {time.monotonic() - start:.1f} s; the most shared "
-              f"memory one needs: {r.max_shared} B of {limit} B; refused at launch: {len(r.refused)}")
+        print(f"sm_{arch}, {len(args.size)} image size(s): the JIT ran {r.runs} launch configs and compiled "
+              f"{r.compiled} kernels (the rest were in Triton's cache, {triton.knobs.cache.dir}) in "
+              f"{time.monotonic() - start:.1f} s; the autotuners met {r.tuned} new keys (timing {r.timed} configs "
+              f"on a GPU); --kernels auto would decide {r.decisions} (op, key)s; the most shared memory one needs: "
+              f"{r.max_shared} B of {limit} B; refused at launch: {len(r.refused)}")
         for line in r.refused:
             print(" ", line)
         refused += len(r.refused)
@@ -610,9 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES), help="fp32,bf16 (default)")
     p.add_argument("--layouts", type=csv_list(tuple(LAYOUTS)), default=["channels_last"],
                    help="activation and weight layouts: channels_last (default: how the generator runs on CUDA), nchw")
-    p.add_argument("--size", type=_size, default=DEFAULT_SIZE, metavar="H,W",
+    p.add_argument("--size", type=_size, nargs="+", default=[DEFAULT_SIZE], metavar="H,W",
                    help="the input image's height and width, which set the layers' shapes (padded up to a multiple "
-                        f"of {SIZE_MULTIPLE}, as the generator needs; default: 256,256)")
+                        f"of {SIZE_MULTIPLE}, as the generator needs; default: 256,256); several: each in turn")
     p.add_argument("--passes", type=csv_list(PASSES), default=list(PASSES),
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
     known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
@@ -648,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.jit_replay:
             return _print_replays(args, archs, start)
         rows = report(args.layers, args.batch, args.dtypes, args.layouts, max(1, args.jobs), tuple(args.passes),
-                      args.compile_only, tuple(archs), args.size)
+                      args.compile_only, tuple(archs), tuple(args.size))
     except ToolMissing as e:
         print(f"kernels.tools.compile_report: skipped: {e}", file=sys.stderr)
         return 0

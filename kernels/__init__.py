@@ -23,6 +23,7 @@ from kernels.runtime import triton_problem
 if triton_problem():  # the kernel modules are not even imported: they use the newer Triton's APIs at import
     from kernels.runtime import instance_norm_relu, reflect_conv2d
 else:
+    import kernels.conv_backward  # noqa: F401  (registers the conv's backward op, which its autograd calls)
     from kernels.instance_norm import instance_norm_relu
     from kernels.reflect_conv import reflect_conv2d
 

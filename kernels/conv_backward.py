@@ -22,10 +22,8 @@ def _reflect_conv2d_backward(
 
 
 @_reflect_conv2d_backward.register_fake
-def _(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
-    need_x: bool, need_w: bool, need_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, need_x: bool, need_w: bool,
+      need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx = _empty_like_layout(x, x.shape) if need_x else x.new_empty(0)
     dw = torch.empty_like(weight) if need_w else x.new_empty(0)  # as _conv_wgrad: w's memory order
     db = x.new_empty(weight.shape[0]) if need_b else x.new_empty(0)

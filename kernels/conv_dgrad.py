@@ -86,8 +86,7 @@ def _dgrad_kernel(
         a, b, BATCH, CA, AH, AW, N, HQ, WQ, PH, PW, sa_img, sa_c, sa_h, sa_w, sb_n, sb_c, sb_h, sb_w,
         KH, KW, False, MASK_BOUNDS, A_ALIGN, PRECISION, DOT_FP32, INT64, BM, BN, BK, EVEN_K,
     )
-    H = HQ - 2 * P  # dx is H x W
-    W = WQ - 2 * P
+    H, W = HQ - 2 * P, WQ - 2 * P  # dx's
     inside = (qh >= P) & (qh < H + P) & (qw >= P) & (qw < W + P)
     dx_off = img * sdx_img + (qh - P) * sdx_h + (qw - P) * sdx_w
     tl.store(dx + (dx_off[:, None] + c[None, :] * sdx_c), acc.to(dx.dtype.element_ty), mask=ok & inside[:, None])
@@ -168,9 +167,6 @@ def _strip_reach(ws: torch.Tensor, HQ: int, WQ: int, C: int) -> int:
     """Beyond the farthest offset into the border strips ws (N strips of C channels) that the GEMM's epilogue
     and the fold compute: a masked position's strip index lies within one padded HQ x WQ grid of its strip."""
     return ws.numel() + 2 * HQ * WQ * C
-
-
-# ----------------------------------------------------------------------------- host code
 
 
 def _conv_dgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:

@@ -1,8 +1,6 @@
-"""The conv kernels' tiles, and what each needs of the GPU it runs on.
-
-The implicit GEMMs of kernels/reflect_conv.py (forward), conv_dgrad.py and conv_wgrad.py are
-autotuned over the configs below, pruned per launch to those that fit the device and the problem.
-"""
+"""The conv kernels' tiles, and what each needs of the GPU it runs on: the GEMMs of kernels/reflect_conv.py
+(forward), conv_dgrad.py and conv_wgrad.py are autotuned over these configs, pruned per launch to those
+that fit the device and the problem."""
 
 import torch
 import triton
@@ -18,12 +16,11 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_stages=s, num_warps=w) for bm, bn, bk, s, w in shapes]
 
 
-# (BM, BN, BK, num_stages, num_warps). Every tl.dot dimension is >= 16 so that each config
-# compiles on a GPU; BN = 16 serves the 3-channel outputs at either end of the generator.
-# BM >= 64 with 4+ warps lets Hopper use warpgroup MMA (wgmma). Per (BM, BN), the pruning keeps
-# the widest BK (then the most stages) that the device can hold: the BK = 32 rows are for GPUs
-# with less shared memory or with mma.sync (which holds the operands in registers), and on an
-# H100 lose to a wider one wherever the channels allow it.
+# (BM, BN, BK, num_stages, num_warps). Every tl.dot dimension is >= 16 so that each config compiles on a
+# GPU; BN = 16 serves the 3-channel outputs at either end of the generator. BM >= 64 with 4+ warps lets
+# Hopper use warpgroup MMA (wgmma). Per (BM, BN), the pruning keeps the widest BK (then the most stages)
+# the device can hold: BK = 32 is for GPUs with less shared memory or with mma.sync (which holds the
+# operands in registers), and on an H100 loses to a wider one wherever the channels allow it.
 if _INTERPRET:
     GEMM_CONFIGS = _configs([(128, 32, 32, 1, 4)])
     WGRAD_CONFIGS = _configs([(32, 32, 32, 1, 4)])

@@ -32,15 +32,12 @@ _SUM_BLOCK = 1024
 def _wgrad_kernel(
     x, dy, ws,
     N, C, H, W, OC, OH, OW, P, ROWS_PER_SPLIT,
-    sxn, sxc, sxh, sxw,
-    sdn, sdc, sdh, sdw,
-    swo, swc, swh, sww,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, swo, swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr, X_IS_A: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """ws[s] (laid out as dw, strides sw*) = sum over split s's pixels p of dy[p, oc] . x[refl(p + (kh, kw) - P), c].
-
     The GEMM's rows are dy's channels (A = dy^T, B = x), or x's channels when X_IS_A (A = x^T,
     B = dy: for few output channels, so the 64-row MMA tile is not mostly padding). X_ALIGN and
     DY_ALIGN divide the pixel strides, and INT64 widens the index math, as in _implicit_gemm.
@@ -137,9 +134,6 @@ def _sum_splits_kernel(ws, out, SPLITS, NUMEL, BLOCK: tl.constexpr, INT64: tl.co
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=ok)
 
 
-# ----------------------------------------------------------------------------- host code
-
-
 def _conv_wgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
     """dw: one _wgrad_kernel launch, then the sum of its split-K partials."""
     N, C, H, W = x.shape
@@ -168,11 +162,9 @@ def _conv_wgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> t
     return dw
 
 
-def _launch_wgrad(
-    *, x: torch.Tensor, x_strides: tuple[int, ...], C: int, H: int, W: int,
-    dy: torch.Tensor, dy_strides: tuple[int, ...], OC: int, OH: int, OW: int,
-    out: torch.Tensor, out_strides: tuple[int, ...], KH: int, KW: int, P: int, x_is_a: bool,
-) -> None:
+def _launch_wgrad(*, x: torch.Tensor, x_strides: tuple[int, ...], C: int, H: int, W: int, dy: torch.Tensor,
+                  dy_strides: tuple[int, ...], OC: int, OH: int, OW: int, out: torch.Tensor,
+                  out_strides: tuple[int, ...], KH: int, KW: int, P: int, x_is_a: bool) -> None:
     """out (dense, laid out as an (OC, C, KH, KW) weight with out_strides) = the weight gradient of
     a conv with reflection padding P from the (C x H x W) input x to the (OC x OH x OW) dy, via
     split-K partials in an fp32 workspace. x_is_a puts x's channels on the MMA rows."""

@@ -280,9 +280,8 @@ def _int64(*reaches: int) -> bool:
 
 def _gemm_reach(a_strides: tuple[int, ...], a_shape: tuple[int, ...], b_strides: tuple[int, ...], N: int,
                 taps: tuple[int, int], pads: tuple[int, int], rows: int) -> int:
-    """How far _implicit_gemm's offsets into a and b and its row index reach: a's (BATCH, CA, AH, AW)
-    read PH rows before 0 and past AH - 1 (zero padding), the channel index up to the K tile BK <=
-    next_pow2(CA) (or 32, the smallest config's), the rows up to a tile past M."""
+    """How far _implicit_gemm's offsets into a and b and its row index reach: a read PH rows before 0 and past
+    AH - 1 (zero padding), the channels up to BK <= next_pow2(CA) (or 32), the rows a tile past M."""
     (BATCH, CA, AH, AW), (KH, KW), (PH, PW) = a_shape, taps, pads
     k_end = cap(CA, 32)
     return max(_reach(a_strides, (BATCH, k_end, AH + PH, AW + PW)), _reach(b_strides, (N, k_end, KH, KW)),

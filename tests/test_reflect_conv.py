@@ -398,3 +398,4 @@ def test_autotune_keys_tell_layouts_apart():
             differing += 1
             assert nchw_key != cl_key, (pass_name, name)
     assert differing == 3  # fwd, dgrad, wgrad
+

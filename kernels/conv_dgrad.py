@@ -66,13 +66,13 @@ def _in_band(i, F0, NF, S0, NS):
     return ((i >= F0) & (i < F0 + NF)) | ((i >= S0) & (i < S0 + NS))
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["BATCH", "CA", "AH", "AW", "N", "HQ", "WQ", "KH", "KW", "sa_c"],
-                 prune_configs_by={"early_config_prune": prune_gemm})
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "CA", "N", "KH", "KW", "sa_c"], cache_results=True,
+                 prune_configs_by={"early_config_prune": prune_gemm})  # keys and specialisation: as _conv_kernel's
 @triton.heuristics({"EVEN_K": lambda args: args["CA"] % args["BK"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["BATCH", "AH", "AW", "HQ", "WQ", "M_BUCKET"])
 def _dgrad_kernel(
     a, b, dx, ws,
-    BATCH, CA, AH, AW, N, HQ, WQ, PH, PW, P,
+    BATCH, CA, AH, AW, N, HQ, WQ, PH, PW, P, M_BUCKET,
     sa_img, sa_c, sa_h, sa_w, sb_n, sb_c, sb_h, sb_w, sdx_img, sdx_c, sdx_h, sdx_w,
     KH: tl.constexpr, KW: tl.constexpr, MASK_BOUNDS: tl.constexpr, A_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr,
@@ -195,7 +195,7 @@ def _conv_dgrad(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, p: int) -> t
                    0 if ws is None else _strip_reach(ws, HQ, WQ, C))
     _dgrad_kernel[rc._gemm_grid(N * HQ * WQ, C)](
         a, b, dx, dx if ws is None else ws,
-        N, CA, AH, AW, C, HQ, WQ, PH, PW, p,
+        N, CA, AH, AW, C, HQ, WQ, PH, PW, p, triton.next_power_of_2(N * HQ * WQ),
         *a_strides, *b_strides, *dx.stride(),
         KH=KH, KW=KW, MASK_BOUNDS=not window, A_ALIGN=rc._align(a_strides), INT64=int64, **rc._dot_args(x),
     )

@@ -24,14 +24,14 @@ _DBIAS_BLOCK_P = 128
 _SUM_BLOCK = 1024
 
 
-@triton.autotune(configs=WGRAD_CONFIGS,
-                 key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "ROWS_PER_SPLIT", "sxc", "sdc"],
-                 prune_configs_by={"early_config_prune": prune_wgrad})
+# Keyed, and not specialised on sizes, as the forward's kernel is; K_BUCKET: the pixels reduced, N.OH.OW.
+@triton.autotune(configs=WGRAD_CONFIGS, key=["K_BUCKET", "C", "OC", "KH", "KW", "X_IS_A", "sxc", "sdc"],
+                 cache_results=True, prune_configs_by={"early_config_prune": prune_wgrad})
 @triton.heuristics({"EVEN_K": lambda a: a["OW"] % a["BK"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "ROWS_PER_SPLIT", "K_BUCKET"])
 def _wgrad_kernel(
     x, dy, ws,
-    N, C, H, W, OC, OH, OW, P, ROWS_PER_SPLIT,
+    N, C, H, W, OC, OH, OW, P, ROWS_PER_SPLIT, K_BUCKET,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, swo, swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr, X_IS_A: tl.constexpr, X_ALIGN: tl.constexpr, DY_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr,
@@ -184,7 +184,7 @@ def _launch_wgrad(*, x: torch.Tensor, x_strides: tuple[int, ...], C: int, H: int
 
     _wgrad_kernel[grid](
         x, dy, ws,
-        N, C, H, W, OC, OH, OW, P, per,
+        N, C, H, W, OC, OH, OW, P, per, triton.next_power_of_2(N * OH * OW),
         *x_strides, *dy_strides, *out_strides,
         KH=KH, KW=KW, X_IS_A=x_is_a, X_ALIGN=rc._align(x_strides), DY_ALIGN=rc._align(dy_strides), INT64=int64,
         **rc._dot_args(x),

@@ -133,15 +133,17 @@ def _implicit_gemm(
     return acc, img, oh, ow, n, (rm < M)[:, None] & (rn < N)[None, :]
 
 
-# The autotuner caches its pick per key: the channel stride in it keeps NCHW and channels_last
-# picks apart (their pruned config sets differ), where one process runs both layouts.
-@triton.autotune(configs=GEMM_CONFIGS, key=["BATCH", "CA", "AH", "AW", "N", "OH", "OW", "KH", "KW", "sa_c"],
+# The autotuner tunes once per key (and keeps its pick on disk): what the pruning reads (channels, the
+# channel stride, which keeps NCHW and channels_last apart) and the power of two M_BUCKET >= M, so that
+# photos of many sizes share a pick (the masks make any config right at any size). Nor does a new size
+# compile anew: the size-only ints are not specialised (on 1 or 16 | n), the strides are (alignment).
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "CA", "N", "KH", "KW", "sa_c"], cache_results=True,
                  prune_configs_by={"early_config_prune": prune_gemm})
 @triton.heuristics({"EVEN_K": lambda args: args["CA"] % args["BK"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["BATCH", "AH", "AW", "OH", "OW", "M_BUCKET"])
 def _conv_kernel(
     a, b, bias, y,
-    BATCH, CA, AH, AW, N, OH, OW, PH, PW,
+    BATCH, CA, AH, AW, N, OH, OW, PH, PW, M_BUCKET,
     sa_img, sa_c, sa_h, sa_w, sb_n, sb_c, sb_h, sb_w, sy_img, sy_c, sy_h, sy_w,
     KH: tl.constexpr, KW: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr, A_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr,
@@ -329,7 +331,7 @@ def _conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: in
                    _reach(y.stride(), y.shape))
     _conv_kernel[_gemm_grid(M, OC)](
         a, b, b if bias is None else bias, y,
-        N, CA, AH, AW, OC, *y.shape[2:], p, p,
+        N, CA, AH, AW, OC, *y.shape[2:], p, p, triton.next_power_of_2(M),
         *a_strides, *b_strides, *y.stride(),
         KH=KH, KW=KW, REFLECT=not window, HAS_BIAS=bias is not None, A_ALIGN=_align(a_strides), INT64=int64,
         **_dot_args(x),

@@ -399,3 +399,44 @@ def test_autotune_keys_tell_layouts_apart():
             assert nchw_key != cl_key, (pass_name, name)
     assert differing == 3  # fwd, dgrad, wgrad
 
+
+SAME_BUCKET = ((2048, 3072), (2304, 3328))  # photos whose every conv layer has M in the same power-of-two bucket
+OTHER_BUCKET = (1024, 1536)
+BUCKET_SCRIPT = r"""
+import importlib, json, sys, torch
+import kernels.tools.compile_report as ki
+from triton.runtime.autotuner import Autotuner
+
+found = {}
+for size in json.loads(sys.argv[1]):
+    for layer in ("stem7x7", "conv3x3", "head7x7"):
+        for pass_name, launch in ki.layer_launches(layer, 1, torch.bfloat16, torch.channels_last, size=tuple(size)):
+            tuner = getattr(importlib.import_module(launch.module), launch.name)
+            if isinstance(tuner, Autotuner):  # its cache key, as Autotuner.run makes it; the JIT's specialisation
+                named = {**dict(zip(tuner.arg_names, launch.args)), **launch.kwargs}
+                key = [named[k] for k in tuner.keys] + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+                job = ki.specialise(launch, ki._configs(launch)[0])
+                found.setdefault(f"{layer} {pass_name} {launch.name}", []).append([repr(key), repr(job)])
+print(json.dumps(found))
+"""
+
+
+def test_photo_sizes_in_one_bucket_share_the_tuning_and_the_compile():
+    """The autotuners key on the power-of-two bucket of the GEMM's size, and the JIT does not specialise
+    on the sizes: two photo sizes whose layers fall in the same buckets share every GEMM launch's autotune
+    key and compiled variant (so a new size neither tunes nor compiles again); a size in another bucket
+    tunes anew. Triton's own binder specialises the launches, as compiled for sm_90 (no GPU needed)."""
+    import json
+    import subprocess
+    import sys
+
+    sizes = json.dumps([*SAME_BUCKET, OTHER_BUCKET])
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", BUCKET_SCRIPT, sizes], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    assert {name.split()[-1] for name in found} == {"_conv_kernel", "_dgrad_kernel", "_wgrad_kernel"}
+    for name, [(key, job), (same_key, same_job), (other_key, _)] in found.items():
+        assert key == same_key and job == same_job, name
+        assert other_key != key, name

@@ -69,7 +69,7 @@ def _in_band(i, F0, NF, S0, NS):
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "CA", "N", "KH", "KW", "sa_c"], cache_results=True,
                  prune_configs_by={"early_config_prune": prune_gemm})  # keys and specialisation: as _conv_kernel's
 @triton.heuristics({"EVEN_K": lambda args: args["CA"] % args["BK"] == 0})
-@triton.jit(do_not_specialize=["BATCH", "AH", "AW", "HQ", "WQ", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _dgrad_kernel(
     a, b, dx, ws,
     BATCH, CA, AH, AW, N, HQ, WQ, PH, PW, P, M_BUCKET,

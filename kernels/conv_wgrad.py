@@ -24,11 +24,11 @@ _DBIAS_BLOCK_P = 128
 _SUM_BLOCK = 1024
 
 
-# Keyed, and not specialised on sizes, as the forward's kernel is; K_BUCKET: the pixels reduced, N.OH.OW.
+# Keyed and specialised as the forward's kernel is; K_BUCKET: the pixels reduced, N.OH.OW.
 @triton.autotune(configs=WGRAD_CONFIGS, key=["K_BUCKET", "C", "OC", "KH", "KW", "X_IS_A", "sxc", "sdc"],
                  cache_results=True, prune_configs_by={"early_config_prune": prune_wgrad})
 @triton.heuristics({"EVEN_K": lambda a: a["OW"] % a["BK"] == 0})
-@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "ROWS_PER_SPLIT", "K_BUCKET"])
+@triton.jit(do_not_specialize=["ROWS_PER_SPLIT", "K_BUCKET"])
 def _wgrad_kernel(
     x, dy, ws,
     N, C, H, W, OC, OH, OW, P, ROWS_PER_SPLIT, K_BUCKET,

@@ -135,12 +135,12 @@ def _implicit_gemm(
 
 # The autotuner tunes once per key (and keeps its pick on disk): what the pruning reads (channels, the
 # channel stride, which keeps NCHW and channels_last apart) and the power of two M_BUCKET >= M, so that
-# photos of many sizes share a pick (the masks make any config right at any size). Nor does a new size
-# compile anew: the size-only ints are not specialised (on 1 or 16 | n), the strides are (alignment).
+# photos of many sizes share a pick (the masks make any config right at any size). The JIT specialises the
+# sizes only on 1 and 16 | n (which the compiled index math uses), not on their values: a compile per class.
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "CA", "N", "KH", "KW", "sa_c"], cache_results=True,
                  prune_configs_by={"early_config_prune": prune_gemm})
 @triton.heuristics({"EVEN_K": lambda args: args["CA"] % args["BK"] == 0})
-@triton.jit(do_not_specialize=["BATCH", "AH", "AW", "OH", "OW", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _conv_kernel(
     a, b, bias, y,
     BATCH, CA, AH, AW, N, OH, OW, PH, PW, M_BUCKET,

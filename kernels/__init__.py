@@ -14,8 +14,9 @@ none), both names are PyTorch's path (kernels/runtime.py), and the first call th
 Triton says so in one line. The generator does not call these directly by default:
 kernels/choice.py picks, per layer shape on CUDA, the faster of them and PyTorch's path.
 
-Reading order: instance_norm.py and reflect_conv.py (math, kernels, host code, custom op), device.py
-(what a GPU offers them), choice.py (Triton or PyTorch, measured), runtime.py; tools/ measures them.
+Reading order: instance_norm.py; reflect_conv.py (the forward: math, kernel, host code, custom op),
+conv_dgrad.py, conv_wgrad.py, conv_backward.py (their op), conv_tiles.py (the tiles and their pruning);
+device.py (what a GPU offers them), choice.py (Triton or PyTorch, measured), runtime.py; tools/.
 """
 
 from kernels.runtime import triton_problem
@@ -23,6 +24,7 @@ from kernels.runtime import triton_problem
 if triton_problem():  # the kernel modules are not even imported: they use the newer Triton's APIs at import
     from kernels.runtime import instance_norm_relu, reflect_conv2d
 else:
+    import kernels.conv_backward  # noqa: F401  (registers the conv's backward op, which its autograd calls)
     from kernels.instance_norm import instance_norm_relu
     from kernels.reflect_conv import reflect_conv2d
 

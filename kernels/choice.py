@@ -42,6 +42,7 @@ from kernels.runtime import pytorch_norm, use_triton
 
 KERNELS = not runtime.triton_problem()  # else kernels.* are PyTorch's path, and there is nothing to choose
 if KERNELS:
+    from kernels import conv_dgrad, conv_wgrad
     from kernels import reflect_conv as rc
 
 MODES = ("auto", "triton", "pytorch")
@@ -286,7 +287,7 @@ def dgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int)
     """dx in x's memory format. PyTorch: the padded input's gradient (the input's values unused,
     so an empty tensor of its shape stands in), folded back by the pad's own backward."""
     if path == TRITON:
-        return rc._conv_dgrad(dy, w, x, p)
+        return conv_dgrad._conv_dgrad(dy, w, x, p)
     N, C, H, W = x.shape
     padded = torch.empty((N, C, H + 2 * p, W + 2 * p), dtype=x.dtype, device=x.device, memory_format=_format(x))
     with _no_autocast(x):
@@ -300,7 +301,8 @@ def wgrad(path: str, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: int,
           need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dw in w's memory format, db), each None where not needed."""
     if path == TRITON:
-        return (rc._conv_wgrad(dy, w, x, p) if need_w else None), (rc._conv_dbias(dy, x.dtype) if need_b else None)
+        dw = conv_wgrad._conv_wgrad(dy, w, x, p) if need_w else None
+        return dw, (conv_wgrad._conv_dbias(dy, x.dtype) if need_b else None)
     with _no_autocast(x):
         padded = F.pad(x, (p,) * 4, mode="reflect") if p else x
         _, dw, db = torch.ops.aten.convolution_backward(dy, padded, w, [w.shape[0]] if need_b else None, [1, 1],

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import triton
 
+import kernels.conv_tiles
 import kernels.device
-import kernels.reflect_conv as rc
 import kernels.tools.compile_report as ki
 
 ROOT = Path(__file__).resolve().parents[1]
-GEMM_KERNELS = {"_conv_kernel", "_wgrad_kernel"}
+GEMM_KERNELS = {"_conv_kernel", "_dgrad_kernel", "_wgrad_kernel"}
 SMEM_LIMIT = 227 * 1024  # the most shared memory an H100 thread block can have
 KEYS = {"arch", "kernel", "config", "dtype", "layout", "shape", "pass", "registers", "spill_bytes", "shared_bytes",
         "hgmma", "ldgsts", "tma", "ldg128", "grid"}
@@ -70,7 +70,7 @@ def test_no_config_spills(conv_rows):
 @pytest.mark.slow
 def test_every_gemm_config_uses_hgmma(conv_rows):
     gemms = [r for r in conv_rows if r["kernel"] in GEMM_KERNELS]
-    assert len({r["kernel"] for r in gemms}) == 2
+    assert {r["kernel"] for r in gemms} == GEMM_KERNELS
     bad = [(r["shape"], r["pass"], r["dtype"], r["config"]) for r in gemms if not r["hgmma"] or r["hmma"]]
     assert not bad, bad
 
@@ -248,7 +248,7 @@ def test_shared_memory_estimate_is_exact_or_conservative(arch_rows, conv_rows):
     under = []
     for r in gemms:
         gpu = kernels.device.for_arch(int(r["arch"].removeprefix("sm_")))
-        estimate = rc._shared_bytes(_config(r["config"]), 4 if r["dtype"] == "fp32" else 2, gpu)
+        estimate = kernels.conv_tiles.shared_bytes(_config(r["config"]), 4 if r["dtype"] == "fp32" else 2, gpu)
         if estimate < r["shared_bytes"]:
             under.append((r["arch"], r["shape"], r["pass"], r["dtype"], r["layout"], r["config"], estimate,
                           r["shared_bytes"]))

@@ -20,7 +20,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import infer
 import kernels
 import train
-from kernels import choice
+from kernels import choice, conv_dgrad, conv_wgrad
 from kernels import reflect_conv as rc
 from kernels.device import Device
 from minicycle import datasets, networks
@@ -96,7 +96,8 @@ def test_timing_picks_the_faster_path_per_pass(monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
     # Decided: the next calls run Triton's forward and wgrad, PyTorch's dgrad, and time nothing.
-    fwd, dx, dw = (counting(monkeypatch, rc, n) for n in ("_conv_fwd", "_conv_dgrad", "_conv_wgrad"))
+    fwd, dx, dw = (counting(monkeypatch, m, n) for m, n in ((rc, "_conv_fwd"), (conv_dgrad, "_conv_dgrad"),
+                                                           (conv_wgrad, "_conv_wgrad")))
     grads(lambda *a: choice.measured_reflect_conv2d(*a, padding=1), x, w, b, dy)
     assert (len(fwd), len(dx), len(dw), len(timer.calls)) == (1, 0, 1, 6)
 
@@ -177,7 +178,7 @@ def failing(exc: BaseException):
 def inject(monkeypatch, chooser, exc: BaseException, where: str, path: str = "triton") -> None:
     """exc from Triton's wgrad launch in the check, or from `path`'s timing."""
     if where == "launch":
-        monkeypatch.setattr(rc, "_conv_wgrad", failing(exc))
+        monkeypatch.setattr(conv_wgrad, "_conv_wgrad", failing(exc))
     else:
         table_timer = chooser.timer
         chooser.timer = lambda fn, p, name: failing(exc)() if p == path else table_timer(fn, p, name)
@@ -458,10 +459,10 @@ def test_train_compile_traces_only_checked_choices_and_trains_as_without(dataroo
     # The Triton conv passes stand-ins that run PyTorch's (what is traced matters here, not the kernels' numbers,
     # and the interpreter would take minutes for the steps' Triton passes).
     monkeypatch.setattr(rc, "_conv_fwd", lambda x, w, b, p: choice.forward(choice.PYTORCH, x, w, b, p))
-    monkeypatch.setattr(rc, "_conv_dgrad", lambda dy, w, x, p: choice.dgrad(choice.PYTORCH, dy, x, w, p))
-    monkeypatch.setattr(rc, "_conv_wgrad", lambda dy, w, x, p: choice.wgrad(choice.PYTORCH, dy, x, w, p, True,
-                                                                            False)[0])
-    monkeypatch.setattr(rc, "_conv_dbias", lambda dy, dtype: dy.sum((0, 2, 3)))
+    monkeypatch.setattr(conv_dgrad, "_conv_dgrad", lambda dy, w, x, p: choice.dgrad(choice.PYTORCH, dy, x, w, p))
+    monkeypatch.setattr(conv_wgrad, "_conv_wgrad", lambda dy, w, x, p: choice.wgrad(choice.PYTORCH, dy, x, w, p,
+                                                                                    True, False)[0])
+    monkeypatch.setattr(conv_wgrad, "_conv_dbias", lambda dy, dtype: dy.sum((0, 2, 3)))
     args = TINY + ["--dataroot", str(dataroot), "--checkpoints_dir", str(tmp_path), "--netD", "pixel", "--ngf", "2",
                    "--ndf", "2", "--load_size", "8", "--crop_size", "8", "--norm", "instance"]
     states = []

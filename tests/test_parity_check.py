@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import choice
+from kernels import choice, conv_dgrad, conv_wgrad
 from kernels import reflect_conv as rc
 from kernels.choice import PYTORCH, TRITON, rel_err
 from kernels.device import Device
@@ -54,11 +54,11 @@ def wrap(monkeypatch, rounding=lambda t: t, fault: dict | None = None) -> None:
     keep = lambda name: fault.get(name, lambda t: t)  # noqa: E731
     monkeypatch.setattr(rc, "_conv_fwd", lambda x, w, b, p: keep("fwd")(
         choice.forward(PYTORCH, rounding(x), rounding(w), b, p)))
-    monkeypatch.setattr(rc, "_conv_dgrad", lambda dy, w, x, p: keep("dgrad")(
+    monkeypatch.setattr(conv_dgrad, "_conv_dgrad", lambda dy, w, x, p: keep("dgrad")(
         choice.dgrad(PYTORCH, rounding(dy), x, rounding(w), p)))
-    monkeypatch.setattr(rc, "_conv_wgrad", lambda dy, w, x, p: keep("wgrad")(
+    monkeypatch.setattr(conv_wgrad, "_conv_wgrad", lambda dy, w, x, p: keep("wgrad")(
         choice.wgrad(PYTORCH, rounding(dy), rounding(x), w, p, True, False)[0]))
-    monkeypatch.setattr(rc, "_conv_dbias", lambda dy, dtype: dy.sum((0, 2, 3)))
+    monkeypatch.setattr(conv_wgrad, "_conv_dbias", lambda dy, dtype: dy.sum((0, 2, 3)))
 
 
 def decide(monkeypatch, name: str, size: int | None = None, **wrapping) -> choice.Decision:

@@ -14,6 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kernels
+from kernels import conv_dgrad, conv_wgrad
 from kernels import reflect_conv as rc
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -25,7 +26,8 @@ TRITON_RUNS = DEVICE == "cuda" or INTERPRET
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
-KERNELS = ("_conv_kernel", "_fold_kernel", "_pack_kernel", "_wgrad_kernel", "_dbias_kernel", "_sum_splits_kernel")
+KERNELS = {"_conv_kernel": rc, "_pack_kernel": rc, "_dgrad_kernel": conv_dgrad, "_fold_kernel": conv_dgrad,
+           "_wgrad_kernel": conv_wgrad, "_dbias_kernel": conv_wgrad, "_sum_splits_kernel": conv_wgrad}
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +114,7 @@ def test_matches_pytorch_half(case, dtype):
 def test_crosses_block_boundaries():
     # C and OC above the 16-wide blocks (masked tails), and a wgrad reduction over 2.8 output
     # rows that is split across programs.
-    assert rc._rows_per_split(2 * 8, 9, torch.device(DEVICE))[1] > 1
+    assert conv_wgrad._split(2 * 8, 9, torch.device(DEVICE))[1] > 1
     _check(2, 20, 18, 8, 10, 3, 1, True, torch.float32)
 
 
@@ -211,8 +213,8 @@ def test_guard_bands(monkeypatch, fmt, int64):
         x, w = (t.contiguous(memory_format=fmt) for t in (x, w))
         dy = torch.randn(N, OC, 9 + 2 * p - k + 1, 10 + 2 * p - k + 1).to(DEVICE).contiguous(memory_format=fmt)
         (xb, _), (wb, _), (bb, _), (dyb, _) = (_banded(t) for t in (x, w, b, dy))
-        got = rc._conv_fwd(xb, wb, bb, p), rc._conv_dgrad(dyb, wb, xb, p), rc._conv_wgrad(dyb, wb, xb, p), \
-            rc._conv_dbias(dyb, torch.float32)
+        got = rc._conv_fwd(xb, wb, bb, p), conv_dgrad._conv_dgrad(dyb, wb, xb, p), \
+            conv_wgrad._conv_wgrad(dyb, wb, xb, p), conv_wgrad._conv_dbias(dyb, torch.float32)
         ref = _reference(x, w, b, p, dy)
         for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
             _assert_close(g, r, torch.float32, f"{name} for C={C} OC={OC} k={k}")
@@ -250,9 +252,9 @@ class _Spy:
 
 
 def _spy_all(monkeypatch) -> dict[str, _Spy]:
-    spies = {name: _Spy(getattr(rc, name)) for name in KERNELS}
+    spies = {name: _Spy(getattr(module, name)) for name, module in KERNELS.items()}
     for name, spy in spies.items():
-        monkeypatch.setattr(rc, name, spy)
+        monkeypatch.setattr(KERNELS[name], name, spy)
     return spies
 
 
@@ -263,8 +265,8 @@ def test_only_needed_grads(monkeypatch):
     w.requires_grad_()
     kernels.reflect_conv2d(x, w, b, padding=1).sum().backward()
     assert spies["_wgrad_kernel"].launches == 1
-    assert spies["_conv_kernel"].launches == 1  # the forward; no dgrad
-    assert spies["_fold_kernel"].launches == spies["_dbias_kernel"].launches == 0
+    assert spies["_conv_kernel"].launches == 1  # the forward
+    assert spies["_dgrad_kernel"].launches == spies["_fold_kernel"].launches == spies["_dbias_kernel"].launches == 0
 
 
 @needs_triton
@@ -382,10 +384,10 @@ def test_autotune_keys_tell_layouts_apart():
     for layout in ("nchw", "channels_last"):
         passes = ("fwd", "dgrad", "wgrad")
         for pass_name, launch in layer_launches("conv3x3", 1, torch.bfloat16, LAYOUTS[layout], passes):
-            tuner = getattr(rc, launch.name)
+            tuner = getattr(KERNELS[launch.name], launch.name)
             if isinstance(tuner, triton.runtime.Autotuner):
                 named = {**dict(zip(tuner.arg_names, launch.args)), **launch.kwargs}
-                channel_strides = tuple(named[k] for k in ("sxc", "sdc") if k in named)
+                channel_strides = tuple(named[k] for k in ("sa_c", "sxc", "sdc") if k in named)
                 key = tuple(named[k] for k in tuner.keys)
                 launches.setdefault((pass_name, launch.name), []).append((channel_strides, key))
     differing = 0
@@ -394,3 +396,45 @@ def test_autotune_keys_tell_layouts_apart():
             differing += 1
             assert nchw_key != cl_key, (pass_name, name)
     assert differing == 3  # fwd, dgrad, wgrad
+
+
+SAME_BUCKET = ((2048, 3072), (2304, 3328))  # photos whose every conv layer has M in the same power-of-two bucket
+OTHER_BUCKET = (1024, 1536)
+BUCKET_SCRIPT = r"""
+import importlib, json, sys, torch
+import kernels.tools.compile_report as ki
+from triton.runtime.autotuner import Autotuner
+
+found = {}
+for size in json.loads(sys.argv[1]):
+    for layer in ("stem7x7", "conv3x3", "head7x7"):
+        for pass_name, launch in ki.layer_launches(layer, 1, torch.bfloat16, torch.channels_last, size=tuple(size)):
+            tuner = getattr(importlib.import_module(launch.module), launch.name)
+            if isinstance(tuner, Autotuner):  # its cache key, as Autotuner.run makes it; the JIT's specialisation
+                named = {**dict(zip(tuner.arg_names, launch.args)), **launch.kwargs}
+                key = [named[k] for k in tuner.keys] + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+                job = ki.specialise(launch, ki._configs(launch)[0])
+                found.setdefault(f"{layer} {pass_name} {launch.name}", []).append([repr(key), repr(job)])
+print(json.dumps(found))
+"""
+
+
+def test_photo_sizes_in_one_bucket_share_the_tuning_and_the_compile():
+    """The autotuners key on the power-of-two bucket of the GEMM's size, and the JIT does not specialise
+    on the sizes: two photo sizes whose layers fall in the same buckets share every GEMM launch's autotune
+    key and compiled variant (so a new size neither tunes nor compiles again); a size in another bucket
+    tunes anew. Triton's own binder specialises the launches, as compiled for sm_90 (no GPU needed)."""
+    import json
+    import subprocess
+    import sys
+
+    sizes = json.dumps([*SAME_BUCKET, OTHER_BUCKET])
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", BUCKET_SCRIPT, sizes], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    assert {name.split()[-1] for name in found} == {"_conv_kernel", "_dgrad_kernel", "_wgrad_kernel"}
+    for name, [(key, job), (same_key, same_job), (other_key, _)] in found.items():
+        assert key == same_key and job == same_job, name
+        assert other_key != key, name

@@ -64,6 +64,9 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver as triton_driver
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
+import kernels.conv_dgrad as cdgrad
+import kernels.conv_tiles as ctiles
+import kernels.conv_wgrad as cwgrad
 import kernels.device
 import kernels.instance_norm as inorm
 import kernels.reflect_conv as rconv
@@ -75,7 +78,7 @@ from kernels.tools.op_bench import csv_list, markdown_table
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 DEFAULT_ARCH = 90
-MODULES = (rconv, inorm)
+MODULES = (rconv, cdgrad, cwgrad, inorm)
 
 # The generator's hot layers (ResNet-9, ngf 64), named by their size on a 256x256 image: (name, op, args).
 #   conv: (C, OC, K, P, scale);  in: (C, scale). A layer runs at (H / scale) x (W / scale) of the image.
@@ -94,7 +97,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 PASSES = ("fwd", "dgrad", "wgrad", "dbias", "bwd")
 
-GEMM_KERNELS = ("_conv_kernel", "_wgrad_kernel")
+GEMM_KERNELS = ("_conv_kernel", "_dgrad_kernel", "_wgrad_kernel")
 COLUMNS = ["arch", "shape", "pass", "dtype", "layout", "kernel", "config", "grid", "registers", "spill_bytes",
            "stl", "ldl", "shared_bytes", "hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32",
            "ldg16", "int_ops", "step_int_ops", "loop_ldg"]
@@ -140,7 +143,7 @@ def _policy(arch: int) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     tf32 = lambda x: "tf32" if x.dtype == torch.float32 else "ieee"  # noqa: E731  (cudnn.allow_tf32 default)
     stack.enter_context(mock.patch.object(rconv, "_precision", tf32))
-    stack.enter_context(mock.patch.object(rconv, "_gpu", lambda device: kernels.device.for_arch(arch)))
+    stack.enter_context(mock.patch.object(ctiles, "_gpu", lambda device: kernels.device.for_arch(arch)))
     return stack
 
 
@@ -170,9 +173,9 @@ def layer_launches(layer: str, batch: int, dtype: torch.dtype, fmt: torch.memory
             dy = act(batch, OC, H + 2 * P - K + 1, W + 2 * P - K + 1)
             todo: list[tuple[str, Callable[[], object]]] = [
                 ("fwd", lambda: rconv._conv_fwd(x, w, b, P)),
-                ("dgrad", lambda: rconv._conv_dgrad(dy, w, x, P)),
-                ("wgrad", lambda: rconv._conv_wgrad(dy, w, x, P)),
-                ("dbias", lambda: rconv._conv_dbias(dy, dtype)),
+                ("dgrad", lambda: cdgrad._conv_dgrad(dy, w, x, P)),
+                ("wgrad", lambda: cwgrad._conv_wgrad(dy, w, x, P)),
+                ("dbias", lambda: cwgrad._conv_dbias(dy, dtype)),
             ]
         else:
             C, _ = dims

@@ -12,9 +12,7 @@ on the same inputs: ours (kernels.instance_norm_relu, kernels.reflect_conv2d), e
 and compile (torch.compile of eager, afresh for every row). A backward pass times torch.autograd.grad with
 respect to one input only, so that each side computes just that gradient. Every row also checks ours against
 eager (TOLERANCES: a row outside makes the exit status 1) and says which path --kernels auto takes there.
-BENCHMARKS.md ("What is measured") gives the method and every column. --budget S skips the rows not
-started within S seconds. --quick runs tiny shapes on the CPU, one thread, to check the harness (ours takes
-the path kernels.runtime.use_triton picks); --ceilings times the device's copy and matmul rates instead.
+BENCHMARKS.md ("What is measured") gives the method and every column; --quick runs on one CPU thread.
 The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
 
 kernels/ stands alone: this file imports nothing from minicycle.

@@ -18,9 +18,8 @@ built from the same seed (same weights, same inputs) in each variant: eager (the
 fused ops as train.py runs them, once per --kernels mode; rows of a mode other than auto name it), ours+graph
 (train.py --cuda_graph: cuda_graph.GraphedStep), ours+compile (train.py --compile), compile (eager, each net
 compiled) and reduce-overhead (the same with Inductor's CUDA graphs). BENCHMARKS.md ("What is measured") says
-how each mode measures and defines every column. --quick runs a tiny model
-(resnet_6blocks, ngf 4, 32x32) on the CPU, one thread, so that CI can check the harness: it measures nothing
-of interest and leaves out the compiled variants unless --compile is given.
+how each mode measures and defines every column. --quick (resnet_6blocks, ngf 4, 32x32, one CPU thread, no
+compiled variants unless --compile) only checks the harness.
 """
 
 import argparse

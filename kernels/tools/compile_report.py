@@ -268,21 +268,14 @@ def _opcode_counts(sass: str) -> dict[str, int | str]:
     names = ["hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32", "ldg16", "stl", "ldl"]
     counts: dict[str, int | str] = dict.fromkeys([*names, "int_ops"], 0)
     insts = _instructions(sass)
+    counted = {"HGMMA": "hgmma", "HMMA": "hmma", "LDGSTS": "ldgsts", "UTMALDG": "tma", "STL": "stl", "LDL": "ldl"}
     for _, _, op, mods, _ in insts:
-        if op == "HGMMA":
-            counts["hgmma"] += 1
-        elif op == "HMMA":
-            counts["hmma"] += 1
-        elif op == "LDGSTS":
-            counts["ldgsts"] += 1
-            counts["ldgsts128"] += "128" in mods
-        elif op == "UTMALDG":
-            counts["tma"] += 1
+        if op in counted:
+            counts[counted[op]] += 1
+            counts["ldgsts128"] += op == "LDGSTS" and "128" in mods
         elif op == "LDG":
             width = next((w for w in ("128", "64", "U16", "S16", "U8", "S8") if w in mods), "32")
             counts[{"128": "ldg128", "64": "ldg64", "32": "ldg32"}.get(width, "ldg16")] += 1
-        elif op in ("STL", "LDL"):
-            counts[op.lower()] += 1
         elif op in INT_OPS:
             counts["int_ops"] += 1
     counts.update(_loop_counts(insts))

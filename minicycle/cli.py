@@ -27,6 +27,5 @@ def add_device_flags(p: argparse.ArgumentParser, what: str) -> None:
                         "(default: on with CUDA, off on a CPU)")
     p.add_argument("--no_channels_last", dest="channels_last", action="store_false", help=f"{what} and images in NCHW")
     p.add_argument("--kernels", default="auto", choices=MODES,
-                   help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured and checked "
-                        "at first use (on a CPU, as the ops decide); triton: our Triton kernels always; pytorch: the "
-                        "official layers")
+                   help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, checked and timed at "
+                        "first use (on a CPU, as the ops decide); triton: always our kernels; pytorch: official layers")

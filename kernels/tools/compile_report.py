@@ -654,13 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--summary", action="store_true",
                    help="a line per layer, pass and kernel, over all its configs (ranges), not a line per config")
-    p.add_argument("--compile-only", action="store_true",
-                   help="only compile (into Triton's cache, where a GPU's JIT then finds every kernel the "
-                        "layers launch: run it on the GPU machine before timing anything) and say how many")
-    p.add_argument("--jit-replay", action="store_true",
-                   help="run every launch through Triton's JIT as on the arch's GPU (compiling what its cache lacks, "
-                        "checking each kernel against the GPU's limits, launching nothing): what it compiled, in how "
-                        "long, and whether any could not launch")
+    p.add_argument("--compile-only", action="store_true", help="only compile, into Triton's cache, and say how "
+                   "many (on a GPU machine, before timing: its JIT then finds every kernel the layers launch)")
+    p.add_argument("--jit-replay", action="store_true", help="every launch through Triton's JIT as on the arch's "
+                   "GPU, launching nothing: what it compiled, in how long, and whether any could not launch")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("kernels.tools.compile_report: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "

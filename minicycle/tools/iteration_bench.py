@@ -517,9 +517,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     mode.add_argument("--count-launches", action="store_true",
                       help="count the kernel launches of one iteration on the CPU (needs TRITON_INTERPRET=1)")
     mode.add_argument("--cpu", action="store_true", help="CPU mode: train.py's step against a plain eager loop")
-    mode.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS",
-                      help="only run the plain loop ITERS iterations on the built-in dataset: the whole-process "
-                           "yardstick for `python train.py --max_steps ITERS`")
+    mode.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS", help="only the plain "
+                      "loop, ITERS iterations on the built-in dataset: the yardstick for `train.py --max_steps ITERS`")
     p.add_argument("--variants", type=kb.csv_list(VARIANTS), default=None,
                    help=f"of {','.join(VARIANTS)} (default: {','.join(TIMED)}; --infer: {','.join(INFERRED)}; "
                         f"--count-launches: {','.join(COUNTED)})")

@@ -336,13 +336,6 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
-    return f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), no GPU used"
-
-
 def ours_path(device: torch.device) -> str:
     if not use_triton(torch.empty(0, device=device)):
         return "plain PyTorch fallback (CPU without TRITON_INTERPRET=1): ours and eager run the same code"
@@ -351,21 +344,20 @@ def ours_path(device: torch.device) -> str:
     return "Triton kernels"
 
 
-def command_line(prog: str, argv: Sequence[str]) -> str:
-    env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
-    return env + " ".join([prog, *map(shlex.quote, argv)])
-
-
 def header(device: torch.device, prog: str, argv: Sequence[str], title: str = "minicycle benchmark") -> str:
     """Title, device, date, versions and the exact command, and the settings every table depends on."""
+    name = f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), no GPU used"
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        name = f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
         versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
     return "\n".join([
         f"# {title}",
         "",
-        f"{device_name(device)} · {date} · {versions} · `{command_line(prog, argv)}`",
+        f"{name} · {date} · {versions} · `{env}{' '.join([prog, *map(shlex.quote, argv)])}`",
         "",
         f"- ours: {ours_path(device)}",
         f"- precision: fp32 convs {'use' if cudnn_conv_tf32() else 'do not use'} TF32 (torch's cuDNN conv setting, "
@@ -416,15 +408,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def batch_list(text: str) -> list[int]:
-    return [positive_int(t) for t in csv_list(None)(text)]
-
-
 def common_args(p: argparse.ArgumentParser) -> None:
     """The flags the op and the iteration benchmarks share."""
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes on the CPU to check the harness; not a performance measurement")
-    p.add_argument("--batch", type=batch_list, default=[1, 4], help="batch sizes (default 1,4)")
+    p.add_argument("--batch", type=lambda t: [positive_int(v) for v in csv_list(None)(t)], default=[1, 4],
+                   help="batch sizes (default 1,4)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: yes, except with --quick)")
     p.add_argument("--budget", type=float, default=None,

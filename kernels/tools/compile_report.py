@@ -611,11 +611,6 @@ def _size(value: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _archs(value: str) -> list[int]:
-    names = csv_list([f"sm_{a}" for a in kernels.device.KNOWN])(value)
-    return [int(n.removeprefix("sm_")) for n in names]
-
-
 def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> int:
     refused = 0
     for arch in archs:
@@ -646,10 +641,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"of {SIZE_MULTIPLE}, as the generator needs; default: 256,256); several: each in turn")
     p.add_argument("--passes", type=csv_list(PASSES), default=list(PASSES),
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
-    known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
-    p.add_argument("--arch", type=_archs, default=[_local_arch()],
-                   help=f"target architectures, comma-separated, from {known} (default: this machine's GPU if it is "
-                        f"one of them, else sm_{DEFAULT_ARCH}); an arch the wheel's ptxas rejects is skipped")
+    known = [f"sm_{a}" for a in kernels.device.KNOWN]
+    p.add_argument("--arch", type=lambda v: [int(n.removeprefix("sm_")) for n in csv_list(known)(v)],
+                   default=[_local_arch()], help=f"target architectures, comma-separated, from {', '.join(known)} "
+                   f"(default: this machine's GPU if it is one of them, else sm_{DEFAULT_ARCH}); an arch the wheel's "
+                   "ptxas rejects is skipped")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--summary", action="store_true",

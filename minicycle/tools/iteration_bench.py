@@ -342,11 +342,9 @@ def count_events(events) -> Count:
     c = Count()
     for e in events:
         name, parent = e.name, e.cpu_parent
-        ancestors = []
-        while parent is not None:
-            ancestors.append(parent.name)
+        while parent is not None and not parent.name.startswith(("aten::", "triton::")):
             parent = parent.cpu_parent
-        if any(a.startswith(("aten::", "triton::")) for a in ancestors):
+        if parent is not None:
             continue  # inside an op already counted, or inside a launch
         if name.startswith("triton::"):
             c.triton[name[len("triton::"):]] += 1

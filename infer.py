@@ -173,11 +173,9 @@ def fid_target(opt: argparse.Namespace) -> Path | None:
 
 def infer(opt: argparse.Namespace) -> int:
     """The procedure: set-up; translate (write the translations); score them against the truth; FID; the page."""
-    if opt.device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
+    device = cli.pick_device(opt.device)
     if opt.batch_size < 1 or (opt.load_size is not None and opt.load_size < 1):
         raise DataError("--batch_size and --load_size must be positive")
-    device = torch.device(opt.device if opt.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     ckpt, source, truth, name = resolve(opt)
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early

@@ -96,7 +96,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
 def set_up(opt: argparse.Namespace, explicit: set[str], dist: Dist, stop: "StopSignal") -> tuple["Setup", Run]:
     """The device, the data, the run's folder, the model; then the resumed state (exact), or an epoch's weights
     only (as the official code)."""
-    device = dist.setup(pick_device(opt.device))
+    device = dist.setup(cli.pick_device(opt.device))
     # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
     torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
     if opt.channels_last is None:
@@ -146,14 +146,6 @@ def set_up(opt: argparse.Namespace, explicit: set[str], dist: Dist, stop: "StopS
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.py: error: --device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def find_dataroot(opt: argparse.Namespace, dist: Dist) -> None:
     """Without --dataroot, the built-in dataset (generated on first use); with it, the folder must exist."""
     if opt.builtin:

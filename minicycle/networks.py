@@ -260,14 +260,10 @@ def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0
 
 def define_G(input_nc: int, output_nc: int, ngf: int, netG: str, norm: str = "instance",
              use_dropout: bool = False) -> nn.Module:
-    if netG == "resnet_9blocks":
-        return ResnetGenerator(input_nc, output_nc, ngf, norm, use_dropout, n_blocks=9)
-    if netG == "resnet_6blocks":
-        return ResnetGenerator(input_nc, output_nc, ngf, norm, use_dropout, n_blocks=6)
-    if netG == "unet_128":
-        return UnetGenerator(input_nc, output_nc, 7, ngf, norm, use_dropout)
-    if netG == "unet_256":
-        return UnetGenerator(input_nc, output_nc, 8, ngf, norm, use_dropout)
+    if netG in ("resnet_9blocks", "resnet_6blocks"):
+        return ResnetGenerator(input_nc, output_nc, ngf, norm, use_dropout, 9 if netG == "resnet_9blocks" else 6)
+    if netG in ("unet_128", "unet_256"):  # 7 or 8 halvings: 128 or 256 pixels down to 1
+        return UnetGenerator(input_nc, output_nc, 7 if netG == "unet_128" else 8, ngf, norm, use_dropout)
     raise ValueError(f"--netG {netG!r}: choose one of {', '.join(GENERATORS)}")
 
 

@@ -182,18 +182,14 @@ def conv_cases(batch: int, dtype: str, layout: str, device: torch.device,
 def auto_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: int, pass_name: str) -> str:
     """The path --kernels auto takes for this pass of a training conv: kernels.choice's own decision
     (measured now on these inputs, or already made in this process or found in its cache file)."""
-    if not choice.CHOOSER.applies(x):
-        return "the ops' own (CPU)"
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()  # a training layer: all three passes
     decision = choice.CHOOSER.conv_decision(x, w, b, padding)
-    return decision.verdict(choice.PASSES["conv"].index(pass_name), x.is_cuda).replace("|", "/")
+    return decision.verdict(choice.PASSES["conv"].index(pass_name), x.is_cuda)
 
 
 def auto_norm(x: torch.Tensor) -> str:
     """The path --kernels auto takes for a training IN+ReLU on x (forward and backward, one choice)."""
-    if not choice.CHOOSER.applies(x):
-        return "the ops' own (CPU)"
-    return choice.CHOOSER.norm_decision(x.detach().requires_grad_(), EPS, 0.0, True).verdict(0).replace("|", "/")
+    return choice.CHOOSER.norm_decision(x.detach().requires_grad_(), EPS, 0.0, True).verdict(0)
 
 
 def _fmt_rate(work: float, ms: float, unit: str) -> str:
@@ -230,7 +226,8 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
     err = choice.rel_err(outs["ours"], outs["eager"]).whole if "ours" in outs and "eager" in outs else math.nan
     ok = err <= TOLERANCES[(case.op, case.dtype)]
     try:
-        auto = case.auto()  # after the row's timing, which its own measurement would disturb
+        # after the row's timing, which its own measurement would disturb; on a CPU the ops decide
+        auto = case.auto().replace("|", "/") if choice.CHOOSER.applies(case.args[0]) else "the ops' own (CPU)"
     except Exception as e:  # reported in its cell; the run goes on
         auto = f"error ({reason(e)})"
 

@@ -275,8 +275,7 @@ def write_batch(gen: Generator, batch: list[tuple[Path, Image.Image]], img_dir: 
     """Translate a batch of same-size images and write each translation (alone: as <stem>.png; else as
     <stem>_fake.png, after the input as <stem>_real.png). Returns the (input, translation) files."""
     fakes = translated(gen, torch.stack([image_to_tensor(img) for _, img in batch]), [path for path, _ in batch])
-    chosen = choice.report()  # what --kernels auto decided for this batch's shapes, if they are new
-    if chosen:
+    if chosen := choice.report():  # what --kernels auto decided for this batch's shapes, if they are new
         print(chosen)
     written = []
     for (path, img), fake in zip(batch, fakes):

@@ -321,8 +321,7 @@ def train_step(s: Setup, batch: dict) -> None:
     if s.opt.compile and not s.compiled:
         compile_nets(s, batch)
     s.stepper.step(batch["A"], batch["B"])
-    decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
-    if decided:
+    if decided := choice.report():  # what --kernels auto decided in this step, if it met new shapes
         s.dist.say(decided)
 
 

@@ -164,8 +164,7 @@ class Chooser:
         kink: the pass returns (y, dx) of an activation with a kink at 0 (see rel_err)."""
         device, op, dtype, passes = key[0], key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
         dev, label, errors, ms = self.facts(device), _label(key, shape), [], []
-        why = _cannot_profit(op, dev, dtype)
-        if why:
+        if why := _cannot_profit(op, dev, dtype):
             return Decision(op, label, dev.name, (PYTORCH,) * len(passes), why=why)
         tol = TOLERANCES[dtype]
         try:

@@ -256,12 +256,9 @@ _SASS_LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*
 
 def _instructions(sass: str) -> list[tuple[int, bool, str, list[str], str]]:
     """(address, predicated, opcode, modifiers, operands) for every SASS instruction."""
-    out = []
-    for line in sass.splitlines():
-        m = _SASS_LINE.match(line)
-        if m:
-            out.append((int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4).split(".")[1:], m.group(5)))
-    return out
+    found = (_SASS_LINE.match(line) for line in sass.splitlines())
+    return [(int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4).split(".")[1:], m.group(5))
+            for m in found if m]
 
 
 def _opcode_counts(sass: str) -> dict[str, int | str]:
@@ -522,10 +519,8 @@ def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: li
 
 def markdown(rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if c not in ("stl", "ldl")] + ["stl/ldl", "error"]
-    cells = []
-    for r in rows:
-        r = {**r, "stl/ldl": f"{r.get('stl', '')}/{r.get('ldl', '')}", "error": r.get("error", "")}
-        cells.append([str(r.get(c, "")) for c in cols])
+    rows = [{**r, "stl/ldl": f"{r.get('stl', '')}/{r.get('ldl', '')}"} for r in rows]
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
     if not any(c[-1] for c in cells):
         cols, cells = cols[:-1], [c[:-1] for c in cells]
     return markdown_table(cols, cells)
@@ -664,8 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         _tool("ptxas")
         archs = []
         for arch in args.arch:
-            why = unsupported(arch)
-            if why:
+            if why := unsupported(arch):
                 print(f"kernels.tools.compile_report: skipped: sm_{arch}: {why}", file=sys.stderr)
             else:
                 archs.append(arch)

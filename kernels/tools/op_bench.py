@@ -199,10 +199,6 @@ def _fmt_rate(work: float, ms: float, unit: str) -> str:
     return f"{text} {unit}"
 
 
-def _fmt_ratio(r: float) -> str:
-    return f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
-
-
 def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) -> tuple[list[str], bool]:
     """Time ours, eager and compile on one case; check ours against eager. Returns (row, ok)."""
     times: dict[str, float | str] = {}
@@ -235,8 +231,8 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
         return f"{v * 1e3:.1f}" if isinstance(v, float) else v
 
     def ratio(v: float | str) -> str:
-        t = times["ours"]
-        return _fmt_ratio(v / t) if isinstance(v, float) and isinstance(t, float) else "—"
+        r = v / times["ours"] if isinstance(v, float) and isinstance(times["ours"], float) else None
+        return "—" if r is None else f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
 
     t_ours = times["ours"]
     rate = _fmt_rate(case.work, t_ours, case.unit) if isinstance(t_ours, float) else "—"

@@ -385,8 +385,7 @@ def check_image_sizes(batch: dict, min_size: int) -> None:
 
 
 def check_finite(losses: dict[str, float], *, epoch: int, iteration: int, run_dir: Path) -> None:
-    bad = [k for k, v in losses.items() if not math.isfinite(v)]
-    if bad:
+    if bad := [k for k, v in losses.items() if not math.isfinite(v)]:
         raise FloatingPointError(f"loss {bad[0]} is {losses[bad[0]]} at epoch {epoch}, iteration {iteration}: "
                                  f"training stopped; the last saved checkpoint in {run_dir} is untouched "
                                  f"(try a lower --lr, or --amp none)")

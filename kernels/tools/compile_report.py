@@ -313,8 +313,7 @@ def analyse(job: Job) -> dict:
     kernel = compile_job(job)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
+        Path(path).write_bytes(kernel.asm["cubin"])
         cuobjdump = _tool("cuobjdump")
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
                                check=True).stdout
@@ -347,8 +346,7 @@ class _StandInDriver:
     so that the JIT keeps each arch's kernels apart."""
 
     def __init__(self, arch: int):
-        self.arch = arch
-        self.utils = self
+        self.arch, self.utils = arch, self
 
     def get_current_device(self) -> int:
         return self.arch

@@ -104,8 +104,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, 
     h, w = x.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
     if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
     return x, h, w
 
 
@@ -173,11 +172,9 @@ def fid_target(opt: argparse.Namespace) -> Path | None:
 
 def infer(opt: argparse.Namespace) -> int:
     """The procedure: set-up; translate (write the translations); score them against the truth; FID; the page."""
-    if opt.device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
+    device = cli.pick_device(opt.device)
     if opt.batch_size < 1 or (opt.load_size is not None and opt.load_size < 1):
         raise DataError("--batch_size and --load_size must be positive")
-    device = torch.device(opt.device if opt.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     ckpt, source, truth, name = resolve(opt)
     fid_dir = fid_target(opt)
     weights = resolve_weights(opt.inception) if fid_dir else None  # before translating, to fail early
@@ -277,8 +274,7 @@ def write_batch(gen: Generator, batch: list[tuple[Path, Image.Image]], img_dir: 
     """Translate a batch of same-size images and write each translation (alone: as <stem>.png; else as
     <stem>_fake.png, after the input as <stem>_real.png). Returns the (input, translation) files."""
     fakes = translated(gen, torch.stack([image_to_tensor(img) for _, img in batch]), [path for path, _ in batch])
-    chosen = choice.report()  # what --kernels auto decided for this batch's shapes, if they are new
-    if chosen:
+    if chosen := choice.report():  # what --kernels auto decided for this batch's shapes, if they are new
         print(chosen)
     written = []
     for (path, img), fake in zip(batch, fakes):

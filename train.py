@@ -96,7 +96,7 @@ def train(opt: argparse.Namespace, explicit: set[str], argv: list[str], dist: Di
 def set_up(opt: argparse.Namespace, explicit: set[str], dist: Dist, stop: "StopSignal") -> tuple["Setup", Run]:
     """The device, the data, the run's folder, the model; then the resumed state (exact), or an epoch's weights
     only (as the official code)."""
-    device = dist.setup(pick_device(opt.device))
+    device = dist.setup(cli.pick_device(opt.device))
     # As the official code: cuDNN times its algorithms once per input shape, unless the shapes vary.
     torch.backends.cudnn.benchmark = opt.preprocess not in ("none", "scale_width")
     if opt.channels_last is None:
@@ -146,14 +146,6 @@ def set_up(opt: argparse.Namespace, explicit: set[str], dist: Dist, stop: "StopS
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.py: error: --device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def find_dataroot(opt: argparse.Namespace, dist: Dist) -> None:
     """Without --dataroot, the built-in dataset (generated on first use); with it, the folder must exist."""
     if opt.builtin:
@@ -329,8 +321,7 @@ def train_step(s: Setup, batch: dict) -> None:
     if s.opt.compile and not s.compiled:
         compile_nets(s, batch)
     s.stepper.step(batch["A"], batch["B"])
-    decided = choice.report()  # what --kernels auto decided in this step, if it met new shapes
-    if decided:
+    if decided := choice.report():  # what --kernels auto decided in this step, if it met new shapes
         s.dist.say(decided)
 
 
@@ -394,8 +385,7 @@ def check_image_sizes(batch: dict, min_size: int) -> None:
 
 
 def check_finite(losses: dict[str, float], *, epoch: int, iteration: int, run_dir: Path) -> None:
-    bad = [k for k, v in losses.items() if not math.isfinite(v)]
-    if bad:
+    if bad := [k for k, v in losses.items() if not math.isfinite(v)]:
         raise FloatingPointError(f"loss {bad[0]} is {losses[bad[0]]} at epoch {epoch}, iteration {iteration}: "
                                  f"training stopped; the last saved checkpoint in {run_dir} is untouched "
                                  f"(try a lower --lr, or --amp none)")

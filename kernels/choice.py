@@ -164,8 +164,7 @@ class Chooser:
         kink: the pass returns (y, dx) of an activation with a kink at 0 (see rel_err)."""
         device, op, dtype, passes = key[0], key[1], getattr(torch, key[2].removeprefix("torch.")), PASSES[key[1]]
         dev, label, errors, ms = self.facts(device), _label(key, shape), [], []
-        why = _cannot_profit(op, dev, dtype)
-        if why:
+        if why := _cannot_profit(op, dev, dtype):
             return Decision(op, label, dev.name, (PYTORCH,) * len(passes), why=why)
         tol = TOLERANCES[dtype]
         try:
@@ -516,11 +515,7 @@ def measured_reflect_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """kernels.reflect_conv2d's result, by the paths CHOOSER decided for these inputs (pass by pass)."""
     if not CHOOSER.applies(x):
         return kernels.reflect_conv2d(x, weight, bias, padding=padding)
-    if torch.is_autocast_enabled(x.device.type):  # as kernels.reflect_conv2d and F.conv2d cast
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    rc._check(x, weight, bias, padding)
+    x, weight, bias = rc._autocast_checked(x, weight, bias, padding)  # as kernels.reflect_conv2d does
     paths = CHOOSER.conv_paths(x, weight, bias, padding)
     if PYTORCH not in paths:
         return kernels.reflect_conv2d(x, weight, bias, padding=padding)

@@ -30,12 +30,12 @@ HP, WP: a padded height and width; kwp, cp: KW and C padded for the windows).
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 import kernels.runtime
 from kernels.conv_tiles import _INTERPRET, GEMM_CONFIGS, TILE, cap, prune_gemm
+from kernels.instance_norm import _index
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PACK_BLOCK = 1024
@@ -49,14 +49,6 @@ def _reflect(i, n):
     """Reflect an index in [-(n-1), 2(n-1)] into [0, n-1] (edge pixel not repeated)."""
     i = tl.abs(i)
     return (n - 1) - tl.abs((n - 1) - i)
-
-
-@triton.jit
-def _index(i, INT64: tl.constexpr):
-    """i as int64 when INT64 (a launch whose offsets can pass int32), else as it is (int32)."""
-    if INT64:
-        i = tl.cast(i, tl.int64)
-    return i
 
 
 @triton.jit
@@ -396,6 +388,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
                          f"{H + 2 * padding}x{W + 2 * padding}")
 
 
+def _autocast_checked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> tuple:
+    """The operands in the autocast dtype (as F.conv2d casts them) if autocast is on, checked."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    _check(x, weight, bias, padding)
+    return x, weight, bias
+
+
 def reflect_conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, padding: int
 ) -> torch.Tensor:
@@ -405,15 +407,9 @@ def reflect_conv2d(
     TRITON_INTERPRET=1; float16 / bfloat16 / float32), else plain PyTorch. Under autocast the
     operands are cast to the autocast dtype first, as F.conv2d does.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    _check(x, weight, bias, padding)
+    x, weight, bias = _autocast_checked(x, weight, bias, padding)
     if not kernels.runtime.use_triton(x):
-        if padding:
-            x = F.pad(x, (padding,) * 4, mode="reflect")
-        return F.conv2d(x, weight, bias)
+        return kernels.runtime.reflect_conv2d(x, weight, bias, padding=padding)
     if x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"reflect_conv2d: the Triton path supports {_TRITON_DTYPES}; got {x.dtype}")
     return _reflect_conv2d(x, weight, bias, padding)

@@ -2,7 +2,10 @@
 
 import argparse
 
+import torch
+
 from kernels.choice import MODES
+from minicycle.data import DataError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,6 +30,12 @@ def add_device_flags(p: argparse.ArgumentParser, what: str) -> None:
                         "(default: on with CUDA, off on a CPU)")
     p.add_argument("--no_channels_last", dest="channels_last", action="store_false", help=f"{what} and images in NCHW")
     p.add_argument("--kernels", default="auto", choices=MODES,
-                   help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, measured and checked "
-                        "at first use (on a CPU, as the ops decide); triton: our Triton kernels always; pytorch: the "
-                        "official layers")
+                   help="auto: on CUDA, per layer shape the faster of Triton and PyTorch/cuDNN, checked and timed at "
+                        "first use (on a CPU, as the ops decide); triton: always our kernels; pytorch: official layers")
+
+
+def pick_device(flag: str) -> torch.device:
+    """--device: auto is CUDA when PyTorch sees a GPU, else the CPU; cuda without one is a DataError."""
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu)")
+    return torch.device(flag if flag != "auto" else "cuda" if torch.cuda.is_available() else "cpu")

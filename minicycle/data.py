@@ -203,9 +203,8 @@ class UnalignedDataset(torch.utils.data.Dataset):
     def _load(self, domain: str, index: int) -> tuple[Image.Image, Path]:
         # An unreadable file is replaced by the next readable one (cyclically), which is the same
         # file whichever process finds it, so substitution is deterministic.
-        paths = self.A_paths if domain == "A" else self.B_paths
-        bad = self.bad_A if domain == "A" else self.bad_B
-        channels = self.input_nc if domain == "A" else self.output_nc
+        paths, bad, channels, folder = ((self.A_paths, self.bad_A, self.input_nc, self.dir_A) if domain == "A" else
+                                        (self.B_paths, self.bad_B, self.output_nc, self.dir_B))
         for k in range(len(paths)):
             i = (index + k) % len(paths)
             if i in bad:
@@ -215,7 +214,6 @@ class UnalignedDataset(torch.utils.data.Dataset):
             except DataError as e:
                 bad.add(i)
                 warnings.warn(f"{e}; skipping it (domain {domain})", stacklevel=3)
-        folder = self.dir_A if domain == "A" else self.dir_B
         raise DataError(f"none of the {len(paths)} images in {folder} can be read")
 
 
@@ -246,11 +244,8 @@ def epoch_plan(n_A: int, n_B: int, epoch: int, seed: int, serial_batches: bool) 
     order = list(range(max(n_A, n_B)))
     if not serial_batches:
         rng.shuffle(order)
-    keys = []
-    for i in order:
-        b = i % n_B if serial_batches else rng.randrange(n_B)
-        keys.append((i % n_A, b, rng.getrandbits(63)))
-    return keys
+    # (a, b, seed), evaluated left to right: b's draw comes before the seed's.
+    return [(i % n_A, i % n_B if serial_batches else rng.randrange(n_B), rng.getrandbits(63)) for i in order]
 
 
 def input_paths(path: str | Path) -> list[Path]:

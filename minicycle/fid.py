@@ -245,12 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         inception = Inception.load(resolve_weights(opt.inception))
         feats = [folder_features(folder, inception, cache_dir())[0] for folder in (opt.dir_a, opt.dir_b)]
         result = score(*feats, name_a=str(opt.dir_a), name_b=str(opt.dir_b))
-    except WeightsMissing as e:
-        print(f"minicycle.fid: error: {e}", file=sys.stderr)
-        return 2
     except (FidError, WeightsError) as e:
         print(f"minicycle.fid: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, WeightsMissing) else 1
     if opt.json:
         print(json.dumps(result))
     else:

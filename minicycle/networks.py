@@ -36,10 +36,8 @@ class FusedSequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return super().forward(x)
-        if self.auto:
-            conv, norm = choice.measured_reflect_conv2d, choice.measured_instance_norm_relu
-        else:
-            conv, norm = kernels.reflect_conv2d, kernels.instance_norm_relu
+        conv, norm = ((choice.measured_reflect_conv2d, choice.measured_instance_norm_relu) if self.auto
+                      else (kernels.reflect_conv2d, kernels.instance_norm_relu))
         layers = list(self)
         i = 0
         while i < len(layers):
@@ -64,13 +62,7 @@ class FusedSequential(nn.Sequential):
 
 
 def _is_plain_conv(m: nn.Module | None) -> bool:
-    return (
-        type(m) is nn.Conv2d
-        and m.stride == (1, 1)
-        and m.padding == (0, 0)
-        and m.dilation == (1, 1)
-        and m.groups == 1
-    )
+    return type(m) is nn.Conv2d and (m.stride, m.padding, m.dilation, m.groups) == ((1, 1), (0, 0), (1, 1), 1)
 
 
 def set_fused(net: nn.Module, fused: bool) -> nn.Module:
@@ -105,9 +97,7 @@ def get_norm_layer(norm: str):
 
 def _uses_bias(norm_layer) -> bool:
     # Official rule: convs followed by a norm carry a bias only under InstanceNorm (BatchNorm has its own).
-    if isinstance(norm_layer, functools.partial):
-        return norm_layer.func is nn.InstanceNorm2d
-    return norm_layer is nn.InstanceNorm2d
+    return getattr(norm_layer, "func", norm_layer) is nn.InstanceNorm2d  # a partial's class, or the class
 
 
 class ResnetBlock(nn.Module):
@@ -270,22 +260,16 @@ def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0
 
 def define_G(input_nc: int, output_nc: int, ngf: int, netG: str, norm: str = "instance",
              use_dropout: bool = False) -> nn.Module:
-    if netG == "resnet_9blocks":
-        return ResnetGenerator(input_nc, output_nc, ngf, norm, use_dropout, n_blocks=9)
-    if netG == "resnet_6blocks":
-        return ResnetGenerator(input_nc, output_nc, ngf, norm, use_dropout, n_blocks=6)
-    if netG == "unet_128":
-        return UnetGenerator(input_nc, output_nc, 7, ngf, norm, use_dropout)
-    if netG == "unet_256":
-        return UnetGenerator(input_nc, output_nc, 8, ngf, norm, use_dropout)
+    if netG in ("resnet_9blocks", "resnet_6blocks"):
+        return ResnetGenerator(input_nc, output_nc, ngf, norm, use_dropout, 9 if netG == "resnet_9blocks" else 6)
+    if netG in ("unet_128", "unet_256"):  # 7 or 8 halvings: 128 or 256 pixels down to 1
+        return UnetGenerator(input_nc, output_nc, 7 if netG == "unet_128" else 8, ngf, norm, use_dropout)
     raise ValueError(f"--netG {netG!r}: choose one of {', '.join(GENERATORS)}")
 
 
 def define_D(input_nc: int, ndf: int, netD: str, n_layers_D: int = 3, norm: str = "instance") -> nn.Module:
-    if netD == "basic":
-        return NLayerDiscriminator(input_nc, ndf, 3, norm)
-    if netD == "n_layers":
-        return NLayerDiscriminator(input_nc, ndf, n_layers_D, norm)
+    if netD in ("basic", "n_layers"):  # basic: the 70x70 PatchGAN, 3 layers
+        return NLayerDiscriminator(input_nc, ndf, 3 if netD == "basic" else n_layers_D, norm)
     if netD == "pixel":
         return PixelDiscriminator(input_nc, ndf, norm)
     raise ValueError(f"--netD {netD!r}: choose one of {', '.join(DISCRIMINATORS)}")

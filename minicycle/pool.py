@@ -39,10 +39,6 @@ class ImagePool:
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         self.images = [t.to(device) for t in state["images"]]
-        self.rng.setstate(_as_rng_state(state["rng"]))
-
-
-def _as_rng_state(state) -> tuple:
-    # random.Random state is (version, tuple_of_ints, gauss_next); a checkpoint may turn tuples into lists.
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
+        # random.Random state is (version, tuple_of_ints, gauss_next); a checkpoint may turn tuples into lists.
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))

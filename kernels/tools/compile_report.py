@@ -256,33 +256,23 @@ _SASS_LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*
 
 def _instructions(sass: str) -> list[tuple[int, bool, str, list[str], str]]:
     """(address, predicated, opcode, modifiers, operands) for every SASS instruction."""
-    out = []
-    for line in sass.splitlines():
-        m = _SASS_LINE.match(line)
-        if m:
-            out.append((int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4).split(".")[1:], m.group(5)))
-    return out
+    found = (_SASS_LINE.match(line) for line in sass.splitlines())
+    return [(int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4).split(".")[1:], m.group(5))
+            for m in found if m]
 
 
 def _opcode_counts(sass: str) -> dict[str, int | str]:
     names = ["hgmma", "hmma", "ldgsts", "ldgsts128", "tma", "ldg128", "ldg64", "ldg32", "ldg16", "stl", "ldl"]
     counts: dict[str, int | str] = dict.fromkeys([*names, "int_ops"], 0)
     insts = _instructions(sass)
+    counted = {"HGMMA": "hgmma", "HMMA": "hmma", "LDGSTS": "ldgsts", "UTMALDG": "tma", "STL": "stl", "LDL": "ldl"}
     for _, _, op, mods, _ in insts:
-        if op == "HGMMA":
-            counts["hgmma"] += 1
-        elif op == "HMMA":
-            counts["hmma"] += 1
-        elif op == "LDGSTS":
-            counts["ldgsts"] += 1
-            counts["ldgsts128"] += "128" in mods
-        elif op == "UTMALDG":
-            counts["tma"] += 1
+        if op in counted:
+            counts[counted[op]] += 1
+            counts["ldgsts128"] += op == "LDGSTS" and "128" in mods
         elif op == "LDG":
             width = next((w for w in ("128", "64", "U16", "S16", "U8", "S8") if w in mods), "32")
             counts[{"128": "ldg128", "64": "ldg64", "32": "ldg32"}.get(width, "ldg16")] += 1
-        elif op in ("STL", "LDL"):
-            counts[op.lower()] += 1
         elif op in INT_OPS:
             counts["int_ops"] += 1
     counts.update(_loop_counts(insts))
@@ -323,8 +313,7 @@ def analyse(job: Job) -> dict:
     kernel = compile_job(job)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
+        Path(path).write_bytes(kernel.asm["cubin"])
         cuobjdump = _tool("cuobjdump")
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
                                check=True).stdout
@@ -357,8 +346,7 @@ class _StandInDriver:
     so that the JIT keeps each arch's kernels apart."""
 
     def __init__(self, arch: int):
-        self.arch = arch
-        self.utils = self
+        self.arch, self.utils = arch, self
 
     def get_current_device(self) -> int:
         return self.arch
@@ -529,10 +517,8 @@ def report(layers: list[str], batches: list[int], dtypes: list[str], layouts: li
 
 def markdown(rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if c not in ("stl", "ldl")] + ["stl/ldl", "error"]
-    cells = []
-    for r in rows:
-        r = {**r, "stl/ldl": f"{r.get('stl', '')}/{r.get('ldl', '')}", "error": r.get("error", "")}
-        cells.append([str(r.get(c, "")) for c in cols])
+    rows = [{**r, "stl/ldl": f"{r.get('stl', '')}/{r.get('ldl', '')}"} for r in rows]
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
     if not any(c[-1] for c in cells):
         cols, cells = cols[:-1], [c[:-1] for c in cells]
     return markdown_table(cols, cells)
@@ -618,11 +604,6 @@ def _size(value: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _archs(value: str) -> list[int]:
-    names = csv_list([f"sm_{a}" for a in kernels.device.KNOWN])(value)
-    return [int(n.removeprefix("sm_")) for n in names]
-
-
 def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> int:
     refused = 0
     for arch in archs:
@@ -653,21 +634,19 @@ def main(argv: list[str] | None = None) -> int:
                         f"of {SIZE_MULTIPLE}, as the generator needs; default: 256,256); several: each in turn")
     p.add_argument("--passes", type=csv_list(PASSES), default=list(PASSES),
                    help="conv: fwd, dgrad, wgrad, dbias; IN: fwd, bwd (default: all)")
-    known = ", ".join(f"sm_{a}" for a in kernels.device.KNOWN)
-    p.add_argument("--arch", type=_archs, default=[_local_arch()],
-                   help=f"target architectures, comma-separated, from {known} (default: this machine's GPU if it is "
-                        f"one of them, else sm_{DEFAULT_ARCH}); an arch the wheel's ptxas rejects is skipped")
+    known = [f"sm_{a}" for a in kernels.device.KNOWN]
+    p.add_argument("--arch", type=lambda v: [int(n.removeprefix("sm_")) for n in csv_list(known)(v)],
+                   default=[_local_arch()], help=f"target architectures, comma-separated, from {', '.join(known)} "
+                   f"(default: this machine's GPU if it is one of them, else sm_{DEFAULT_ARCH}); an arch the wheel's "
+                   "ptxas rejects is skipped")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--summary", action="store_true",
                    help="a line per layer, pass and kernel, over all its configs (ranges), not a line per config")
-    p.add_argument("--compile-only", action="store_true",
-                   help="only compile (into Triton's cache, where a GPU's JIT then finds every kernel the "
-                        "layers launch: run it on the GPU machine before timing anything) and say how many")
-    p.add_argument("--jit-replay", action="store_true",
-                   help="run every launch through Triton's JIT as on the arch's GPU (compiling what its cache lacks, "
-                        "checking each kernel against the GPU's limits, launching nothing): what it compiled, in how "
-                        "long, and whether any could not launch")
+    p.add_argument("--compile-only", action="store_true", help="only compile, into Triton's cache, and say how "
+                   "many (on a GPU machine, before timing: its JIT then finds every kernel the layers launch)")
+    p.add_argument("--jit-replay", action="store_true", help="every launch through Triton's JIT as on the arch's "
+                   "GPU, launching nothing: what it compiled, in how long, and whether any could not launch")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("kernels.tools.compile_report: error: TRITON_INTERPRET=1 is set; the report compiles the real kernels "
@@ -678,8 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         _tool("ptxas")
         archs = []
         for arch in args.arch:
-            why = unsupported(arch)
-            if why:
+            if why := unsupported(arch):
                 print(f"kernels.tools.compile_report: skipped: sm_{arch}: {why}", file=sys.stderr)
             else:
                 archs.append(arch)

@@ -12,9 +12,7 @@ on the same inputs: ours (kernels.instance_norm_relu, kernels.reflect_conv2d), e
 and compile (torch.compile of eager, afresh for every row). A backward pass times torch.autograd.grad with
 respect to one input only, so that each side computes just that gradient. Every row also checks ours against
 eager (TOLERANCES: a row outside makes the exit status 1) and says which path --kernels auto takes there.
-BENCHMARKS.md ("What is measured") gives the method and every column. --budget S skips the rows not
-started within S seconds. --quick runs tiny shapes on the CPU, one thread, to check the harness (ours takes
-the path kernels.runtime.use_triton picks); --ceilings times the device's copy and matmul rates instead.
+BENCHMARKS.md ("What is measured") gives the method and every column; --quick runs on one CPU thread.
 The whole training iteration is benchmarked with the model: python -m minicycle.tools.iteration_bench.
 
 kernels/ stands alone: this file imports nothing from minicycle.
@@ -184,18 +182,14 @@ def conv_cases(batch: int, dtype: str, layout: str, device: torch.device,
 def auto_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: int, pass_name: str) -> str:
     """The path --kernels auto takes for this pass of a training conv: kernels.choice's own decision
     (measured now on these inputs, or already made in this process or found in its cache file)."""
-    if not choice.CHOOSER.applies(x):
-        return "the ops' own (CPU)"
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()  # a training layer: all three passes
     decision = choice.CHOOSER.conv_decision(x, w, b, padding)
-    return decision.verdict(choice.PASSES["conv"].index(pass_name), x.is_cuda).replace("|", "/")
+    return decision.verdict(choice.PASSES["conv"].index(pass_name), x.is_cuda)
 
 
 def auto_norm(x: torch.Tensor) -> str:
     """The path --kernels auto takes for a training IN+ReLU on x (forward and backward, one choice)."""
-    if not choice.CHOOSER.applies(x):
-        return "the ops' own (CPU)"
-    return choice.CHOOSER.norm_decision(x.detach().requires_grad_(), EPS, 0.0, True).verdict(0).replace("|", "/")
+    return choice.CHOOSER.norm_decision(x.detach().requires_grad_(), EPS, 0.0, True).verdict(0)
 
 
 def _fmt_rate(work: float, ms: float, unit: str) -> str:
@@ -203,10 +197,6 @@ def _fmt_rate(work: float, ms: float, unit: str) -> str:
     v = work / (ms * 1e-3) / scale
     text = f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.3g}"
     return f"{text} {unit}"
-
-
-def _fmt_ratio(r: float) -> str:
-    return f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
 
 
 def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) -> tuple[list[str], bool]:
@@ -232,7 +222,8 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
     err = choice.rel_err(outs["ours"], outs["eager"]).whole if "ours" in outs and "eager" in outs else math.nan
     ok = err <= TOLERANCES[(case.op, case.dtype)]
     try:
-        auto = case.auto()  # after the row's timing, which its own measurement would disturb
+        # after the row's timing, which its own measurement would disturb; on a CPU the ops decide
+        auto = case.auto().replace("|", "/") if choice.CHOOSER.applies(case.args[0]) else "the ops' own (CPU)"
     except Exception as e:  # reported in its cell; the run goes on
         auto = f"error ({reason(e)})"
 
@@ -240,8 +231,8 @@ def run_op_case(case: OpCase, device: torch.device, compile_note: str | None) ->
         return f"{v * 1e3:.1f}" if isinstance(v, float) else v
 
     def ratio(v: float | str) -> str:
-        t = times["ours"]
-        return _fmt_ratio(v / t) if isinstance(v, float) and isinstance(t, float) else "—"
+        r = v / times["ours"] if isinstance(v, float) and isinstance(times["ours"], float) else None
+        return "—" if r is None else f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
 
     t_ours = times["ours"]
     rate = _fmt_rate(case.work, t_ours, case.unit) if isinstance(t_ours, float) else "—"
@@ -338,13 +329,6 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
-    return f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), no GPU used"
-
-
 def ours_path(device: torch.device) -> str:
     if not use_triton(torch.empty(0, device=device)):
         return "plain PyTorch fallback (CPU without TRITON_INTERPRET=1): ours and eager run the same code"
@@ -353,21 +337,20 @@ def ours_path(device: torch.device) -> str:
     return "Triton kernels"
 
 
-def command_line(prog: str, argv: Sequence[str]) -> str:
-    env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
-    return env + " ".join([prog, *map(shlex.quote, argv)])
-
-
 def header(device: torch.device, prog: str, argv: Sequence[str], title: str = "minicycle benchmark") -> str:
     """Title, device, date, versions and the exact command, and the settings every table depends on."""
+    name = f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), no GPU used"
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        name = f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
         versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
     return "\n".join([
         f"# {title}",
         "",
-        f"{device_name(device)} · {date} · {versions} · `{command_line(prog, argv)}`",
+        f"{name} · {date} · {versions} · `{env}{' '.join([prog, *map(shlex.quote, argv)])}`",
         "",
         f"- ours: {ours_path(device)}",
         f"- precision: fp32 convs {'use' if cudnn_conv_tf32() else 'do not use'} TF32 (torch's cuDNN conv setting, "
@@ -418,15 +401,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def batch_list(text: str) -> list[int]:
-    return [positive_int(t) for t in csv_list(None)(text)]
-
-
 def common_args(p: argparse.ArgumentParser) -> None:
     """The flags the op and the iteration benchmarks share."""
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes on the CPU to check the harness; not a performance measurement")
-    p.add_argument("--batch", type=batch_list, default=[1, 4], help="batch sizes (default 1,4)")
+    p.add_argument("--batch", type=lambda t: [positive_int(v) for v in csv_list(None)(t)], default=[1, 4],
+                   help="batch sizes (default 1,4)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: yes, except with --quick)")
     p.add_argument("--budget", type=float, default=None,

@@ -18,9 +18,8 @@ built from the same seed (same weights, same inputs) in each variant: eager (the
 fused ops as train.py runs them, once per --kernels mode; rows of a mode other than auto name it), ours+graph
 (train.py --cuda_graph: cuda_graph.GraphedStep), ours+compile (train.py --compile), compile (eager, each net
 compiled) and reduce-overhead (the same with Inductor's CUDA graphs). BENCHMARKS.md ("What is measured") says
-how each mode measures and defines every column. --quick runs a tiny model
-(resnet_6blocks, ngf 4, 32x32) on the CPU, one thread, so that CI can check the harness: it measures nothing
-of interest and leaves out the compiled variants unless --compile is given.
+how each mode measures and defines every column. --quick (resnet_6blocks, ngf 4, 32x32, one CPU thread, no
+compiled variants unless --compile) only checks the harness.
 """
 
 import argparse
@@ -343,11 +342,9 @@ def count_events(events) -> Count:
     c = Count()
     for e in events:
         name, parent = e.name, e.cpu_parent
-        ancestors = []
-        while parent is not None:
-            ancestors.append(parent.name)
+        while parent is not None and not parent.name.startswith(("aten::", "triton::")):
             parent = parent.cpu_parent
-        if any(a.startswith(("aten::", "triton::")) for a in ancestors):
+        if parent is not None:
             continue  # inside an op already counted, or inside a launch
         if name.startswith("triton::"):
             c.triton[name[len("triton::"):]] += 1
@@ -518,9 +515,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     mode.add_argument("--count-launches", action="store_true",
                       help="count the kernel launches of one iteration on the CPU (needs TRITON_INTERPRET=1)")
     mode.add_argument("--cpu", action="store_true", help="CPU mode: train.py's step against a plain eager loop")
-    mode.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS",
-                      help="only run the plain loop ITERS iterations on the built-in dataset: the whole-process "
-                           "yardstick for `python train.py --max_steps ITERS`")
+    mode.add_argument("--plain-loop", type=kb.positive_int, default=None, metavar="ITERS", help="only the plain "
+                      "loop, ITERS iterations on the built-in dataset: the yardstick for `train.py --max_steps ITERS`")
     p.add_argument("--variants", type=kb.csv_list(VARIANTS), default=None,
                    help=f"of {','.join(VARIANTS)} (default: {','.join(TIMED)}; --infer: {','.join(INFERRED)}; "
                         f"--count-launches: {','.join(COUNTED)})")

@@ -11,7 +11,7 @@ from hypothesis import settings  # noqa: E402
 # The kernels' parity properties draw a few cases in the README's quick run and many where CI runs them
 # again (HYPOTHESIS_PROFILE=thorough, in .ci/run); the fixed @example cases run in both.
 settings.register_profile("quick", max_examples=4, deadline=None, print_blob=True)
-settings.register_profile("thorough", max_examples=25, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=12, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 

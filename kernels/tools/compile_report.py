@@ -405,11 +405,11 @@ def jit_replay(layers: list[str], batches: list[int], dtypes: list[str], layouts
                     named = {**dict(zip(tuner.arg_names, launch.args)), **launch.kwargs}
                     key = (launch.name, *(named[k] for k in tuner.keys if k in named),
                            *(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
-                    if key not in tuned:
+                    if key in tuned:
+                        configs = [tuned[key]]
+                    else:
                         tuned[key] = configs[0]
                         replay.tuned, replay.timed = replay.tuned + 1, replay.timed + len(configs)
-                        _run(launch, configs, replay)
-                    configs = [tuned[key]]
                 _run(launch, configs, replay)
     replay.compiled, replay.decisions = len(set(cache.glob("*")) - before), len(decided)
     return replay
@@ -609,11 +609,11 @@ def _print_replays(args: argparse.Namespace, archs: list[int], start: float) -> 
     for arch in archs:
         r = jit_replay(args.layers, args.batch, args.dtypes, args.layouts, tuple(args.passes), arch, tuple(args.size))
         limit = kernels.device.for_arch(arch).shared_bytes
-        print(f"sm_{arch}, {len(args.size)} image size(s): the JIT ran {r.runs} launch configs and compiled "
-              f"{r.compiled} kernels (the rest were in Triton's cache, {triton.knobs.cache.dir}) in "
-              f"{time.monotonic() - start:.1f} s; the autotuners met {r.tuned} new keys (timing {r.timed} configs "
-              f"on a GPU); --kernels auto would decide {r.decisions} (op, key)s; the most shared memory one needs: "
-              f"{r.max_shared} B of {limit} B; refused at launch: {len(r.refused)}")
+        print(f"sm_{arch}: the JIT ran {r.runs} launch configs and compiled {r.compiled} kernels (the rest were in "
+              f"Triton's cache, {triton.knobs.cache.dir}) in {time.monotonic() - start:.1f} s; the most shared memory "
+              f"one needs: {r.max_shared} B of {limit} B; refused at launch: {len(r.refused)}; over "
+              f"{len(args.size)} image size(s), the autotuners met {r.tuned} new keys (timing {r.timed} configs on "
+              f"a GPU) and --kernels auto would decide {r.decisions} (op, key)s")
         for line in r.refused:
             print(" ", line)
         refused += len(r.refused)
